@@ -1,0 +1,233 @@
+"""Typed configuration: one schema (dataclasses), one default file, overrides from the command line.
+
+Every command loads the same way: the dataclass schema, then ``configs/default.yaml`` (or ``--config FILE``),
+then ``key=value`` overrides. OmegaConf checks keys and types against the schema, so a typo or a wrong type is
+refused before anything starts; :class:`ConfigError` carries the one-line reason the CLI prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one line meant for a human."""
+
+
+@dataclass
+class KafkaSecurity:
+    """Passed through unchanged to every Kafka client (librdkafka and aiokafka names are mapped in stream)."""
+
+    protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
+    sasl_mechanism: str | None = None  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
+
+
+@dataclass
+class KafkaConfig:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "lrustream"
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)
+
+
+@dataclass
+class TopicsConfig:
+    interactions: str = "interactions"
+    recommendations: str = "recommendations"
+    dlq: str = "interactions.dlq"
+    training_examples: str = "training-examples"
+    model_updates: str = "model-updates"
+    state_changelog: str = "lrustream-state-changelog"
+    partitions: int = 4
+    replication_factor: int = 1
+
+
+@dataclass
+class BrokerConfig:
+    """The embedded single-node KRaft broker started by ``lrustream broker start``."""
+
+    data_dir: str = ".lrustream/broker"
+    jars_dir: str = ".lrustream/kafka-jars"
+    host: str = "127.0.0.1"
+    port: int = 9092
+    controller_port: int = 0  # 0 = port + 1
+    heap: str = "512m"
+    start_timeout_s: float = 60.0
+
+
+@dataclass
+class StateConfig:
+    dir: str = ".lrustream/state"
+    dtype: str = "float32"  # float32 | float16: how recurrent states are stored
+
+
+@dataclass
+class ModelStoreConfig:
+    dir: str = ".lrustream/models"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lrurec"  # lrurec | linrec | sasrec
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 2  # LinRec / SASRec only
+    dropout: float = 0.2
+    attn_dropout: float = 0.2
+    max_len: int = 200
+    linrec_causal: bool = True  # LinRec only: False = the official unmasked form (last-position loss)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    adam_eps: float = 1e-9
+    grad_clip: float = 5.0
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    max_steps: int = 100_000
+    val_every: int = 500
+    patience: int = 10
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int = 0  # 0 = torch default
+
+
+@dataclass
+class StreamConfig:
+    app_id: str = "lrustream-worker"
+    batch_size: int = 512
+    linger_ms: int = 20
+    top_k: int = 10
+    exclude_seen: bool = True
+    unknown_items: str = "dlq"  # dlq | oov
+    max_value_bytes: int = 65536
+    min_step_rows: int = 16  # pad every batched step to at least this many rows (batch-invariant maths)
+    emit_training_examples: bool = True
+
+
+@dataclass
+class OnlineConfig:
+    """The online fine-tuning loop (``lrustream trainer``)."""
+
+    group_id: str = "lrustream-trainer"
+    every_events: int = 20_000
+    every_seconds: float = 300.0
+    recent_buffer: int = 4096
+    reservoir_buffer: int = 4096
+    steps_per_round: int = 50
+    holdout_fraction: float = 0.1
+    tolerance: float = 0.02
+    lr: float = 5e-4
+
+
+@dataclass
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 6066
+    token: str | None = None
+
+
+@dataclass
+class Config:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    topics: TopicsConfig = field(default_factory=TopicsConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    model_store: ModelStoreConfig = field(default_factory=ModelStoreConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    """OmegaConf messages carry a multi-line 'full_key / object_type' trailer; keep the first line and key."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    key = getattr(exc, "full_key", None)
+    return f"{first} (key: {key})" if key and str(key) not in first else first
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Schema <- file <- overrides, validated; interpolations (``${oc.env:...}``) resolved eagerly."""
+    schema = OmegaConf.structured(Config)
+    file = Path(path) if path else DEFAULT_CONFIG
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {file}")
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.load(file))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+            key, value = item.split("=", 1)
+            if OmegaConf.select(merged, key, default="<missing>") == "<missing>":
+                raise ConfigError(f"unknown config key {key!r}")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
+        OmegaConf.resolve(merged)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_one_line(exc)) from None
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"cannot read config {file}: {exc}") from None
+    _check(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def _check(cfg: Config) -> None:
+    """Value checks the type system cannot express."""
+    choices = {
+        "model.name": (cfg.model.name, {"lrurec", "linrec", "sasrec"}),
+        "state.dtype": (cfg.state.dtype, {"float32", "float16"}),
+        "stream.unknown_items": (cfg.stream.unknown_items, {"dlq", "oov"}),
+        "train.device": (cfg.train.device, {"auto", "cpu", "cuda"}),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {sorted(allowed)}")
+    positive = {
+        "topics.partitions": cfg.topics.partitions,
+        "stream.batch_size": cfg.stream.batch_size,
+        "stream.top_k": cfg.stream.top_k,
+        "model.max_len": cfg.model.max_len,
+        "model.d_model": cfg.model.d_model,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if not 0 < cfg.broker.port < 65536:
+        raise ConfigError(f"broker.port must be a TCP port, got {cfg.broker.port}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def as_dict(cfg: Any) -> dict[str, Any]:
+    container = OmegaConf.to_container(OmegaConf.structured(cfg))
+    assert isinstance(container, dict)
+    return container  # type: ignore[return-value]
+
+
+def resolve_path(path: str) -> Path:
+    """Relative paths in the config are relative to the working directory the command runs in."""
+    return Path(path).expanduser().resolve()
+
+
+__all__ = ["Config", "ConfigError", "DictConfig", "as_dict", "load_config", "resolve_path", "to_yaml"]

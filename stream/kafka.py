@@ -1,0 +1,85 @@
+"""Kafka client settings from our config: one mapping for librdkafka (confluent-kafka) and one for Faust.
+
+Security settings (``kafka.security.*``) pass through to every client we create, so a deployment on SASL/SSL
+changes config, never code. Secrets are never logged: :func:`redacted` is what may be printed.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any
+
+from lrustream.config import Config
+
+SECRET_KEYS = ("sasl.password", "ssl.key.password", "sasl_plain_password", "password")
+
+# Producers must partition keys as Java clients and aiokafka (Faust) do, so that a user's events, state
+# and recommendations all land on the same partition number: murmur2 (see stream/README.md).
+PARTITIONER = "murmur2_random"
+
+
+def librdkafka_config(cfg: Config, **extra: Any) -> dict[str, Any]:
+    """Settings for confluent-kafka Producer/Consumer/AdminClient."""
+    sec = cfg.kafka.security
+    conf: dict[str, Any] = {
+        "bootstrap.servers": cfg.kafka.bootstrap_servers,
+        "client.id": cfg.kafka.client_id,
+        "security.protocol": sec.protocol,
+    }
+    if sec.sasl_mechanism:
+        conf["sasl.mechanism"] = sec.sasl_mechanism
+    if sec.sasl_username is not None:
+        conf["sasl.username"] = sec.sasl_username
+    if sec.sasl_password is not None:
+        conf["sasl.password"] = sec.sasl_password
+    if sec.ssl_cafile:
+        conf["ssl.ca.location"] = sec.ssl_cafile
+    if sec.ssl_certfile:
+        conf["ssl.certificate.location"] = sec.ssl_certfile
+    if sec.ssl_keyfile:
+        conf["ssl.key.location"] = sec.ssl_keyfile
+    if sec.protocol.endswith("SSL") and not sec.ssl_check_hostname:
+        conf["ssl.endpoint.identification.algorithm"] = "none"
+    conf.update(extra)
+    return conf
+
+
+def producer_config(cfg: Config, **extra: Any) -> dict[str, Any]:
+    base = {"partitioner": PARTITIONER, "enable.idempotence": True, "linger.ms": 5,
+            "compression.type": "lz4"}
+    base.update(extra)
+    return librdkafka_config(cfg, **base)
+
+
+def faust_broker_settings(cfg: Config) -> dict[str, Any]:
+    """Keyword arguments for ``faust.App`` (aiokafka underneath) carrying the same security settings."""
+    sec = cfg.kafka.security
+    servers = [f"kafka://{s.strip()}" for s in cfg.kafka.bootstrap_servers.split(",") if s.strip()]
+    settings: dict[str, Any] = {"broker": servers}
+    if sec.protocol == "PLAINTEXT":
+        return settings
+    import faust
+
+    context = None
+    if sec.protocol.endswith("SSL"):
+        context = ssl.create_default_context(cafile=sec.ssl_cafile)
+        context.check_hostname = sec.ssl_check_hostname
+        if sec.ssl_certfile:
+            context.load_cert_chain(sec.ssl_certfile, sec.ssl_keyfile)
+    if sec.protocol.startswith("SASL"):
+        settings["broker_credentials"] = faust.SASLCredentials(
+            username=sec.sasl_username, password=sec.sasl_password,
+            mechanism=sec.sasl_mechanism or "PLAIN", ssl_context=context)
+    else:
+        settings["broker_credentials"] = faust.SSLCredentials(context)
+    return settings
+
+
+def redacted(conf: dict[str, Any]) -> dict[str, Any]:
+    return {k: ("***" if any(s in k for s in SECRET_KEYS) and v is not None else v) for k, v in conf.items()}
+
+
+def quiet_logger(name: str = "lrustream.kafka") -> logging.Logger:
+    """A logger for librdkafka's own messages: routed to Python logging at WARNING, never to raw stderr."""
+    return logging.getLogger(name)

@@ -1,0 +1,63 @@
+"""Topic layout: every topic lrustream reads or writes, created idempotently with the right settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from lrustream.config import Config
+from stream.kafka import librdkafka_config, quiet_logger
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str]
+
+
+def topic_specs(cfg: Config) -> list[TopicSpec]:
+    """Input, output and changelog share the partition count: user u lives on the same partition in each."""
+    t = cfg.topics
+    n = t.partitions
+    compacted = {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}
+    return [
+        TopicSpec(t.interactions, n, {}),
+        TopicSpec(t.recommendations, n, {}),
+        TopicSpec(t.dlq, 1, {}),
+        TopicSpec(t.training_examples, n, {}),
+        TopicSpec(t.model_updates, 1, {}),
+        TopicSpec(t.state_changelog, n, compacted),
+    ]
+
+
+def create_topics(cfg: Config, timeout_s: float = 30.0) -> dict[str, str]:
+    """Create missing topics; returns name -> 'created' | 'exists'. Raises on any other failure."""
+    admin = AdminClient(librdkafka_config(cfg, logger=quiet_logger()))
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    result = {}
+    wanted = []
+    for spec in topic_specs(cfg):
+        if spec.name in existing:
+            result[spec.name] = "exists"
+        else:
+            wanted.append(NewTopic(spec.name, spec.partitions, cfg.topics.replication_factor, config=spec.config))
+    if wanted:
+        for name, future in admin.create_topics(wanted, operation_timeout=timeout_s).items():
+            try:
+                future.result()
+                result[name] = "created"
+            except KafkaException as exc:
+                if exc.args and exc.args[0].name() == "TOPIC_ALREADY_EXISTS":
+                    result[name] = "exists"
+                else:
+                    raise
+    return result
+
+
+def partition_counts(cfg: Config, timeout_s: float = 10.0) -> dict[str, int]:
+    admin = AdminClient(librdkafka_config(cfg, logger=quiet_logger()))
+    md = admin.list_topics(timeout=timeout_s)
+    return {name: len(t.partitions) for name, t in md.topics.items() if not name.startswith("__")}

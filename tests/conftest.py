@@ -1,0 +1,104 @@
+"""Shared fixtures. The Kafka fixture is the contract every integration test relies on:
+
+1. ``LRUSTREAM_KAFKA_BOOTSTRAP`` when set (an existing cluster);
+2. else testcontainers' Kafka module when a Docker engine answers (users' machines);
+3. else the project's own local broker (real Apache Kafka from Maven Central) on a free port.
+
+When ``CI`` is set and none of these yields a broker, tests that need Kafka FAIL; they never skip.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lrustream.broker import BrokerError, LocalBroker, free_port, metadata_answers
+from lrustream.config import Config, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+JARS_DIR = REPO / ".lrustream" / "kafka-jars"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="also run the slow reliability tier")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    deselected = [it for it in items if "slow" in it.keywords]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [it for it in items if "slow" not in it.keywords]
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=3)
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
+def _no_kafka(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"Kafka is required in CI and none could be started: {reason}")
+    pytest.skip(f"no Kafka broker: {reason}")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    env = os.environ.get("LRUSTREAM_KAFKA_BOOTSTRAP")
+    if env:
+        if not metadata_answers(env, 10):
+            _no_kafka(f"LRUSTREAM_KAFKA_BOOTSTRAP={env} does not answer")
+        yield env
+        return
+    if _docker_answers():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer().with_kraft() as container:
+            yield container.get_bootstrap_server()
+        return
+    port, cport = free_port(), free_port()
+    broker = LocalBroker(tmp_path_factory.mktemp("kafka"), JARS_DIR, port=port, controller_port=cport)
+    try:
+        broker.start()
+    except BrokerError as exc:
+        _no_kafka(str(exc))
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short id to keep each test's topics and groups apart on the shared broker."""
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def kafka_cfg(kafka_bootstrap: str, unique: str, tmp_path: Path) -> Config:
+    """A config pointing at the test broker, with topics, state and model store private to this test."""
+    t = f"t{unique}"
+    return load_config(overrides=[
+        f"kafka.bootstrap_servers={kafka_bootstrap}",
+        f"topics.interactions={t}-interactions",
+        f"topics.recommendations={t}-recommendations",
+        f"topics.dlq={t}-interactions.dlq",
+        f"topics.training_examples={t}-training-examples",
+        f"topics.model_updates={t}-model-updates",
+        f"topics.state_changelog={t}-state-changelog",
+        f"stream.app_id={t}-worker",
+        f"online.group_id={t}-trainer",
+        f"state.dir={tmp_path / 'state'}",
+        f"model_store.dir={tmp_path / 'models'}",
+        "topics.partitions=2",
+    ])

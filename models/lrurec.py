@@ -1,0 +1,232 @@
+"""LRURec: Linear Recurrent Units for sequential recommendation (Yue et al., WSDM 2024).
+
+The model, as the official code builds it (facts in ../shared/reference/NOTES.md):
+
+    x_0 = LayerNorm(Dropout(E[items]))                                  item embedding, no positions
+    per block:   LRU layer   h_t = lambda * h_{t-1} + gamma * (B x_t + b)     complex, diagonal lambda
+                             y_t = LayerNorm(Dropout(Re(C h_t + c)) + x_t)
+                 FFN         z_t = LayerNorm(Dropout(W2 Dropout(GELU(W1 y_t))) + y_t)
+    score(h) = h @ E^T + item_bias                                      tied embedding
+
+    lambda = exp(-exp(nu_log) + i exp(theta_log)),  gamma = exp(gamma_log)    (3 x H learnable logs)
+
+The recurrence is linear and time-invariant, so training computes all positions at once with a chunked
+parallel scan (no Python loop over time), and serving advances one event with exactly the same maths in O(1).
+Padding (item 0) contributes nothing to the recurrence: its input is zeroed, so h stays 0 until the first
+real item and left padding never leaks into real positions.
+
+Complex numbers are carried as (re, im) pairs of real tensors: the same algebra, faster kernels on CPU and
+GPU, and bit-stable under batching. Shapes: B batch, L length, d model width, H = 2d complex state size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.base import SeqRecModel, grow_embedding, truncated_normal_
+
+SCAN_CHUNK = 16
+
+
+# ----- the scan ------------------------------------------------------------------------------------------------
+def lambda_powers(nu: torch.Tensor, theta: torch.Tensor, n: int) -> torch.Tensor:
+    """lambda^k for k = 0..n-1 as a [n, 2, H] (re, im) tensor: |lambda|^k = exp(-k nu), angle k theta."""
+    k = torch.arange(n, device=nu.device, dtype=nu.dtype)[:, None]
+    mag, ang = torch.exp(-k * nu), k * theta
+    return torch.stack([mag * torch.cos(ang), mag * torch.sin(ang)], dim=1)
+
+
+def complex_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(re, im) pairs along dim -2: [.., 2, H] x [.., 2, H] -> [.., 2, H]."""
+    are, aim = a.unbind(-2)
+    bre, bim = b.unbind(-2)
+    return torch.stack([are * bre - aim * bim, are * bim + aim * bre], dim=-2)
+
+
+def lru_scan(u: torch.Tensor, nu: torch.Tensor, theta: torch.Tensor, chunk: int = SCAN_CHUNK) -> torch.Tensor:
+    """h_t = lambda h_{t-1} + u_t for every t, h_{-1} = 0.   u: [B, L, 2, H] -> h: [B, L, 2, H].
+
+    Chunked parallel scan: within chunks of C steps the recurrence is a lower-triangular Toeplitz matrix
+    T[i, j] = lambda^(i-j) per channel, applied as one batched matmul (complex as a real 2C x 2C block); the
+    end states of the chunks follow the same recurrence with lambda^C, solved by recursing on them; each
+    chunk then adds lambda^(i+1) times the carry from the chunks before it. Work O(L C), depth O(log_C L).
+    """
+    bsz, length, _, hid = u.shape
+    n = -(-length // chunk)
+    pad = n * chunk - length
+    if pad:  # zeros in front change nothing: h stays 0 through them
+        u = F.pad(u, (0, 0, 0, 0, pad, 0))
+    pw = lambda_powers(nu, theta, chunk + 1)  # [C+1, 2, H]
+    idx = torch.arange(chunk, device=u.device)
+    lag = idx[:, None] - idx[None, :]  # i - j
+    tril = (lag >= 0)[:, :, None]
+    t_re = torch.where(tril, pw[lag.clamp(min=0), 0], 0.0)  # [C, C, H]
+    t_im = torch.where(tril, pw[lag.clamp(min=0), 1], 0.0)
+    # Real block form of the complex matrix: rows (i, re|im), columns (j, re|im), one per channel.
+    block = torch.stack([torch.stack([t_re, -t_im], 2), torch.stack([t_im, t_re], 2)], 1)  # [C, 2, C, 2, H]
+    block = block.permute(4, 0, 1, 2, 3).reshape(hid, 2 * chunk, 2 * chunk)
+    cols = u.reshape(bsz, n, chunk, 2, hid).permute(4, 2, 3, 0, 1).reshape(hid, 2 * chunk, bsz * n)
+    local = torch.bmm(block, cols).reshape(hid, chunk, 2, bsz, n).permute(3, 4, 1, 2, 0)  # [B, n, C, 2, H]
+    if n > 1:
+        ends = lru_scan(local[:, :, -1], nu * chunk, theta * chunk, chunk)  # state after each chunk [B, n, 2, H]
+        carry = F.pad(ends[:, :-1], (0, 0, 0, 0, 1, 0))  # chunk m starts from the end of chunk m-1
+        local = local + complex_mul(pw[1:][None, None], carry[:, :, None])  # + lambda^(i+1) * carry
+    return local.reshape(bsz, n * chunk, 2, hid)[:, pad:]
+
+
+# ----- layers --------------------------------------------------------------------------------------------------
+class LRULayer(nn.Module):
+    """One linear recurrent unit with complex projections, residual and LayerNorm."""
+
+    def __init__(self, d_model: int, dropout: float, r_min: float = 0.8, r_max: float = 0.99) -> None:
+        super().__init__()
+        hid = 2 * d_model
+        self.hid = hid
+        u1, u2 = torch.rand(hid), torch.rand(hid)
+        nu_log = torch.log(-0.5 * torch.log(u1 * (r_max**2 - r_min**2) + r_min**2))
+        theta_log = torch.log(2 * math.pi * u2)
+        gamma_log = torch.log(torch.sqrt(1 - torch.exp(-torch.exp(nu_log)) ** 2))  # sqrt(1 - |lambda|^2)
+        self.params_log = nn.Parameter(torch.stack([nu_log, theta_log, gamma_log]))  # [3, H]
+        # B (in) and C (out) are complex; stored as real/imag parts. Only Re(C h + c) is used, so c is real.
+        self.in_weight = nn.Parameter(torch.empty(2, hid, d_model))  # [re|im, H, d]
+        self.in_bias = nn.Parameter(torch.empty(2, hid))
+        self.out_weight = nn.Parameter(torch.empty(2, d_model, hid))  # [re|im, d, H]
+        self.out_bias = nn.Parameter(torch.empty(d_model))
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(d_model)
+
+    def lambda_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        nu_log, theta_log, gamma_log = self.params_log
+        return torch.exp(nu_log), torch.exp(theta_log), torch.exp(gamma_log)
+
+    def drive(self, x: torch.Tensor, mask: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """u = gamma * (B x + b), zero at padding.   x [..., d] -> u [..., 2, H]."""
+        u = F.linear(x, self.in_weight.reshape(2 * self.hid, -1), self.in_bias.reshape(-1))
+        u = u.unflatten(-1, (2, self.hid)) * gamma
+        return u * mask[..., None, None].to(u.dtype)
+
+    def readout(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """LayerNorm(Dropout(Re(C h + c)) + x) with Re(C h) = C_re h_re - C_im h_im.   h [..., 2, H]."""
+        w = torch.cat([self.out_weight[0], -self.out_weight[1]], dim=1)  # [d, 2H]
+        y = F.linear(h.flatten(-2), w, self.out_bias)
+        return self.layer_norm(self.dropout(y) + x)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, L, d] -> (y [B, L, d], h [B, L, 2, H])."""
+        nu, theta, gamma = self.lambda_parts()
+        h = lru_scan(self.drive(x, mask, gamma), nu, theta)
+        return self.readout(h, x), h
+
+    def step(self, h: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One event: h [B, 2, H], x [B, d] -> (y [B, d], new h). Padding rows keep their state."""
+        nu, theta, gamma = self.lambda_parts()
+        lam = lambda_powers(nu, theta, 2)[1]  # [2, H]
+        decayed = complex_mul(lam, h)
+        h = torch.where(mask[:, None, None], decayed + self.drive(x, mask, gamma), h)
+        return self.readout(h, x), h
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.w_1 = nn.Linear(d_model, d_ff)
+        self.w_2 = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer_norm(self.dropout(self.w_2(self.dropout(F.gelu(self.w_1(x))))) + x)
+
+
+class LRUBlock(nn.Module):
+    def __init__(self, d_model: int, dropout: float, attn_dropout: float) -> None:
+        super().__init__()
+        self.lru_layer = LRULayer(d_model, attn_dropout)
+        self.feed_forward = FeedForward(d_model, 4 * d_model, dropout)
+
+
+# ----- the model -----------------------------------------------------------------------------------------------
+class LRURec(SeqRecModel):
+    """State: one tensor [B, num_layers, 2, H] holding every layer's complex h as (re, im)."""
+
+    name = "lrurec"
+
+    def __init__(self, num_items: int, d_model: int = 64, num_layers: int = 2, dropout: float = 0.2,
+                 attn_dropout: float = 0.2, max_len: int = 200, **_: Any) -> None:
+        super().__init__(num_items, d_model, max_len)
+        self.num_layers = num_layers
+        self.dropout_p, self.attn_dropout_p = dropout, attn_dropout
+        self.token = nn.Embedding(num_items + 2, d_model)  # 0 pad, 1..N items, N+1 OOV
+        self.embed_dropout = nn.Dropout(dropout)
+        self.embed_layer_norm = nn.LayerNorm(d_model)
+        self.blocks = nn.ModuleList([LRUBlock(d_model, dropout, attn_dropout) for _ in range(num_layers)])
+        self.item_bias = nn.Parameter(torch.zeros(num_items + 2))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name, p in self.named_parameters():
+            if "layer_norm" not in name and "params_log" not in name:
+                truncated_normal_(p.data)
+
+    def hparams(self) -> dict[str, Any]:
+        return {"num_items": self.num_items, "d_model": self.d_model, "num_layers": self.num_layers,
+                "dropout": self.dropout_p, "attn_dropout": self.attn_dropout_p, "max_len": self.max_len}
+
+    def item_table(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.token.weight, self.item_bias
+
+    def embed(self, items: torch.Tensor) -> torch.Tensor:
+        return self.embed_layer_norm(self.embed_dropout(self.token(items)))
+
+    def _run(self, items: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        mask = items > 0
+        x = self.embed(items)
+        states = []
+        for block in self.blocks:
+            x, h = block.lru_layer(x, mask)
+            x = block.feed_forward(x)
+            states.append(h)
+        return x, states
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        return self._run(items)[0]
+
+    def init_state(self, batch_size: int) -> torch.Tensor:
+        p = self.token.weight
+        return torch.zeros(batch_size, self.num_layers, 2, 2 * self.d_model, dtype=p.dtype, device=p.device)
+
+    def step(self, state: torch.Tensor, item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = item > 0
+        x = self.embed(item)
+        new_states = []
+        for i, block in enumerate(self.blocks):
+            x, h = block.lru_layer.step(state[:, i], x, mask)
+            x = block.feed_forward(x)
+            new_states.append(h)
+        return torch.stack(new_states, dim=1), x
+
+    def prefill(self, items: torch.Tensor) -> torch.Tensor:
+        _, states = self._run(items)
+        return torch.stack([h[:, -1] for h in states], dim=1)
+
+    def state_rows(self, state: torch.Tensor) -> torch.Tensor:
+        return state.reshape(state.shape[0], -1)
+
+    def state_from_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.reshape(rows.shape[0], self.num_layers, 2, 2 * self.d_model)
+
+    def grow_items(self, new_num_items: int) -> None:
+        if new_num_items <= self.num_items:
+            return
+        old = self.num_items
+        with torch.no_grad():
+            weight = grow_embedding(self.token.weight.data, old, new_num_items)
+            bias = grow_embedding(self.item_bias.data[:, None], old, new_num_items)[:, 0]
+        self.token = nn.Embedding.from_pretrained(weight, freeze=False)
+        self.item_bias = nn.Parameter(bias)
+        self.num_items = new_num_items

@@ -1,0 +1,238 @@
+"""The model store: versioned weights on a filesystem shared by trainer and workers.
+
+Layout::
+
+    <root>/versions/v000007/weights.safetensors   tensors only (safetensors: no pickle, no code execution)
+                           /vocab.json           external item ids in model-id order
+                           /meta.json            model name + hyper-parameters, metrics, parent, created,
+                                                 sha256 of the two files above
+    <root>/CURRENT                               the version workers should serve (rollback rewrites it)
+
+Publishing is atomic: files are written into a temporary directory, fsynced, and the directory is renamed into
+``versions/``; a reader therefore sees a version completely or not at all. Loading re-checks everything it can
+(checksums, JSON shape, tensor names and shapes, finiteness) and raises :class:`ModelStoreError` with a one-line
+reason instead of serving a corrupt model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from models import SeqRecModel, build_model
+from models.vocab import Vocabulary
+
+WEIGHTS, VOCAB, META = "weights.safetensors", "vocab.json", "meta.json"
+FORMAT = 1
+
+
+class ModelStoreError(RuntimeError):
+    """A version that cannot be served; the message says which and why, in one line."""
+
+
+@dataclass
+class VersionInfo:
+    version: str
+    model: str
+    hparams: dict[str, Any]
+    created: float
+    parent: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": self.version, "model": self.model, "hparams": self.hparams,
+                "created": self.created, "parent": self.parent, "metrics": self.metrics, "notes": self.notes,
+                "files": self.files}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> VersionInfo:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ModelStoreError(f"{where}: meta.json is not a lrustream model description (format {FORMAT})")
+        try:
+            return cls(version=str(data["version"]), model=str(data["model"]), hparams=dict(data["hparams"]),
+                       created=float(data["created"]), parent=data.get("parent"),
+                       metrics=dict(data.get("metrics") or {}), notes=dict(data.get("notes") or {}),
+                       files=dict(data["files"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelStoreError(f"{where}: meta.json is missing or mistypes {exc}") from None
+
+
+@dataclass
+class LoadedModel:
+    model: SeqRecModel
+    vocab: Vocabulary
+    info: VersionInfo
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ModelStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.versions_dir = self.root / "versions"
+
+    # ----- writing -----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _next_version(self) -> str:
+        numbers = [int(p.name[1:]) for p in self.versions_dir.glob("v*") if p.name[1:].isdigit()]
+        return f"v{max(numbers, default=0) + 1:06d}"
+
+    def publish(self, model: SeqRecModel, vocab: Vocabulary, metrics: dict[str, float] | None = None,
+                parent: str | None = None, notes: dict[str, Any] | None = None,
+                make_current: bool = True) -> VersionInfo:
+        """Write a new version atomically; returns its description."""
+        if len(vocab) != model.num_items:
+            raise ValueError(f"vocabulary has {len(vocab)} items but the model scores {model.num_items}")
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ModelStoreError(f"refusing to publish non-finite weights: {bad[:3]}")
+        with self._lock():
+            self.versions_dir.mkdir(parents=True, exist_ok=True)
+            version = self._next_version()
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=self.root))
+            try:
+                save_file(tensors, str(tmp / WEIGHTS), metadata={"model": model.name})
+                (tmp / VOCAB).write_text(json.dumps(vocab.to_json()))
+                info = VersionInfo(version=version, model=model.name, hparams=model.hparams(), created=time.time(),
+                                   parent=parent, metrics=dict(metrics or {}), notes=dict(notes or {}),
+                                   files={WEIGHTS: _sha256(tmp / WEIGHTS), VOCAB: _sha256(tmp / VOCAB)})
+                (tmp / META).write_text(json.dumps(info.to_json(), indent=2, sort_keys=True))
+                for name in (WEIGHTS, VOCAB, META):
+                    _fsync(tmp / name)
+                os.rename(tmp, self.versions_dir / version)
+                _fsync(self.versions_dir)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            if make_current:
+                self._write_current(version)
+        return info
+
+    def _write_current(self, version: str) -> None:
+        tmp = self.root / f".CURRENT.{os.getpid()}"
+        tmp.write_text(version + "\n")
+        _fsync(tmp)
+        os.replace(tmp, self.root / "CURRENT")
+        _fsync(self.root)
+
+    def set_current(self, version: str) -> VersionInfo:
+        """Point workers at ``version`` (rollback); refuses versions that would not load."""
+        loaded = self.load(version)
+        with self._lock():
+            self._write_current(version)
+        return loaded.info
+
+    # ----- reading -----------------------------------------------------------------------------------------
+    def current(self) -> str | None:
+        try:
+            version = (self.root / "CURRENT").read_text().strip()
+        except OSError:
+            return None
+        return version or None
+
+    def versions(self) -> list[str]:
+        if not self.versions_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.versions_dir.iterdir() if p.is_dir() and p.name.startswith("v"))
+
+    def info(self, version: str) -> VersionInfo:
+        where = f"model version {version}"
+        path = self.versions_dir / version / META
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ModelStoreError(f"{where} does not exist in {self.root}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelStoreError(f"{where}: meta.json unreadable ({exc})") from None
+        return VersionInfo.from_json(data, where)
+
+    def list(self) -> list[VersionInfo]:
+        out = []
+        for version in self.versions():
+            with contextlib.suppress(ModelStoreError):
+                out.append(self.info(version))
+        return out
+
+    def load(self, version: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+        """Load and verify a version (default: CURRENT). Raises ModelStoreError on anything suspicious."""
+        version = version or self.current()
+        if version is None:
+            raise ModelStoreError(f"no model version in {self.root} (train or publish one first)")
+        where = f"model version {version}"
+        info = self.info(version)
+        folder = self.versions_dir / version
+        for name in (WEIGHTS, VOCAB):
+            try:
+                digest = _sha256(folder / name)
+            except OSError as exc:
+                raise ModelStoreError(f"{where}: {name} unreadable ({exc.strerror})") from None
+            if digest != info.files.get(name):
+                raise ModelStoreError(f"{where}: {name} checksum mismatch (truncated or altered file)")
+        try:
+            vocab = Vocabulary.from_json(json.loads((folder / VOCAB).read_text()))
+        except (ValueError, TypeError) as exc:
+            raise ModelStoreError(f"{where}: vocab.json invalid ({exc})") from None
+        try:
+            tensors = load_file(str(folder / WEIGHTS))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelStoreError(f"{where}: weights are not a valid safetensors file ({exc})") from None
+        try:
+            model = build_model(info.model, **info.hparams)
+        except (TypeError, ValueError) as exc:
+            raise ModelStoreError(f"{where}: cannot build {info.model} from its hyper-parameters ({exc})") from None
+        if model.num_items != len(vocab):
+            raise ModelStoreError(f"{where}: vocabulary has {len(vocab)} items, model expects {model.num_items}")
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise ModelStoreError(f"{where}: tensor names differ (missing {missing[:3]}, unexpected {extra[:3]})")
+        for name, tensor in tensors.items():
+            if tensor.shape != expected[name].shape:
+                raise ModelStoreError(f"{where}: {name} has shape {tuple(tensor.shape)}, "
+                                      f"expected {tuple(expected[name].shape)}")
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ModelStoreError(f"{where}: {name} holds non-finite values (NaN/inf)")
+        model.load_state_dict(tensors)
+        model.to(device).eval()
+        return LoadedModel(model, vocab, info)

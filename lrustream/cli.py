@@ -7,6 +7,7 @@ line on stderr and exit non-zero (2 for bad configuration or arguments, 1 for ev
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -106,6 +107,69 @@ def topics_list(config: ConfigOpt = None, overrides: Overrides = None) -> None:
         echo(f"{name}\t{n}")
 
 
+# ----- offline models -------------------------------------------------------------------------------------------
+def _names(model: str) -> list[str]:
+    names = [m.strip() for m in model.split(",") if m.strip()]
+    from models import MODELS
+
+    unknown = [m for m in names if m not in MODELS]
+    if unknown or not names:
+        raise UsageError(f"--model must list models from {sorted(MODELS)}, got {model!r}")
+    return names
+
+
+@app.command("train")
+def train_cmd(
+    data: Annotated[str, typer.Option(help="Data file/folder: sequences.txt, ratings.dat[.gz], u.data, *_item.txt.")],
+    model: Annotated[str, typer.Option(help="Model(s), comma-separated: lrurec,linrec,sasrec.")] = "lrurec",
+    max_minutes: Annotated[float | None, typer.Option(help="Stop each model after this many minutes.")] = None,
+    out: Annotated[Path, typer.Option(help="Where history JSON and training-curve PNGs go.")] = Path(".lrustream/runs"),
+    publish: Annotated[bool, typer.Option(help="Publish each trained model to the model store.")] = True,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Train and evaluate offline (LRURec protocol); print the metric table; publish versions."""
+    from trainer.offline import metric_table, run_offline
+
+    cfg = cfg_of(config, overrides)
+    results = run_offline(cfg, data, _names(model), out, max_minutes=max_minutes, publish=publish,
+                          progress=sys.stderr.isatty(), log=echo)
+    echo("\ntest metrics (best validation checkpoint):")
+    echo(metric_table({r.model: r.history.test for r in results}))
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    data: Annotated[str, typer.Option(help="Data file or folder, as for train.")],
+    version: Annotated[str | None, typer.Option(help="Model version (default: the serving one).")] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Evaluate a stored model version with the LRURec protocol (leave-one-out, full ranking)."""
+    from trainer.offline import metric_table, run_evaluate
+
+    echo(metric_table(run_evaluate(cfg_of(config, overrides), data, version)))
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Model versions in the model store.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(config: ConfigOpt = None, overrides: Overrides = None) -> None:
+    """Versions, newest last; * marks the one workers serve."""
+    from models.store import ModelStore
+
+    store = ModelStore(cfg_of(config, overrides).model_store.dir)
+    current = store.current()
+    for info in store.list():
+        mark = "*" if info.version == current else " "
+        metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(info.metrics.items()) if "10" in k)
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))
+        echo(f"{mark} {info.version}  {info.model:7s} items={info.hparams.get('num_items')}  parent={info.parent}  "
+             f"{created}  {metrics}")
+
+
 def main() -> None:
     ensure_env_java_home()
     try:
@@ -114,6 +178,11 @@ def main() -> None:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except BrokerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except Exception as exc:
+        if not getattr(exc, "user_facing", False):  # errors users can act on say so; others keep their traceback
+            raise
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -48,35 +48,37 @@ def complex_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.stack([are * bre - aim * bim, are * bim + aim * bre], dim=-2)
 
 
-def lru_scan(u: torch.Tensor, nu: torch.Tensor, theta: torch.Tensor, chunk: int = SCAN_CHUNK) -> torch.Tensor:
-    """h_t = lambda h_{t-1} + u_t for every t, h_{-1} = 0.   u: [B, L, 2, H] -> h: [B, L, 2, H].
+def lru_scan(u_re: torch.Tensor, u_im: torch.Tensor, nu: torch.Tensor, theta: torch.Tensor,
+             chunk: int = SCAN_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_t = lambda h_{t-1} + u_t for every t, h_{-1} = 0, channel-major: u_re, u_im [H, M, L] -> h_re, h_im.
 
     Chunked parallel scan: within chunks of C steps the recurrence is a lower-triangular Toeplitz matrix
-    T[i, j] = lambda^(i-j) per channel, applied as one batched matmul (complex as a real 2C x 2C block); the
-    end states of the chunks follow the same recurrence with lambda^C, solved by recursing on them; each
-    chunk then adds lambda^(i+1) times the carry from the chunks before it. Work O(L C), depth O(log_C L).
+    T[i, j] = lambda^(i-j) per channel, applied as batched matmuls over the channels (4 real products for the
+    complex one); the end states of the chunks follow the same recurrence with lambda^C, solved by recursing
+    on them; each chunk then adds lambda^(i+1) times the state it starts from. Work O(L C), depth O(log_C L).
+    Channel-major layout keeps every product and update on contiguous memory (no transposes of the state).
     """
-    bsz, length, _, hid = u.shape
+    hid, m, length = u_re.shape
     n = -(-length // chunk)
     pad = n * chunk - length
     if pad:  # zeros in front change nothing: h stays 0 through them
-        u = F.pad(u, (0, 0, 0, 0, pad, 0))
+        u_re, u_im = F.pad(u_re, (pad, 0)), F.pad(u_im, (pad, 0))
     pw = lambda_powers(nu, theta, chunk + 1)  # [C+1, 2, H]
-    idx = torch.arange(chunk, device=u.device)
-    lag = idx[:, None] - idx[None, :]  # i - j
-    tril = (lag >= 0)[:, :, None]
-    t_re = torch.where(tril, pw[lag.clamp(min=0), 0], 0.0)  # [C, C, H]
-    t_im = torch.where(tril, pw[lag.clamp(min=0), 1], 0.0)
-    # Real block form of the complex matrix: rows (i, re|im), columns (j, re|im), one per channel.
-    block = torch.stack([torch.stack([t_re, -t_im], 2), torch.stack([t_im, t_re], 2)], 1)  # [C, 2, C, 2, H]
-    block = block.permute(4, 0, 1, 2, 3).reshape(hid, 2 * chunk, 2 * chunk)
-    cols = u.reshape(bsz, n, chunk, 2, hid).permute(4, 2, 3, 0, 1).reshape(hid, 2 * chunk, bsz * n)
-    local = torch.bmm(block, cols).reshape(hid, chunk, 2, bsz, n).permute(3, 4, 1, 2, 0)  # [B, n, C, 2, H]
+    idx = torch.arange(chunk, device=u_re.device)
+    lag = idx[None, :] - idx[:, None]  # [j, i] -> i - j: the transposed Toeplitz, for right-multiplication
+    keep = (lag >= 0)[None]
+    t_re = torch.where(keep, pw[lag.clamp(min=0), 0].permute(2, 0, 1), 0.0)  # [H, C(j), C(i)]
+    t_im = torch.where(keep, pw[lag.clamp(min=0), 1].permute(2, 0, 1), 0.0)
+    ur, ui = u_re.reshape(hid, m * n, chunk), u_im.reshape(hid, m * n, chunk)
+    h_re = (torch.bmm(ur, t_re) - torch.bmm(ui, t_im)).view(hid, m, n, chunk)
+    h_im = (torch.bmm(ur, t_im) + torch.bmm(ui, t_re)).view(hid, m, n, chunk)
     if n > 1:
-        ends = lru_scan(local[:, :, -1], nu * chunk, theta * chunk, chunk)  # state after each chunk [B, n, 2, H]
-        carry = F.pad(ends[:, :-1], (0, 0, 0, 0, 1, 0))  # chunk m starts from the end of chunk m-1
-        local = local + complex_mul(pw[1:][None, None], carry[:, :, None])  # + lambda^(i+1) * carry
-    return local.reshape(bsz, n * chunk, 2, hid)[:, pad:]
+        c_re, c_im = lru_scan(h_re[..., -1], h_im[..., -1], nu * chunk, theta * chunk, chunk)  # state after chunk
+        c_re, c_im = F.pad(c_re[..., :-1, None], (0, 0, 1, 0)), F.pad(c_im[..., :-1, None], (0, 0, 1, 0))
+        q_re, q_im = (pw[1:, k].T[:, None, None, :] for k in (0, 1))  # lambda^(i+1): [H, 1, 1, C]
+        h_re = h_re + (q_re * c_re - q_im * c_im)  # + lambda^(i+1) * carry
+        h_im = h_im + (q_re * c_im + q_im * c_re)
+    return h_re.reshape(hid, m, n * chunk)[..., pad:], h_im.reshape(hid, m, n * chunk)[..., pad:]
 
 
 # ----- layers --------------------------------------------------------------------------------------------------
@@ -117,10 +119,22 @@ class LRULayer(nn.Module):
         return self.layer_norm(self.dropout(y) + x)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, L, d] -> (y [B, L, d], h [B, L, 2, H])."""
+        """x [B, L, d] -> (y [B, L, d], h at the last position [B, 2, H]). The maths of drive/readout, laid
+        out channel-major inside so the scan works on contiguous memory."""
         nu, theta, gamma = self.lambda_parts()
-        h = lru_scan(self.drive(x, mask, gamma), nu, theta)
-        return self.readout(h, x), h
+        bsz, length, d = x.shape
+        xt = x.reshape(bsz * length, d).T  # [d, BL] view
+        keep = mask.reshape(1, bsz * length).to(x.dtype)
+        w = self.in_weight * gamma[None, :, None]  # gamma folded into B and b
+        b = self.in_bias * gamma[None]
+        u_re = torch.addmm(b[0, :, None], w[0], xt) * keep  # [H, BL]
+        u_im = torch.addmm(b[1, :, None], w[1], xt) * keep
+        h_re, h_im = lru_scan(u_re.view(-1, bsz, length), u_im.view(-1, bsz, length), nu, theta)
+        h_re, h_im = h_re.reshape(self.hid, -1), h_im.reshape(self.hid, -1)
+        y = torch.addmm(self.out_bias, h_re.T, self.out_weight[0].T) - h_im.T @ self.out_weight[1].T  # Re(C h + c)
+        y = self.layer_norm(self.dropout(y.view(bsz, length, d)) + x)
+        last = torch.stack([h_re.view(-1, bsz, length)[..., -1].T, h_im.view(-1, bsz, length)[..., -1].T], dim=1)
+        return y, last
 
     def step(self, h: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One event: h [B, 2, H], x [B, d] -> (y [B, d], new h). Padding rows keep their state."""
@@ -184,13 +198,14 @@ class LRURec(SeqRecModel):
         return self.embed_layer_norm(self.embed_dropout(self.token(items)))
 
     def _run(self, items: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """-> (hidden [B, L, d], per layer the state after the last position [B, 2, H])."""
         mask = items > 0
         x = self.embed(items)
         states = []
         for block in self.blocks:
-            x, h = block.lru_layer(x, mask)
+            x, last = block.lru_layer(x, mask)
             x = block.feed_forward(x)
-            states.append(h)
+            states.append(last)
         return x, states
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
@@ -211,8 +226,7 @@ class LRURec(SeqRecModel):
         return torch.stack(new_states, dim=1), x
 
     def prefill(self, items: torch.Tensor) -> torch.Tensor:
-        _, states = self._run(items)
-        return torch.stack([h[:, -1] for h in states], dim=1)
+        return torch.stack(self._run(items)[1], dim=1)
 
     def state_rows(self, state: torch.Tensor) -> torch.Tensor:
         return state.reshape(state.shape[0], -1)

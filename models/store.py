@@ -43,6 +43,8 @@ FORMAT = 1
 class ModelStoreError(RuntimeError):
     """A version that cannot be served; the message says which and why, in one line."""
 
+    user_facing = True
+
 
 @dataclass
 class VersionInfo:

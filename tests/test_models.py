@@ -83,10 +83,10 @@ def test_window_models_step_over_the_last_max_len_items() -> None:
 
 def test_lru_scan_gradients_are_exact_and_reach_every_parameter() -> None:
     torch.manual_seed(0)
-    u = torch.randn(2, 37, 2, 4, dtype=torch.float64, requires_grad=True)
+    u_re, u_im = (torch.randn(4, 2, 37, dtype=torch.float64, requires_grad=True) for _ in range(2))
     nu = torch.rand(4, dtype=torch.float64).mul(0.2).add(0.01).requires_grad_()
     theta = torch.rand(4, dtype=torch.float64).mul(6.0).requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b, c: lru_scan(a, b, c, chunk=8), (u, nu, theta))
+    assert torch.autograd.gradcheck(lambda a, b, c, d: lru_scan(a, b, c, d, chunk=8), (u_re, u_im, nu, theta))
     model = make("lrurec", {}, torch.float32)
     model.train()
     loss = torch.nn.functional.cross_entropy(model.score(model(left_padded([50, 10], 50))).flatten(0, 1)[:, 1:],

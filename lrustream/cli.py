@@ -170,6 +170,33 @@ def models_list(config: ConfigOpt = None, overrides: Overrides = None) -> None:
              f"{created}  {metrics}")
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print numbers.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("models")
+def bench_models(
+    lengths: Annotated[str, typer.Option(help="History lengths for the step benchmark.")] = "50,200,800,3200",
+    data: Annotated[str | None, typer.Option(help="Also time training steps on this data set.")] = None,
+    threads: Annotated[int, typer.Option(help="torch threads (0 = default).")] = 0,
+) -> None:
+    """(a) step cost per event vs history length, batched and single; (b) parallel scan vs sequential loop;
+    (c) with --data, seconds per training step for each model."""
+    from models.bench import scan_vs_loop, step_cost
+    from trainer.bench import train_step
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    step_cost(lengths=tuple(int(x) for x in lengths.split(",")), log=echo)
+    echo("")
+    scan_vs_loop(log=echo)
+    if data:
+        for name in ("lrurec", "linrec", "sasrec"):
+            train_step(data, name, log=echo)
+
+
 def main() -> None:
     ensure_env_java_home()
     try:

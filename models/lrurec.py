@@ -30,7 +30,7 @@ from torch import nn
 
 from models.base import SeqRecModel, grow_embedding, truncated_normal_
 
-SCAN_CHUNK = 16
+SCAN_CHUNK = {"cpu": 16, "cuda": 256}  # GPUs prefer one big product to a deeper recursion of small ones
 
 
 # ----- the scan ------------------------------------------------------------------------------------------------
@@ -41,6 +41,21 @@ def lambda_powers(nu: torch.Tensor, theta: torch.Tensor, n: int) -> torch.Tensor
     return torch.stack([mag * torch.cos(ang), mag * torch.sin(ang)], dim=1)
 
 
+def toeplitz(nu: torch.Tensor, theta: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transposed Toeplitz blocks T[h, j, i] = lambda_h^(i-j) for i >= j, else 0: ([H, C, C], [H, C, C]).
+
+    Built elementwise (no gather), so its backward is elementwise too: a gather's backward would scatter-add
+    C^2 H values into C H slots, which serialises on GPUs.
+    """
+    idx = torch.arange(chunk, device=nu.device, dtype=nu.dtype)
+    lag = idx[None, :] - idx[:, None]  # [j, i] -> i - j
+    keep = lag >= 0
+    lag = lag.clamp(min=0)[None]  # [1, C, C]
+    mag = torch.exp(-lag * nu[:, None, None])
+    ang = lag * theta[:, None, None]
+    return torch.where(keep, mag * torch.cos(ang), 0.0), torch.where(keep, mag * torch.sin(ang), 0.0)
+
+
 def complex_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(re, im) pairs along dim -2: [.., 2, H] x [.., 2, H] -> [.., 2, H]."""
     are, aim = a.unbind(-2)
@@ -49,7 +64,7 @@ def complex_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def lru_scan(u_re: torch.Tensor, u_im: torch.Tensor, nu: torch.Tensor, theta: torch.Tensor,
-             chunk: int = SCAN_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+             chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """h_t = lambda h_{t-1} + u_t for every t, h_{-1} = 0, channel-major: u_re, u_im [H, M, L] -> h_re, h_im.
 
     Chunked parallel scan: within chunks of C steps the recurrence is a lower-triangular Toeplitz matrix
@@ -59,23 +74,20 @@ def lru_scan(u_re: torch.Tensor, u_im: torch.Tensor, nu: torch.Tensor, theta: to
     Channel-major layout keeps every product and update on contiguous memory (no transposes of the state).
     """
     hid, m, length = u_re.shape
+    chunk = chunk or SCAN_CHUNK.get(u_re.device.type, 16)
     n = -(-length // chunk)
     pad = n * chunk - length
     if pad:  # zeros in front change nothing: h stays 0 through them
         u_re, u_im = F.pad(u_re, (pad, 0)), F.pad(u_im, (pad, 0))
-    pw = lambda_powers(nu, theta, chunk + 1)  # [C+1, 2, H]
-    idx = torch.arange(chunk, device=u_re.device)
-    lag = idx[None, :] - idx[:, None]  # [j, i] -> i - j: the transposed Toeplitz, for right-multiplication
-    keep = (lag >= 0)[None]
-    t_re = torch.where(keep, pw[lag.clamp(min=0), 0].permute(2, 0, 1), 0.0)  # [H, C(j), C(i)]
-    t_im = torch.where(keep, pw[lag.clamp(min=0), 1].permute(2, 0, 1), 0.0)
+    t_re, t_im = toeplitz(nu, theta, chunk)  # [H, C(j), C(i)]: right-multiplying applies the recurrence
     ur, ui = u_re.reshape(hid, m * n, chunk), u_im.reshape(hid, m * n, chunk)
     h_re = (torch.bmm(ur, t_re) - torch.bmm(ui, t_im)).view(hid, m, n, chunk)
     h_im = (torch.bmm(ur, t_im) + torch.bmm(ui, t_re)).view(hid, m, n, chunk)
     if n > 1:
         c_re, c_im = lru_scan(h_re[..., -1], h_im[..., -1], nu * chunk, theta * chunk, chunk)  # state after chunk
         c_re, c_im = F.pad(c_re[..., :-1, None], (0, 0, 1, 0)), F.pad(c_im[..., :-1, None], (0, 0, 1, 0))
-        q_re, q_im = (pw[1:, k].T[:, None, None, :] for k in (0, 1))  # lambda^(i+1): [H, 1, 1, C]
+        pw = lambda_powers(nu, theta, chunk + 1)[1:]  # lambda^(i+1): [C, 2, H]
+        q_re, q_im = (pw[:, k].T[:, None, None, :] for k in (0, 1))  # [H, 1, 1, C]
         h_re = h_re + (q_re * c_re - q_im * c_im)  # + lambda^(i+1) * carry
         h_im = h_im + (q_re * c_im + q_im * c_re)
     return h_re.reshape(hid, m, n * chunk)[..., pad:], h_im.reshape(hid, m, n * chunk)[..., pad:]

@@ -293,8 +293,8 @@ def run_offline(cfg, data_path: str, names: list[str], out_dir: Path, max_minute
     device = pick_device(cfg.train.device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    # full fp32 matmuls on GPUs too (no TF32): the paper's numbers were produced that way
+    torch.backends.cuda.matmul.allow_tf32 = False
     log(f"data {seqs.name}: {len(seqs)} users, {len(vocab)} items, {seqs.num_interactions} interactions; "
         f"device {device} ({torch.get_num_threads()} CPU threads)")
     store = ModelStore(cfg.model_store.dir)

@@ -1,0 +1,83 @@
+"""Model benchmarks that print numbers (tests never time anything).
+
+* ``step_cost``: wall time of ONE ``step`` per event after a history of L events, L = 50 .. 3200, for every model,
+  batched (256 users at once, time per event = batch time / 256) and single (1 user). SASRec keeps the whole
+  history as its window here (max_len = L) so its cost shows how attention grows with history.
+* ``scan_vs_loop``: one LRURec training step (forward + backward) on a [B, L] batch with the parallel scan
+  versus the same model run as a sequential Python loop over time steps (``step`` with autograd).
+
+The full training-step benchmark (loss, optimiser, real data) lives in trainer/bench.py.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from models import build_model
+
+LENGTHS = (50, 100, 200, 400, 800, 1600, 3200)
+
+
+def _median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def step_cost(num_items: int = 3416, d_model: int = 64, lengths: tuple[int, ...] = LENGTHS, batch: int = 256,
+              repeat: int = 5, log: Callable[[str], None] = print) -> dict[tuple[str, int, int], float]:
+    """Microseconds per event for one `step` after a history of L events."""
+    results: dict[tuple[str, int, int], float] = {}
+    g = torch.Generator().manual_seed(0)
+    log(f"step cost per event (us), d_model={d_model}, {num_items} items, {torch.get_num_threads()} threads")
+    log("| model | users/step | " + " | ".join(f"L={n}" for n in lengths) + " |")
+    log("|---|---|" + "---|" * len(lengths))
+    for name in ("lrurec", "linrec", "sasrec"):
+        for rows in (batch, 1):
+            cells = []
+            for n in lengths:
+                max_len = n if name == "sasrec" else 200
+                torch.manual_seed(0)
+                model = build_model(name, num_items=num_items, d_model=d_model, max_len=max_len).eval()
+                history = torch.randint(1, num_items + 1, (rows, n), generator=g)
+                state = model.prefill(history)
+                item = torch.randint(1, num_items + 1, (rows,), generator=g)
+                seconds = _median_seconds(lambda m=model, s=state, i=item: m.step(s, i), repeat)
+                results[(name, rows, n)] = 1e6 * seconds / rows
+                cells.append(f"{results[(name, rows, n)]:.1f}")
+            log(f"| {name} | {rows} | " + " | ".join(cells) + " |")
+    return results
+
+
+def scan_vs_loop(num_items: int = 3416, batch: int = 128, length: int = 200, repeat: int = 3,
+                 log: Callable[[str], None] = print) -> tuple[float, float]:
+    """Seconds for forward + backward of LRURec with the parallel scan and with a loop over time."""
+    torch.manual_seed(0)
+    model = build_model("lrurec", num_items=num_items, max_len=length).train()
+    items = torch.randint(1, num_items + 1, (batch, length))
+
+    def parallel() -> None:
+        model(items).square().mean().backward()
+
+    def loop() -> None:
+        state, outs = model.init_state(batch), []
+        for t in range(length):
+            state, h = model.step(state, items[:, t])
+            outs.append(h)
+        torch.stack(outs, 1).square().mean().backward()
+
+    p = _median_seconds(parallel, repeat, warmup=1)
+    s = _median_seconds(loop, repeat, warmup=1)
+    log(f"LRURec forward+backward, batch {batch} x {length}: parallel scan {p * 1e3:.0f} ms, "
+        f"sequential loop {s * 1e3:.0f} ms  ->  scan is {s / p:.1f}x faster")
+    return p, s

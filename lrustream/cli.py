@@ -197,6 +197,48 @@ def bench_models(
             train_step(data, name, log=echo)
 
 
+# ----- streaming worker and its state ---------------------------------------------------------------------------
+@app.command("worker")
+def worker_cmd(
+    loglevel: Annotated[str, typer.Option(help="Log level: debug, info, warning.")] = "info",
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Serve recommendations: consume interactions, advance per-user states, emit top-K (until Ctrl-C)."""
+    from stream.app import Worker
+
+    Worker(cfg_of(config, overrides)).run(loglevel)
+
+
+state_app = typer.Typer(no_args_is_help=True, help="Inspect per-user states in this machine's state store.")
+app.add_typer(state_app, name="state")
+
+
+@state_app.command("inspect")
+def state_inspect(
+    user: Annotated[str, typer.Argument(help="User id as producers send it.")],
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Print a user's stored record as JSON (read-only; safe while the worker runs)."""
+    import json
+
+    from state.store import find_user
+    from stream.app import state_dir
+
+    cfg = cfg_of(config, overrides)
+    found = find_user(state_dir(cfg), user)
+    if found is None:
+        raise UsageError(f"no state for user {user!r} under {state_dir(cfg)}")
+    partition, record = found
+    echo(json.dumps({
+        "user_id": user, "partition": partition, "model_version": record.version,
+        "last_applied": {"partition": record.partition, "offset": record.offset},
+        "updated_ms": record.updated_ms, "state_bytes": len(record.state),
+        "window": [int(i) for i in record.window], "unknown_items": record.unknown,
+    }, indent=2))
+
+
 def main() -> None:
     ensure_env_java_home()
     try:

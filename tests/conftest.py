@@ -85,10 +85,11 @@ def unique() -> str:
 
 
 @pytest.fixture
-def kafka_cfg(kafka_bootstrap: str, unique: str, tmp_path: Path) -> Config:
-    """A config pointing at the test broker, with topics, state and model store private to this test."""
+def kafka_overrides(kafka_bootstrap: str, unique: str, tmp_path: Path) -> list[str]:
+    """Overrides pointing at the test broker, with topics, state and model store private to this test
+    (a list, so subprocesses such as ``lrustream worker`` get exactly the same configuration)."""
     t = f"t{unique}"
-    return load_config(overrides=[
+    return [
         f"kafka.bootstrap_servers={kafka_bootstrap}",
         f"topics.interactions={t}-interactions",
         f"topics.recommendations={t}-recommendations",
@@ -101,4 +102,10 @@ def kafka_cfg(kafka_bootstrap: str, unique: str, tmp_path: Path) -> Config:
         f"state.dir={tmp_path / 'state'}",
         f"model_store.dir={tmp_path / 'models'}",
         "topics.partitions=2",
-    ])
+    ]
+
+
+@pytest.fixture
+def kafka_cfg(kafka_overrides: list[str]) -> Config:
+    """A config pointing at the test broker, with topics, state and model store private to this test."""
+    return load_config(overrides=kafka_overrides)

@@ -1,0 +1,276 @@
+"""The per-user state store: RocksDB per input partition, made durable and movable by a changelog topic.
+
+Contract (what is durable when, what an offset means):
+
+- Records are keyed by user id and live in the RocksDB of the INPUT partition the user's events arrive on
+  (``{dir}/p{partition}``). Producers key events by user id, so one user is always on one partition.
+- ``commit(p, records, applied_offset)`` is the only write. It first publishes the records, plus a marker
+  ``applied_offset`` (the highest input offset of partition ``p`` whose effect the records include), to
+  partition ``p`` of the changelog topic and waits for the broker's acknowledgement; only then does it
+  write the same records atomically (one RocksDB WriteBatch) locally, together with the changelog offset
+  they came from. A crash between the two steps loses nothing: the next ``restore`` replays the changelog
+  tail past the local changelog offset.
+- ``restore(p)`` brings the local copy of partition ``p`` up to the changelog's end. It runs before the first
+  event of a partition is served after start-up or after any rebalance (``mark_stale``), so a worker that
+  takes over a partition from another sees that worker's last committed states.
+- An input offset is applied at most once: each record carries the offset of the last event applied to it,
+  and the partition marker carries the highest applied offset; callers skip events at or below them.
+  Input offsets are committed to Kafka only after ``commit`` returns, so every event is applied at least
+  once: together, exactly once per user state.
+
+The store moves bytes; it knows nothing of models (see state/record.py for what a record holds).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rocksdict import AccessType, Options, Rdict, WriteBatch
+
+from state.record import RecordError, UserRecord
+
+log = logging.getLogger("lrustream.state")
+
+USER_PREFIX = b"u:"
+APPLIED_KEY = b"m:offset"  # highest input offset applied (local and in the changelog)
+CHANGELOG_KEY = b"m:changelog"  # changelog offset the local copy includes (local only)
+_I64 = struct.Struct("<q")
+
+
+class StateError(RuntimeError):
+    """The store cannot make a batch durable (changelog unreachable, disk error). Nothing was acknowledged."""
+
+    user_facing = True
+
+
+def user_key(user: str) -> bytes:
+    return USER_PREFIX + user.encode()
+
+
+class PartitionStore:
+    """The local RocksDB of one input partition."""
+
+    def __init__(self, path: Path, read_only: bool = False) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        access = AccessType.read_only() if read_only else AccessType.read_write()
+        self.path = path
+        self.db = Rdict(str(path), Options(raw_mode=True), access_type=access)
+
+    def get(self, user: str) -> UserRecord | None:
+        blob = self.db.get(user_key(user))
+        return None if blob is None else UserRecord.decode(blob)
+
+    def _meta(self, key: bytes) -> int:
+        blob = self.db.get(key)
+        return -1 if blob is None else _I64.unpack(blob)[0]
+
+    @property
+    def applied_offset(self) -> int:
+        return self._meta(APPLIED_KEY)
+
+    @property
+    def changelog_offset(self) -> int:
+        return self._meta(CHANGELOG_KEY)
+
+    def write(self, entries: dict[bytes, bytes], changelog_offset: int) -> None:
+        """Atomically write raw entries (user records and/or the applied marker) and the changelog position."""
+        batch = WriteBatch(raw_mode=True)
+        for key, value in entries.items():
+            batch.put(key, value)
+        batch.put(CHANGELOG_KEY, _I64.pack(changelog_offset))
+        self.db.write(batch)
+
+    def users(self) -> Iterator[tuple[str, UserRecord]]:
+        for key, value in self.db.items(from_key=USER_PREFIX):
+            if not key.startswith(USER_PREFIX):
+                break
+            yield key[len(USER_PREFIX):].decode(), UserRecord.decode(value)
+
+    def count(self) -> int:
+        return sum(1 for _ in self.db.keys(from_key=USER_PREFIX) if _.startswith(USER_PREFIX))
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class Changelog:
+    """The changelog topic: partition ``p`` mirrors the store of input partition ``p`` (compacted by key)."""
+
+    def __init__(self, conf: dict[str, Any], topic: str, flush_timeout_s: float = 30.0) -> None:
+        from confluent_kafka import Producer
+
+        self.conf = conf
+        self.topic = topic
+        self.flush_timeout_s = flush_timeout_s
+        self.producer = Producer({**conf, "enable.idempotence": True, "acks": "all", "linger.ms": 2,
+                                  "compression.type": "lz4"})
+
+    def publish(self, entries: dict[int, dict[bytes, bytes]]) -> dict[int, int]:
+        """Send each partition's entries and wait until all are acknowledged; return each last offset."""
+        errors: list[str] = []
+        last = dict.fromkeys(entries, -1)
+
+        def done(err: Any, msg: Any) -> None:
+            if err is not None:
+                errors.append(str(err))
+            else:
+                last[msg.partition()] = max(last[msg.partition()], msg.offset())
+
+        for partition, items in entries.items():
+            for key, value in items.items():
+                while True:
+                    try:
+                        self.producer.produce(self.topic, value, key, partition=partition, on_delivery=done)
+                        break
+                    except BufferError:
+                        self.producer.poll(0.05)
+        remaining = self.producer.flush(self.flush_timeout_s)
+        if remaining or errors:
+            raise StateError(f"changelog {self.topic} not acknowledged: "
+                             f"{errors[0] if errors else f'{remaining} records pending'}")
+        return last
+
+    def read(self, partition: int, start: int, timeout_s: float = 30.0) -> Iterator[tuple[int, bytes, bytes]]:
+        """(offset, key, value) from ``start`` (or the beginning when < 0) to the end seen when called."""
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        consumer = Consumer({**self.conf, "group.id": f"{self.topic}-restore", "enable.auto.commit": False,
+                             "enable.partition.eof": False, "auto.offset.reset": "earliest"})
+        try:
+            low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=timeout_s)
+            begin = max(start, low) if start >= 0 else OFFSET_BEGINNING
+            if high <= 0 or (start >= 0 and start >= high):
+                return
+            consumer.assign([TopicPartition(self.topic, partition, begin)])
+            while True:
+                for msg in consumer.consume(num_messages=2000, timeout=1.0):
+                    if msg.error():
+                        raise StateError(f"changelog {self.topic}[{partition}] read failed: {msg.error()}")
+                    yield msg.offset(), msg.key(), msg.value()
+                    if msg.offset() >= high - 1:
+                        return
+                position = consumer.position([TopicPartition(self.topic, partition)])[0].offset
+                if position >= high:
+                    return
+        finally:
+            consumer.close()
+
+    def close(self) -> None:
+        self.producer.flush(self.flush_timeout_s)
+
+
+class StateStore:
+    """All partitions this process serves, plus the changelog that makes them durable and movable."""
+
+    def __init__(self, root: str | Path, changelog: Changelog | None = None) -> None:
+        self.root = Path(root)
+        self.changelog = changelog
+        self._parts: dict[int, PartitionStore] = {}
+        self._ready: set[int] = set()
+        self._lock = threading.Lock()
+
+    def partition(self, p: int) -> PartitionStore:
+        if p not in self._parts:
+            self._parts[p] = PartitionStore(self.root / f"p{p}")
+        return self._parts[p]
+
+    def mark_stale(self) -> None:
+        """Partitions may have moved (a rebalance): restore each again before its next event."""
+        with self._lock:
+            self._ready.clear()
+
+    def ensure_ready(self, p: int) -> int:
+        """Restore partition ``p`` from the changelog unless done since the last rebalance; return records read."""
+        with self._lock:
+            if p in self._ready:
+                return 0
+            n = self.restore(p)
+            self._ready.add(p)
+            return n
+
+    def restore(self, p: int) -> int:
+        """Apply the changelog of partition ``p`` past the local copy's position; return records applied."""
+        part = self.partition(p)
+        if self.changelog is None:
+            return 0
+        entries: dict[bytes, bytes] = {}
+        start = last = part.changelog_offset
+        applied = 0
+        for offset, key, value in self.changelog.read(p, start + 1):
+            entries[key] = value
+            last = offset
+            if len(entries) >= 10_000:
+                part.write(entries, last)
+                applied += len(entries)
+                entries = {}
+        if last != start:
+            part.write(entries, last)
+            applied += len(entries)
+            log.info("partition %d: applied %d changelog records (offsets %d..%d)", p, applied, start + 1, last)
+        return applied
+
+    def get(self, p: int, user: str) -> UserRecord | None:
+        return self.partition(p).get(user)
+
+    def applied_offset(self, p: int) -> int:
+        return self.partition(p).applied_offset
+
+    def get_many(self, p: int, users: list[str]) -> dict[str, UserRecord]:
+        part = self.partition(p)
+        found = {}
+        for u in users:
+            record = part.get(u)
+            if record is not None:
+                found[u] = record
+        return found
+
+    def commit(self, batches: dict[int, tuple[dict[str, UserRecord], int]]) -> None:
+        """Make a micro-batch durable. ``batches`` maps partition -> (records, highest input offset applied).
+
+        Changelog first (all partitions, one acknowledged flush), then one atomic WriteBatch per partition.
+        """
+        entries = {p: self._entries(records, applied) for p, (records, applied) in batches.items()}
+        positions = {p: self.partition(p).changelog_offset for p in batches}
+        if self.changelog is not None:
+            positions = self.changelog.publish(entries)
+        for p, part_entries in entries.items():
+            self.partition(p).write(part_entries, positions[p])
+
+    @staticmethod
+    def _entries(records: dict[str, UserRecord], applied: int) -> dict[bytes, bytes]:
+        entries = {user_key(u): r.encode() for u, r in records.items()}
+        entries[APPLIED_KEY] = _I64.pack(applied)
+        return entries
+
+    def count(self) -> int:
+        return sum(part.count() for part in self._parts.values())
+
+    def close(self) -> None:
+        for part in self._parts.values():
+            part.close()
+        self._parts.clear()
+        self._ready.clear()
+        if self.changelog is not None:
+            self.changelog.close()
+
+
+def find_user(root: str | Path, user: str) -> tuple[int, UserRecord] | None:
+    """Look a user up in every local partition store (read-only: safe while a worker runs)."""
+    for path in sorted(Path(root).glob("p*")):
+        if not path.name[1:].isdigit():
+            continue
+        part = PartitionStore(path, read_only=True)
+        try:
+            record = part.get(user)
+        except RecordError:
+            raise
+        finally:
+            part.close()
+        if record is not None:
+            return int(path.name[1:]), record
+    return None

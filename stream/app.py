@@ -1,0 +1,198 @@
+"""The Faust application of a streaming worker: one agent that micro-batches input events across users and
+hands each batch to :class:`stream.worker.Processor`, plus the operator HTTP endpoints.
+
+Why no Faust table: table writes need ``current_event()``, which ``take()`` batches do not have
+(faust-streaming #497), and Faust's recovery has open races after hard kills (#596). The state store
+(state/store.py) has its own changelog and offset guard instead; Faust is the consumer-group member, the
+micro-batcher (``take_events`` acknowledges a batch only after our loop body returns) and the web server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import faust
+from faust.types import TP
+from faust.web import Request, Response, View
+
+from lrustream.config import Config, resolve_path
+from models.store import ModelStore
+from state.store import Changelog, StateStore
+from stream.kafka import faust_broker_settings, librdkafka_config, producer_config
+from stream.metrics import WorkerMetrics
+from stream.serving import Serving
+from stream.topics import create_topics
+from stream.worker import Input, Processor
+
+log = logging.getLogger("lrustream.worker")
+
+
+def fetch_range(cfg: Config):  # type: ignore[no-untyped-def]
+    """A direct reader of input offsets [first, last] of one partition (the guard against consumer skips)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    def fetch(partition: int, first: int, last: int) -> list[Input]:
+        consumer = Consumer(librdkafka_config(cfg, **{"group.id": f"{cfg.stream.app_id}-gapfill",
+                                                      "enable.auto.commit": False}))
+        out: list[Input] = []
+        try:
+            consumer.assign([TopicPartition(cfg.topics.interactions, partition, first)])
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                for msg in consumer.consume(num_messages=1000, timeout=1.0):
+                    if msg.error():
+                        continue
+                    if msg.offset() <= last:
+                        _, ts = msg.timestamp()
+                        out.append(Input(partition, msg.offset(), msg.key(), msg.value(), ts if ts > 0 else None))
+                    if msg.offset() >= last:
+                        return out
+        finally:
+            consumer.close()
+        return out
+
+    return fetch
+
+
+class Worker:
+    """Everything one worker process holds: config, processor, pending model swap, Faust app."""
+
+    def __init__(self, cfg: Config, serving: Serving | None = None) -> None:
+        from confluent_kafka import Producer
+
+        self.cfg = cfg
+        self.model_store = ModelStore(resolve_path(cfg.model_store.dir))
+        self.serving = serving or Serving.load(self.model_store)
+        self.metrics = WorkerMetrics()
+        changelog = Changelog(librdkafka_config(cfg), cfg.topics.state_changelog)
+        self.store = StateStore(resolve_path(cfg.state.dir) / cfg.stream.app_id, changelog)
+        self.producer = Producer(producer_config(cfg, **{"linger.ms": 2, "acks": "all"}))
+        s = cfg.stream
+        self.processor = Processor(self.serving, self.store, self.producer, topics=cfg.topics, top_k=s.top_k,
+                                   exclude_seen=s.exclude_seen, unknown_items=s.unknown_items,
+                                   max_value_bytes=s.max_value_bytes, min_step_rows=s.min_step_rows,
+                                   state_dtype=cfg.state.dtype, fetch=fetch_range(cfg), metrics=self.metrics)
+        self.started = time.time()
+        self.batches = 0
+        self.app = self._build_app()
+
+    # ----- the Faust app ------------------------------------------------------------------------------------
+    def _build_app(self) -> faust.App:
+        cfg = self.cfg
+        datadir = resolve_path(cfg.state.dir) / "faust" / cfg.stream.app_id
+        datadir.mkdir(parents=True, exist_ok=True)
+        app = faust.App(
+            cfg.stream.app_id, **faust_broker_settings(cfg), datadir=str(datadir), store="memory://",
+            topic_partitions=cfg.topics.partitions, topic_allow_declare=False, topic_disable_leader=True,
+            consumer_auto_offset_reset="earliest", web_enabled=True, web_bind=cfg.http.host,
+            web_port=cfg.http.port, web_host=cfg.http.host, broker_commit_every=cfg.stream.batch_size,
+            stream_wait_empty=False, producer_acks=-1, logging_config=None,
+        )
+        topic = app.topic(cfg.topics.interactions, key_type=bytes, value_type=bytes,
+                          key_serializer="raw", value_serializer="raw")
+        within = cfg.stream.linger_ms / 1000
+
+        async def serve(stream: faust.StreamT) -> None:
+            async for events in stream.take_events(cfg.stream.batch_size, within=within):
+                batch = [Input(e.message.partition, e.message.offset, e.message.key, e.message.value,
+                               int(e.message.timestamp * 1000) if e.message.timestamp else None) for e in events]
+                await self._process(batch)
+                self._observe_lag(app, batch)
+
+        app.agent(topic, name="serve", concurrency=1)(serve)
+
+        @app.on_partitions_revoked.connect
+        async def on_revoked(app: faust.App, revoked: set[TP], **kwargs: Any) -> None:
+            self.store.mark_stale()
+
+        @app.on_partitions_assigned.connect
+        async def on_assigned(app: faust.App, assigned: set[TP], **kwargs: Any) -> None:
+            self.store.mark_stale()
+
+        self._add_views(app)
+        return app
+
+    async def _process(self, batch: list[Input]) -> None:
+        """Apply a batch; on infrastructure errors retry it (never drop, never acknowledge unapplied events)."""
+        delay = 0.2
+        while True:
+            try:
+                await asyncio.to_thread(self.processor.process, batch)
+                self.batches += 1
+                return
+            except Exception as exc:
+                log.error("micro-batch of %d events failed (%s); retrying in %.1f s", len(batch), exc, delay,
+                          exc_info=delay == 0.2)
+                self.store.mark_stale()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _observe_lag(self, app: faust.App, batch: list[Input]) -> None:
+        last: dict[int, int] = {}
+        for inp in batch:
+            last[inp.partition] = max(last.get(inp.partition, -1), inp.offset)
+        for p, offset in last.items():
+            try:
+                high = app.consumer.highwater(TP(self.cfg.topics.interactions, p))
+            except Exception:
+                continue
+            if high is not None:
+                self.metrics.lag.labels(partition=str(p)).set(max(0, high - offset - 1))
+
+    def assigned(self) -> list[int]:
+        """Input partitions this worker currently owns (empty before the group has assigned any)."""
+        try:
+            tps = self.app.consumer.assignment()
+        except Exception:
+            return []
+        return sorted(tp.partition for tp in tps if tp.topic == self.cfg.topics.interactions)
+
+    # ----- operator HTTP ------------------------------------------------------------------------------------
+    def authorised(self, request: Request) -> bool:
+        token = self.cfg.http.token
+        if not token:
+            return True
+        given = request.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+    def _add_views(self, app: faust.App) -> None:
+        worker = self
+
+        class Health(View):
+            async def get(self, request: Request) -> Response:
+                return self.json({"status": "ok", "model_version": worker.processor.serving.version,
+                                  "partitions": worker.assigned(), "batches": worker.batches,
+                                  "uptime_s": round(time.time() - worker.started, 1)})
+
+        class ModelView(View):
+            async def get(self, request: Request) -> Response:
+                s = worker.processor.serving
+                return self.json({"version": s.version, "model": s.model.name, "num_items": s.num_items})
+
+        class Metrics(View):
+            async def get(self, request: Request) -> Response:
+                worker.metrics.states.set(worker.store.count())
+                return self.bytes(worker.metrics.render(), content_type="text/plain; version=0.0.4")
+
+        app.page("/health")(Health)
+        app.page("/model")(ModelView)
+        app.page("/metrics")(Metrics)
+
+    # ----- lifecycle ----------------------------------------------------------------------------------------
+    def run(self, loglevel: str = "info") -> None:
+        """Blocks until SIGINT/SIGTERM; Faust commits acknowledged offsets on a clean stop."""
+        create_topics(self.cfg)
+        worker = faust.Worker(self.app, loglevel=loglevel, override_logging=True)
+        try:
+            worker.execute_from_commandline()
+        finally:
+            self.store.close()
+
+
+def state_dir(cfg: Config) -> Path:
+    return resolve_path(cfg.state.dir) / cfg.stream.app_id

@@ -1,0 +1,52 @@
+"""Prometheus metrics of one worker (its own registry, so several workers can live in one test process)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.events = Counter("lrustream_events", "Input events handled (served, dead-lettered or skipped)",
+                              registry=r)
+        self.recommendations = Counter("lrustream_recommendations", "Recommendation records emitted", registry=r)
+        self.dlq = Counter("lrustream_dlq", "Events sent to the dead-letter topic", ["reason"], registry=r)
+        self.skipped = Counter("lrustream_skipped_events", "Events skipped because already applied", registry=r)
+        self.gap_filled = Counter("lrustream_gap_filled_events",
+                                  "Events fetched directly because the consumer skipped offsets", registry=r)
+        self.rederived = Counter("lrustream_rederived_states",
+                                 "User states re-derived from their item window after a model swap", registry=r)
+        self.batch_size = Histogram("lrustream_batch_size", "Events per micro-batch", registry=r,
+                                    buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096))
+        self.step_latency = Histogram("lrustream_model_step_seconds", "Model step + scoring time per micro-batch",
+                                      registry=r, buckets=LATENCY_BUCKETS)
+        self.e2r_latency = Histogram("lrustream_event_to_recommendation_seconds",
+                                     "Event timestamp (Kafka) to recommendation produced", registry=r,
+                                     buckets=LATENCY_BUCKETS)
+        self.lag = Gauge("lrustream_consumer_lag", "Input events not yet consumed, per partition", ["partition"],
+                         registry=r)
+        self.states = Gauge("lrustream_states", "User states in this worker's local store", registry=r)
+        self.events_per_s = Gauge("lrustream_events_per_second", "Input events/s over the last 10 s", registry=r)
+        self.model_version = Gauge("lrustream_model_info", "Serving model version", ["version"], registry=r)
+        self._window: deque[tuple[float, int]] = deque()
+
+    def observe_rate(self, n: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._window.append((now, n))
+        while self._window and now - self._window[0][0] > 10.0:
+            self._window.popleft()
+        span = max(now - self._window[0][0], 1.0)
+        self.events_per_s.set(sum(k for _, k in self._window) / span)
+
+    def set_version(self, version: str) -> None:
+        self.model_version.clear()
+        self.model_version.labels(version=version).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

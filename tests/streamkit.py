@@ -1,0 +1,192 @@
+"""Test helpers for the streaming path: a tiny published model, a worker subprocess, topic readers.
+
+Workers run as real ``lrustream worker`` processes (so SIGKILL means what it means in production) against
+the session's real Kafka broker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from lrustream.broker import free_port
+from lrustream.config import Config
+from models import build_model
+from models.store import ModelStore
+from models.vocab import Vocabulary
+from stream.kafka import librdkafka_config, producer_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def publish_model(cfg: Config, name: str = "lrurec", num_items: int = 40, seed: int = 0, **hp: object) -> str:
+    """A small randomly initialised model with items i1..iN, published as the serving version."""
+    torch.manual_seed(seed)
+    params = {"d_model": 16, "num_layers": 2, "max_len": cfg.model.max_len, "dropout": 0.0, **hp}
+    if name != "lrurec":
+        params.setdefault("num_heads", 2)
+    model = build_model(name, num_items, **params)
+    vocab = Vocabulary(f"i{k}" for k in range(1, num_items + 1))
+    return ModelStore(cfg.model_store.dir).publish(model, vocab).version
+
+
+def event_value(user: str, item: str, ts: int) -> bytes:
+    return json.dumps({"user_id": user, "item_id": item, "ts": ts}).encode()
+
+
+def produce(cfg: Config, records: Iterable[tuple[bytes | None, bytes | None]]) -> int:
+    """Produce (key, value) pairs to the interactions topic with the project's partitioner; wait for acks."""
+    producer = Producer(producer_config(cfg))
+    n = 0
+    for key, value in records:
+        while True:
+            try:
+                producer.produce(cfg.topics.interactions, value, key)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        n += 1
+    assert producer.flush(30) == 0
+    return n
+
+
+def read_topic(cfg: Config, topic: str, expect: int | None = None, timeout_s: float = 60.0,
+               idle_s: float = 3.0) -> list:
+    """Every record of a topic: until ``expect`` records arrived, or nothing new for ``idle_s`` seconds."""
+    consumer = Consumer(librdkafka_config(cfg, **{"group.id": f"read-{uuid.uuid4().hex[:6]}",
+                                                  "auto.offset.reset": "earliest", "enable.auto.commit": False}))
+    consumer.subscribe([topic])
+    out: list = []
+    deadline = time.monotonic() + timeout_s
+    last_new = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            msgs = consumer.consume(num_messages=1000, timeout=0.5)
+            good = [m for m in msgs if not m.error()]
+            out += good
+            if good:
+                last_new = time.monotonic()
+            if expect is not None and len(out) >= expect:
+                if time.monotonic() - last_new > 1.0:  # linger a moment to catch extras
+                    break
+            elif expect is None and out and time.monotonic() - last_new > idle_s:
+                break
+    finally:
+        consumer.close()
+    return out
+
+
+def recommendations(cfg: Config, expect: int | None = None, timeout_s: float = 90.0) -> list[dict]:
+    return [json.loads(m.value()) for m in read_topic(cfg, cfg.topics.recommendations, expect, timeout_s)]
+
+
+def end_offsets(cfg: Config, topic: str) -> dict[int, int]:
+    consumer = Consumer(librdkafka_config(cfg, **{"group.id": "offsets"}))
+    try:
+        md = consumer.list_topics(topic, timeout=10).topics[topic]
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in md.partitions}
+    finally:
+        consumer.close()
+
+
+@dataclass
+class WorkerProcess:
+    """``lrustream worker`` in a subprocess with the test's overrides (plus its own HTTP port/state dir)."""
+
+    overrides: list[str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    port: int = 0
+
+    def start(self, extra: list[str] | None = None) -> WorkerProcess:
+        self.port = free_port()
+        args = [sys.executable, "-m", "lrustream.cli", "worker", "--loglevel", "warning",
+                *self.overrides, f"http.port={self.port}", *(extra or [])]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def get(self, path: str, timeout: float = 2.0) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as resp:
+            return resp.read()
+
+    def get_metric(self, name: str) -> float:
+        """A metric's value from /metrics (0 while the worker is not answering)."""
+        try:
+            text = self.get("/metrics").decode()
+        except OSError:
+            return 0.0
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return 0.0
+
+    def wait_healthy(self, timeout_s: float = 90.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                return json.loads(self.get("/health"))
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError(f"worker not healthy after {timeout_s} s:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def reference(cfg: Config, events: list[tuple[str, str]], top_k: int = 10) -> dict[str, dict]:
+    """What serving each user's events one by one, offline, gives: per user the list of top-K lists (and
+    scores) and the final state bytes. The specification the worker is checked against."""
+    from stream.serving import Serving
+
+    serving = Serving.load(ModelStore(cfg.model_store.dir))
+    model, vocab = serving.model, serving.vocab
+    per_user: dict[str, list[str]] = {}
+    for user, item in events:
+        per_user.setdefault(user, []).append(item)
+    out = {}
+    with torch.inference_mode():
+        for user, items in per_user.items():
+            state, seen, recs = model.init_state(1), [], []
+            for item in items:
+                idx = vocab.id_of(item)
+                state, h = model.step(state, torch.tensor([idx]))
+                seen = ([*seen, idx])[-model.max_len:]
+                scores = model.score(h)[0]
+                scores[torch.tensor(seen)] = float("-inf")
+                top = torch.topk(scores, top_k)
+                pairs = zip(top.indices.tolist(), top.values.tolist(), strict=True)
+                keep = [(i, v) for i, v in pairs if v != float("-inf")]
+                recs.append(([vocab.item_of(i) for i, _ in keep], [v for _, v in keep]))
+            out[user] = {"recs": recs, "state": model.state_to_bytes(state)[0], "window": seen}
+    return out

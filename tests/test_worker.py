@@ -1,0 +1,227 @@
+"""The real-time path on real Kafka: one recommendation per event, equal to offline sequential serving;
+crash (SIGKILL) and rebalance safety; bad input to the dead-letter topic."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lrustream.config import Config, load_config
+from state.store import PartitionStore, find_user
+from stream.app import state_dir
+from stream.topics import create_topics
+from tests.streamkit import (
+    WorkerProcess,
+    event_value,
+    produce,
+    publish_model,
+    read_topic,
+    recommendations,
+    reference,
+)
+
+pytestmark = pytest.mark.kafka
+
+
+def synthetic_events(n: int, users: int, items: int = 40, seed: int = 1) -> list[tuple[str, str]]:
+    """Skewed activity so that micro-batches hold several events of one user (several step waves)."""
+    rng = random.Random(seed)
+    weights = [1.0 / (u + 1) for u in range(users)]
+    return [(f"u{rng.choices(range(users), weights)[0]}", f"i{rng.randint(1, items)}") for _ in range(n)]
+
+
+def produce_events(cfg: Config, events: list[tuple[str, str]], ts0: int = 1_700_000_000_000) -> None:
+    produce(cfg, ((u.encode(), event_value(u, i, ts0 + k)) for k, (u, i) in enumerate(events)))
+
+
+def stored_states(cfg: Config, users: set[str]) -> dict[str, tuple[bytes, int]]:
+    out = {}
+    for user in users:
+        found = find_user(state_dir(cfg), user)
+        assert found is not None, f"no state stored for {user}"
+        out[user] = (found[1].state, found[1].offset)
+    return out
+
+
+def assert_matches_reference(recs: list[dict], ref: dict[str, dict]) -> None:
+    """Each user's recommendations, in source-offset order, equal offline sequential serving."""
+    by_user: dict[str, list[dict]] = {}
+    for rec in sorted(recs, key=lambda r: (r["source"]["partition"], r["source"]["offset"])):
+        by_user.setdefault(rec["user_id"], []).append(rec)
+    assert set(by_user) == set(ref)
+    for user, got in by_user.items():
+        want = ref[user]["recs"]
+        assert len(got) == len(want), user
+        for rec, (items, scores) in zip(got, want, strict=True):
+            assert rec["items"] == items
+            np.testing.assert_allclose(rec["scores"], scores, atol=1e-4)
+
+
+@pytest.fixture
+def worker_log(tmp_path: Path) -> Path:
+    return tmp_path / "worker.log"
+
+
+def test_each_event_yields_one_recommendation_equal_to_sequential_step(kafka_cfg: Config, kafka_overrides: list[str],
+                                                                       worker_log: Path) -> None:
+    create_topics(kafka_cfg)
+    version = publish_model(kafka_cfg)
+    events = synthetic_events(600, users=25)
+    produce_events(kafka_cfg, events)
+    worker = WorkerProcess(kafka_overrides, worker_log).start(["stream.batch_size=64"])
+    try:
+        health = worker.wait_healthy()
+        assert health["model_version"] == version
+        recs = recommendations(kafka_cfg, expect=len(events))
+        metrics = worker.get("/metrics").decode()
+    finally:
+        worker.stop()
+    assert len(recs) == len(events)
+    assert len({(r["source"]["partition"], r["source"]["offset"]) for r in recs}) == len(events)
+    assert {r["model_version"] for r in recs} == {version}
+    ref = reference(kafka_cfg, events)
+    assert_matches_reference(recs, ref)
+    for user, (state, _) in stored_states(kafka_cfg, set(ref)).items():
+        np.testing.assert_allclose(np.frombuffer(state, np.float32), np.frombuffer(ref[user]["state"], np.float32),
+                                   atol=1e-5)
+    assert "lrustream_recommendations_total 600.0" in metrics
+    assert "lrustream_event_to_recommendation_seconds_bucket" in metrics
+
+
+def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(kafka_cfg: Config, kafka_overrides: list[str],
+                                                                    worker_log: Path, tmp_path: Path) -> None:
+    create_topics(kafka_cfg)
+    publish_model(kafka_cfg)
+    events = synthetic_events(4000, users=60, seed=2)
+    produce_events(kafka_cfg, events)
+    worker = WorkerProcess(kafka_overrides, worker_log).start(["stream.batch_size=32"])
+    worker.wait_healthy()
+    kills = 0
+    try:
+        for _ in range(2):  # kill while recommendations are flowing, then restart
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and worker.get_metric("lrustream_recommendations_total") < 300:
+                time.sleep(0.2)
+            worker.kill()
+            kills += 1
+            worker.start(["stream.batch_size=32"])
+            worker.wait_healthy()
+        recs = recommendations(kafka_cfg, expect=len(events), timeout_s=180)
+    finally:
+        worker.stop()
+    sources = {(r["source"]["partition"], r["source"]["offset"]) for r in recs}
+    assert len(sources) == len(events), "an event produced no recommendation"
+    print(f"\n{kills} kills: {len(recs)} records for {len(events)} events ({len(recs) - len(sources)} duplicates)")
+    ref = reference(kafka_cfg, events)
+    for user, (state, _) in stored_states(kafka_cfg, set(ref)).items():
+        np.testing.assert_allclose(np.frombuffer(state, np.float32), np.frombuffer(ref[user]["state"], np.float32),
+                                   atol=1e-5, err_msg=user)
+    # an uninterrupted run of a second worker group over the same input ends in bit-identical states
+    clean = [o for o in kafka_overrides if not o.startswith(("stream.app_id", "topics.recommendations",
+                                                              "topics.state_changelog", "state.dir"))]
+    clean += [f"stream.app_id={kafka_cfg.stream.app_id}-clean", f"state.dir={tmp_path / 'clean'}",
+              f"topics.recommendations={kafka_cfg.topics.recommendations}-clean",
+              f"topics.state_changelog={kafka_cfg.topics.state_changelog}-clean"]
+    clean_cfg = load_config(overrides=clean)
+    other = WorkerProcess(clean, tmp_path / "clean.log").start(["stream.batch_size=32"])
+    try:
+        other.wait_healthy()
+        recommendations(clean_cfg, expect=len(events), timeout_s=180)
+    finally:
+        other.stop()
+    assert stored_states(kafka_cfg, set(ref)) == stored_states(clean_cfg, set(ref))
+
+
+def test_second_worker_takes_over_users_with_correct_states(kafka_cfg: Config, kafka_overrides: list[str],
+                                                            tmp_path: Path) -> None:
+    create_topics(kafka_cfg)
+    publish_model(kafka_cfg)
+    events = synthetic_events(1200, users=40, seed=3)
+    first, second = events[:600], events[600:]
+    a = WorkerProcess([*kafka_overrides, f"state.dir={tmp_path / 'a'}"], tmp_path / "a.log").start()
+    b = WorkerProcess([*kafka_overrides, f"state.dir={tmp_path / 'b'}"], tmp_path / "b.log").start()
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # the group has settled when each owns one of the two partitions
+            if a.wait_healthy()["partitions"] and b.wait_healthy()["partitions"]:
+                break
+            time.sleep(0.5)
+        assert sorted(a.wait_healthy()["partitions"] + b.wait_healthy()["partitions"]) == [0, 1]
+        produce_events(kafka_cfg, first)
+        recommendations(kafka_cfg, expect=len(first))
+        served_a = a.get_metric("lrustream_recommendations_total")
+        served_b = b.get_metric("lrustream_recommendations_total")
+        assert served_a > 0 and served_b > 0, "both workers of the group should own partitions"
+        b.stop()
+        produce_events(kafka_cfg, second, ts0=1_800_000_000_000)
+        recs = recommendations(kafka_cfg, expect=len(events), timeout_s=120)
+    finally:
+        a.stop()
+        b.stop()
+    assert len({(r["source"]["partition"], r["source"]["offset"]) for r in recs}) == len(events)
+    ref = reference(kafka_cfg, events)
+    assert_matches_reference(_dedupe(recs), ref)
+    cfg_a = load_config(overrides=[*kafka_overrides, f"state.dir={tmp_path / 'a'}"])
+    for user, (state, _) in stored_states(cfg_a, set(ref)).items():
+        np.testing.assert_allclose(np.frombuffer(state, np.float32), np.frombuffer(ref[user]["state"], np.float32),
+                                   atol=1e-5, err_msg=user)
+
+
+def test_malformed_events_go_to_dlq_and_good_ones_around_them_are_served(kafka_cfg: Config,
+                                                                          kafka_overrides: list[str],
+                                                                          worker_log: Path) -> None:
+    create_topics(kafka_cfg)
+    publish_model(kafka_cfg)
+    good = synthetic_events(200, users=10, seed=4)
+    bad = [(b"u1", b"{not json"), (b"u2", b"[1, 2]"), (b"u3", json.dumps({"user_id": "u3"}).encode()),
+           (b"u4", json.dumps({"user_id": "u4", "item_id": 1.5, "ts": 1}).encode()),
+           (b"u5", b"x" * 70_000), (b"u6", None), (b"u7", event_value("u7", "no-such-item", 5)),
+           (b"u8", event_value("someone-else", "i1", 5))]
+    mixed: list[tuple[bytes | None, bytes | None]] = []
+    for k, (u, i) in enumerate(good):
+        mixed.append((u.encode(), event_value(u, i, 1_700_000_000_000 + k)))
+        if k % 25 == 0:
+            mixed.append(bad[(k // 25) % len(bad)])
+    produce(kafka_cfg, mixed)
+    worker = WorkerProcess(kafka_overrides, worker_log).start()
+    try:
+        worker.wait_healthy()
+        recs = recommendations(kafka_cfg, expect=len(good))
+        dlq = read_topic(kafka_cfg, kafka_cfg.topics.dlq, expect=len(bad))
+        assert worker.wait_healthy()["status"] == "ok"
+    finally:
+        worker.stop()
+    assert_matches_reference(recs, reference(kafka_cfg, good))
+    reasons = sorted(dict(m.headers())["lrustream.reason"].decode().split(":")[0] for m in dlq)
+    assert len(dlq) == len(bad)
+    assert reasons == sorted(["malformed JSON", "not a JSON object", "missing field item_id", "wrong type for item_id",
+                              "oversized value", "empty value", "unknown item", "key does not match user_id"])
+    assert sorted(m.value() or b"" for m in dlq) == sorted(v or b"" for _, v in bad), "original bytes kept"
+
+
+def _dedupe(recs: list[dict]) -> list[dict]:
+    """How a consumer de-duplicates: keep the first record per (source partition, source offset)."""
+    seen, out = set(), []
+    for r in recs:
+        key = (r["source"]["partition"], r["source"]["offset"])
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def test_partition_store_survives_reopen(tmp_path: Path) -> None:
+    from state.record import UserRecord
+
+    part = PartitionStore(tmp_path / "p0")
+    part.write({b"u:x": UserRecord(b"\x00" * 8, "v1", np.array([3, -1], np.int32), ["new"], 0, 7, 1).encode()}, 4)
+    part.close()
+    again = PartitionStore(tmp_path / "p0")
+    record = again.get("x")
+    assert record is not None and record.offset == 7 and record.unknown == ["new"] and again.changelog_offset == 4
+    again.close()

@@ -170,6 +170,24 @@ def models_list(config: ConfigOpt = None, overrides: Overrides = None) -> None:
              f"{created}  {metrics}")
 
 
+@models_app.command("rollback")
+def models_rollback(
+    version: Annotated[str, typer.Argument(help="Version to serve again, e.g. v000003.")],
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Point CURRENT at an earlier version (verified first) and tell running workers to follow."""
+    from models.store import ModelStore
+    from stream.updates import announce
+
+    cfg = cfg_of(config, overrides)
+    store = ModelStore(cfg.model_store.dir)
+    store.load(version)  # refuse to roll back onto a broken checkpoint
+    store.set_current(version)
+    announce(cfg, version, "rollback")
+    echo(f"serving version is now {version}; workers were notified on {cfg.topics.model_updates}")
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print numbers.")
 app.add_typer(bench_app, name="bench")
 
@@ -195,6 +213,52 @@ def bench_models(
     if data:
         for name in ("lrurec", "linrec", "sasrec"):
             train_step(data, name, log=echo)
+
+
+@bench_app.command("stream")
+def bench_stream(
+    data: Annotated[str, typer.Option(help="Data set to replay.")] = "../shared/data/ml-1m-subset-users1-2999",
+    events: Annotated[int, typer.Option(help="Events pre-loaded and drained.")] = 100_000,
+    latency_rate: Annotated[float, typer.Option(help="Steady rate (events/s) of the latency phase.")] = 2_000.0,
+    latency_events: Annotated[int, typer.Option(help="Events in the latency phase.")] = 20_000,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """One worker vs a bare forwarding Faust agent on the same broker: events/s, then p50/p99 latency."""
+    from stream.bench import run
+
+    cfg_of(config, overrides)  # validate before starting anything
+    run(overrides or [], data, events, latency_rate, latency_events, Path(".lrustream/bench"), log=echo)
+
+
+@app.command("trainer")
+def trainer_cmd(
+    rounds: Annotated[int | None, typer.Option(help="Stop after this many rounds (default: run until Ctrl-C).")] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Online fine-tuning: buffer training examples, fine-tune every N events / T s / on request, validate,
+    publish, and tell workers to swap."""
+    from trainer.online import TrainerLoop
+
+    cfg = cfg_of(config, overrides)
+    loop = TrainerLoop(cfg, log_line=echo)
+    o = cfg.online
+    echo(f"trainer: rounds every {o.every_events} events or {o.every_seconds:g} s or on `lrustream refresh`")
+    try:
+        loop.run(max_rounds=rounds)
+    finally:
+        loop.close()
+
+
+@app.command("refresh")
+def refresh_cmd(config: ConfigOpt = None, overrides: Overrides = None) -> None:
+    """Ask the running trainer for a fine-tuning round now."""
+    from stream.updates import request_refresh
+
+    cfg = cfg_of(config, overrides)
+    request_refresh(cfg, "cli")
+    echo(f"refresh requested on {cfg.topics.model_updates}")
 
 
 # ----- streaming worker and its state ---------------------------------------------------------------------------
@@ -237,6 +301,77 @@ def state_inspect(
         "updated_ms": record.updated_ms, "state_bytes": len(record.state),
         "window": [int(i) for i in record.window], "unknown_items": record.unknown,
     }, indent=2))
+
+
+@app.command("demo")
+def demo_cmd(
+    data: Annotated[str | None, typer.Option(help="Data set to replay (default: ../shared/data ML-1M subset, "
+                                                  "else a synthetic stream).")] = None,
+    events: Annotated[int, typer.Option(help="Events to replay.")] = 20_000,
+    rate: Annotated[float, typer.Option(help="Replay rate, events/s.")] = 2_000.0,
+    train_minutes: Annotated[float, typer.Option(help="Training budget when no model is stored yet.")] = 2.0,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """The main job: broker, model (trained if none), worker, a replay, recommendations with their latency."""
+    from lrustream.demo import run_demo
+
+    run_demo(cfg_of(config, overrides), config, overrides or [], data, events, rate, train_minutes, log=echo)
+
+
+# ----- producer and consumer tools ------------------------------------------------------------------------------
+@app.command("produce")
+def produce_cmd(
+    data: Annotated[str, typer.Option(help="Timestamped data file/folder: ratings.dat[.gz], u.data, *_item.txt.")],
+    rate: Annotated[float | None, typer.Option(help="Events per second (default: as fast as possible).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Stop after this many events.")] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Replay a data set's interactions in time order to the interactions topic, keyed by user id."""
+    from stream.tools import replay
+
+    if rate is not None and not rate > 0:
+        raise UsageError(f"--rate must be positive, got {rate}")
+    if limit is not None and limit < 0:
+        raise UsageError(f"--limit must be >= 0, got {limit}")
+    cfg = cfg_of(config, overrides)
+    start = time.monotonic()
+    n = replay(cfg, data, rate=rate, limit=limit, progress=sys.stderr.isatty())
+    seconds = time.monotonic() - start
+    echo(f"published {n} events to {cfg.topics.interactions} in {seconds:.1f} s ({n / max(seconds, 1e-9):.0f} ev/s)")
+
+
+@app.command("recs")
+def recs_cmd(
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new records until Ctrl-C.")] = False,
+    user: Annotated[str | None, typer.Option(help="Only this user's recommendations.")] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Print recommendation records as JSON lines (from the beginning; without --follow, up to the end)."""
+    import json
+
+    from stream.tools import read_recommendations
+
+    try:
+        for record in read_recommendations(cfg_of(config, overrides), follow=follow, user=user):
+            sys.stdout.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n")
+            sys.stdout.flush()  # line by line, so `| head` and `| grep` see records as they come
+    except BrokenPipeError:
+        _quiet_stdout()
+
+
+def _quiet_stdout() -> None:
+    """The reader of our stdout went away (`| head`): point stdout at /dev/null so the interpreter's final
+    flush does not complain, and end normally."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout without a file descriptor (tests' captured output): nothing will flush to a pipe
 
 
 def main() -> None:

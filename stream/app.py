@@ -76,9 +76,12 @@ class Worker:
         self.processor = Processor(self.serving, self.store, self.producer, topics=cfg.topics, top_k=s.top_k,
                                    exclude_seen=s.exclude_seen, unknown_items=s.unknown_items,
                                    max_value_bytes=s.max_value_bytes, min_step_rows=s.min_step_rows,
-                                   state_dtype=cfg.state.dtype, fetch=fetch_range(cfg), metrics=self.metrics)
+                                   state_dtype=cfg.state.dtype, fetch=fetch_range(cfg), metrics=self.metrics,
+                                   training_examples=s.emit_training_examples)
         self.started = time.time()
         self.batches = 0
+        self.swap_lock = asyncio.Lock()
+        self.swaps: list[dict[str, Any]] = []  # what happened to each announced version (served / refused why)
         self.app = self._build_app()
 
     # ----- the Faust app ------------------------------------------------------------------------------------
@@ -101,7 +104,8 @@ class Worker:
             async for events in stream.take_events(cfg.stream.batch_size, within=within):
                 batch = [Input(e.message.partition, e.message.offset, e.message.key, e.message.value,
                                int(e.message.timestamp * 1000) if e.message.timestamp else None) for e in events]
-                await self._process(batch)
+                async with self.swap_lock:
+                    await self._process(batch)
                 self._observe_lag(app, batch)
 
         app.agent(topic, name="serve", concurrency=1)(serve)
@@ -114,8 +118,51 @@ class Worker:
         async def on_assigned(app: faust.App, assigned: set[TP], **kwargs: Any) -> None:
             self.store.mark_stale()
 
+        @app.task
+        async def follow_model_updates() -> None:
+            await self._follow_model_updates()
+
         self._add_views(app)
         return app
+
+    # ----- hot swap ---------------------------------------------------------------------------------------------
+    async def _follow_model_updates(self) -> None:
+        """Every worker reads every announcement (own consumer, no group) and swaps between micro-batches."""
+        from stream.updates import UpdateFollower
+
+        follower = UpdateFollower(self.cfg)
+        try:
+            while True:
+                version = await asyncio.to_thread(follower.next_version, 0.5)
+                if version is None:
+                    version = self.model_store.current()  # also follow CURRENT (a missed message, a restart)
+                if version and version != self.processor.serving.version:
+                    await self.swap_to(version)
+        finally:
+            follower.close()
+
+    async def swap_to(self, version: str) -> bool:
+        """Load and verify ``version`` off the serving path, then switch between two micro-batches."""
+        from models.store import ModelStoreError
+
+        t0 = time.monotonic()
+        if any(s["version"] == version and not s["ok"] for s in self.swaps):
+            return False  # refused before: do not retry a broken checkpoint on every poll
+        try:
+            serving = await asyncio.to_thread(Serving.load, self.model_store, version)
+        except (ModelStoreError, OSError, ValueError) as exc:
+            log.error("refused model version %s: %s; still serving %s", version, exc,
+                      self.processor.serving.version)
+            self.swaps.append({"version": version, "ok": False, "reason": str(exc), "at": time.time()})
+            return False
+        async with self.swap_lock:
+            old = self.processor.serving.version
+            self.processor.swap(serving)
+        took = time.monotonic() - t0
+        log.warning("now serving model version %s (was %s); swap took %.3f s", version, old, took)
+        self.swaps.append({"version": version, "ok": True, "previous": old, "seconds": round(took, 3),
+                           "at": time.time()})
+        return True
 
     async def _process(self, batch: list[Input]) -> None:
         """Apply a batch; on infrastructure errors retry it (never drop, never acknowledge unapplied events)."""
@@ -172,13 +219,24 @@ class Worker:
         class ModelView(View):
             async def get(self, request: Request) -> Response:
                 s = worker.processor.serving
-                return self.json({"version": s.version, "model": s.model.name, "num_items": s.num_items})
+                return self.json({"version": s.version, "model": s.model.name, "num_items": s.num_items,
+                                  "swaps": worker.swaps[-20:]})
 
         class Metrics(View):
             async def get(self, request: Request) -> Response:
                 worker.metrics.states.set(worker.store.count())
                 return self.bytes(worker.metrics.render(), content_type="text/plain; version=0.0.4")
 
+        class Refresh(View):
+            async def post(self, request: Request) -> Response:
+                if not worker.authorised(request):
+                    return self.json({"error": "a valid bearer token is required"}, status=401)
+                from stream.updates import request_refresh
+
+                await asyncio.to_thread(request_refresh, worker.cfg, "http")
+                return self.json({"status": "refresh requested"}, status=202)
+
+        app.page("/refresh")(Refresh)
         app.page("/health")(Health)
         app.page("/model")(ModelView)
         app.page("/metrics")(Metrics)

@@ -80,7 +80,8 @@ class Processor:
     def __init__(self, serving: Serving, store: StateStore, producer: Any, *, topics: Any, top_k: int = 10,
                  exclude_seen: bool = True, unknown_items: str = "dlq", max_value_bytes: int = 65536,
                  min_step_rows: int = 16, state_dtype: str = "float32", fetch: Fetch | None = None,
-                 metrics: WorkerMetrics | None = None, keep_outputs: bool = False) -> None:
+                 metrics: WorkerMetrics | None = None, keep_outputs: bool = False,
+                 training_examples: bool = False) -> None:
         self.serving = serving
         self.store = store
         self.producer = producer
@@ -94,6 +95,7 @@ class Processor:
         self.fetch = fetch
         self.metrics = metrics or WorkerMetrics()
         self.keep_outputs = keep_outputs
+        self.training_examples = training_examples
         self.metrics.set_version(serving.version)
         self._errors: list[str] = []
 
@@ -121,6 +123,9 @@ class Processor:
         dead: list[tuple[Input, str]] = []
         served = self._parse(todo, dead)
         records, outputs = self._apply(served, result)
+        self._errors = []
+        if self.training_examples:
+            self._examples(records, outputs)
         self._emit(outputs, dead)
         commits = {p: ({}, max([applied[p], *(i.offset for i in by_part[p])])) for p in by_part}
         for (p, user), record in records.items():
@@ -278,11 +283,23 @@ class Processor:
             })
         return outputs
 
+    def _examples(self, records: dict[tuple[int, str], UserRecord], outputs: list[dict[str, Any]]) -> None:
+        """Each served user's window (external ids) for the trainer's replay buffer: one record per user per
+        batch, with how many of its items are new. Produced with the recommendations, before the commit."""
+        new: dict[tuple[int, str], int] = {}
+        for out in outputs:
+            key = (out["source"]["partition"], out["user_id"])
+            new[key] = new.get(key, 0) + 1
+        item_of = self.serving.vocab.item_of
+        for key, count in new.items():
+            body = {"user_id": key[1], "items": records[key].external_window(item_of), "new": count}
+            self._produce(self.topics.training_examples, key[1].encode(),
+                          json.dumps(body, separators=(",", ":")).encode(), None)
+
     # ----- output -----------------------------------------------------------------------------------------------
     def _emit(self, outputs: list[dict[str, Any]], dead: list[tuple[Input, str]]) -> None:
         """Produce recommendations and dead letters and wait for their acknowledgement."""
         now = int(time.time() * 1000)
-        self._errors = []
         for out in outputs:
             out["emitted_ts"] = now
             self._produce(self.topics.recommendations, out["user_id"].encode(),

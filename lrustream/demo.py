@@ -1,0 +1,163 @@
+"""The main job, end to end on one machine: local broker, a model, a worker, a data-set replay, and the
+recommendations flowing out with their latency. What ``make demo`` runs.
+
+Everything it starts is ordinary: the broker is ``lrustream broker start``'s, the worker is a
+``lrustream worker`` subprocess, the replay is ``lrustream produce``'s code. It leaves the broker running
+(``lrustream broker stop`` ends it) and stops the worker when the replay has been served.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from lrustream.config import Config, resolve_path
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+DEMO_DATA = "ml-1m-subset-users1-2999"
+
+
+def pick_data(data: str | None, workdir: Path, log: Callable[[str], None]) -> str:
+    """The replay data: the argument, else the shared ML-1M subset, else a synthetic stream written here."""
+    if data:
+        return data
+    shared = SHARED_DATA / DEMO_DATA
+    if shared.exists():
+        return str(shared)
+    log(f"{shared} not found: using a synthetic stream")
+    path = workdir / "synthetic" / "u.data"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    lines, ts = [], 1_000_000_000
+    for user in range(1, 501):  # each user walks a ring of 300 items: learnable, so recommendations mean something
+        pos = rng.randrange(300)
+        for _ in range(rng.randint(20, 80)):
+            pos = (pos + rng.choice((1, 1, 2, 3))) % 300
+            ts += rng.randint(1, 30)
+            lines.append(f"{user}\t{pos + 1}\t5\t{ts}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def ensure_model(cfg: Config, data: str, train_minutes: float, log: Callable[[str], None]) -> str:
+    """The serving version, training a small LRURec first when the model store is empty."""
+    from models.store import ModelStore
+
+    store = ModelStore(resolve_path(cfg.model_store.dir))
+    if store.current():
+        log(f"model: serving stored version {store.current()} (lrustream models list)")
+        return store.current()  # type: ignore[return-value]
+    from trainer.offline import run_offline
+
+    log(f"model: none stored yet; training LRURec on {data} for up to {train_minutes:g} min")
+    run_offline(cfg, data, [cfg.model.name], resolve_path(".lrustream/runs"), max_minutes=train_minutes,
+                            progress=sys.stderr.isatty(), log=log)
+    return store.current()  # type: ignore[return-value]
+
+
+def start_worker(config: Path | None, overrides: list[str], log_path: Path) -> subprocess.Popen:
+    args = [sys.executable, "-m", "lrustream.cli", "worker", "--loglevel", "warning"]
+    if config:
+        args += ["--config", str(config)]
+    args += [*overrides, "stream.unknown_items=oov"]
+    log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    return subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ,
+                                                                                  "PYTHONUNBUFFERED": "1"})
+
+
+def wait_healthy(cfg: Config, proc: subprocess.Popen, log_path: Path, timeout_s: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").splitlines()[-20:]
+            raise RuntimeError("worker exited:\n" + "\n".join(tail))
+        try:
+            with urllib.request.urlopen(f"http://{cfg.http.host}:{cfg.http.port}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"worker not healthy after {timeout_s:.0f} s (see {log_path})")
+
+
+def watch(cfg: Config, expect: int, timeout_s: float, log: Callable[[str], None]) -> list[float]:
+    """Read new recommendations, print a sample line per second, return event-to-recommendation latencies."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from stream.kafka import librdkafka_config
+
+    topic = cfg.topics.recommendations
+    consumer = Consumer(librdkafka_config(cfg, **{"group.id": f"demo-{os.getpid()}", "enable.auto.commit": False}))
+    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    ends = [TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
+            for p in parts]
+    consumer.assign(ends)  # only what this run produces
+    latencies: list[float] = []
+    t0 = last_print = time.monotonic()
+    try:
+        while len(latencies) < expect and time.monotonic() - t0 < timeout_s:
+            for msg in consumer.consume(num_messages=1000, timeout=0.5):
+                if msg.error():
+                    continue
+                rec = json.loads(msg.value())
+                latencies.append((rec["emitted_ts"] - rec["kafka_ts"]) / 1000 if rec.get("kafka_ts") else 0.0)
+                if time.monotonic() - last_print >= 1.0:
+                    last_print = time.monotonic()
+                    log(f"  [{len(latencies):>7} recs, {latencies[-1] * 1000:6.1f} ms] user {rec['user_id']} "
+                        f"(model {rec['model_version']}) -> {', '.join(rec['items'][:5])}")
+    finally:
+        consumer.close()
+    return latencies
+
+
+def run_demo(cfg: Config, config: Path | None, overrides: list[str], data: str | None, events: int, rate: float,
+             train_minutes: float, log: Callable[[str], None] = print) -> None:
+    from lrustream.broker import LocalBroker
+    from stream.tools import replay
+    from stream.topics import create_topics
+
+    workdir = resolve_path(".lrustream/demo")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not os.environ.get("LRUSTREAM_KAFKA_BOOTSTRAP"):
+        log("broker: " + LocalBroker.from_config(cfg).start().line())
+    create_topics(cfg)
+    data = pick_data(data, workdir, log)
+    version = ensure_model(cfg, data, train_minutes, log)
+    log_path = workdir / "worker.log"
+    proc = start_worker(config, overrides, log_path)
+    try:
+        wait_healthy(cfg, proc, log_path)
+        log(f"worker: serving {version}; metrics at http://{cfg.http.host}:{cfg.http.port}/metrics; log {log_path}")
+        log(f"replay: {events} events of {data} at {rate:g} events/s, in global time order")
+        sent: list[int] = []
+        producer = threading.Thread(target=lambda: sent.append(replay(cfg, data, rate, events, False)), daemon=True)
+        started = time.monotonic()
+        producer.start()
+        latencies = watch(cfg, events, timeout_s=events / rate + 120, log=log)
+        producer.join(timeout=5)
+        summarise(latencies, sent[0] if sent else 0, time.monotonic() - started, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    log("done. The broker keeps running (lrustream broker stop); re-run `make demo` any time.")
+
+
+def summarise(latencies: list[float], sent: int, seconds: float, log: Callable[[str], None]) -> None:
+    if not latencies:
+        log("no recommendations arrived (see .lrustream/demo/worker.log)")
+        return
+    ordered = sorted(latencies)
+    p50, p99 = ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    log(f"summary: {sent} events published, {len(latencies)} recommendations in {seconds:.1f} s; "
+        f"event-to-recommendation latency p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")

@@ -261,6 +261,28 @@ def refresh_cmd(config: ConfigOpt = None, overrides: Overrides = None) -> None:
     echo(f"refresh requested on {cfg.topics.model_updates}")
 
 
+@app.command("evaluate-stream")
+def evaluate_stream_cmd(
+    data: Annotated[str, typer.Option(help="Timestamped data set (ratings.dat[.gz], u.data, Amazon files).")],
+    out: Annotated[Path, typer.Option(help="Where prequential.csv and prequential.png go.")] = Path(
+        ".lrustream/prequential"),
+    limit: Annotated[int | None, typer.Option(help="Use only the first N events (time order).")] = None,
+    rate: Annotated[float, typer.Option(help="Replay rate of the second half, events/s.")] = 1000.0,
+    train_minutes: Annotated[float, typer.Option(help="Offline budget for the starting model.")] = 3.0,
+    online_every: Annotated[int, typer.Option(help="Online mode: a fine-tuning round every N events.")] = 5000,
+    bucket: Annotated[int, typer.Option(help="Scored events per point of the curves.")] = 1000,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Prequential HR@10/NDCG@10 through the real pipeline, frozen model vs online fine-tuning."""
+    from lrustream.prequential import run_prequential
+
+    if config:
+        raise UsageError("evaluate-stream takes key=value overrides only (it starts its own worker and trainer)")
+    cfg_of(None, overrides)
+    run_prequential(overrides or [], data, out, limit, rate, train_minutes, online_every, bucket, log=echo)
+
+
 # ----- streaming worker and its state ---------------------------------------------------------------------------
 @app.command("worker")
 def worker_cmd(

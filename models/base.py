@@ -3,6 +3,7 @@
     h = m(items)                       # items [B, L] left-padded with 0  -> hidden [B, L, d]   (training, parallel)
     state = m.init_state(B)            # recurrent state of B users
     state, h_t = m.step(state, item)   # item [B]: one event per user    -> new state, hidden [B, d]   (serving)
+    state, h = m.steps(state, items)   # items [B, k] right-padded: k events per user in one call   (serving)
     logits = m.score(h_t)              # [B, N + 1]; column 0 (padding) is -inf, never recommended
     state = m.prefill(items)           # state after reading a left-padded window (parallel; model swaps)
 
@@ -60,6 +61,16 @@ class SeqRecModel(nn.Module):
 
     def prefill(self, items: torch.Tensor) -> State:
         raise NotImplementedError
+
+    def steps(self, state: State, items: torch.Tensor) -> tuple[State, torch.Tensor]:
+        """Several events per user: items [B, k] right-padded with 0 -> (state after them, hidden [B, k, d]).
+        Exactly ``step`` applied column by column (padding leaves a state unchanged); models override it to
+        batch the work that does not depend on the previous step."""
+        hidden = []
+        for j in range(items.shape[1]):
+            state, h = self.step(state, items[:, j])
+            hidden.append(h)
+        return state, torch.stack(hidden, dim=1)
 
     def state_rows(self, state: State) -> torch.Tensor:  # -> [B, S]
         raise NotImplementedError
@@ -128,6 +139,25 @@ class SeqRecModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_items={self.num_items}, d_model={self.d_model}, max_len={self.max_len}"
+
+
+MIN_ROWS = 16
+
+
+def padded_steps(model: SeqRecModel, state: State, items: torch.Tensor, min_rows: int = MIN_ROWS
+                 ) -> tuple[State, torch.Tensor]:
+    """``model.steps`` with the batch padded to at least ``min_rows`` users. Small matrix products take other
+    kernels than large ones, so a user's numbers would depend on how many users share the call; from about a
+    dozen rows on, each row's result is the same whatever the batch (checked by the tests), which makes a
+    user's state independent of how the stream was cut into micro-batches."""
+    n = items.shape[0]
+    if n < min_rows:
+        rows = model.state_rows(state)
+        pad = model.state_rows(model.init_state(min_rows - n)).to(device=rows.device, dtype=rows.dtype)
+        state = model.state_from_rows(torch.cat([rows, pad]))
+        items = torch.cat([items, items.new_zeros(min_rows - n, items.shape[1])])
+    state, hidden = model.steps(state, items)
+    return model.state_from_rows(model.state_rows(state)[:n]), hidden[:n]
 
 
 def grow_embedding(weight: torch.Tensor, old_n: int, new_n: int, init: str = "oov") -> torch.Tensor:

@@ -156,6 +156,18 @@ class LRULayer(nn.Module):
         h = torch.where(mask[:, None, None], decayed + self.drive(x, mask, gamma), h)
         return self.readout(h, x), h
 
+    def steps(self, h: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k events: h [B, 2, H], x [B, k, d], mask [B, k] -> (y [B, k, d], h after them). The projections run
+        once over all k positions; only the elementwise recurrence loops, with exactly ``step``'s operations."""
+        nu, theta, gamma = self.lambda_parts()
+        lam = lambda_powers(nu, theta, 2)[1]  # [2, H]
+        u = self.drive(x, mask, gamma)  # [B, k, 2, H]
+        hs = []
+        for t in range(x.shape[1]):
+            h = torch.where(mask[:, t, None, None], complex_mul(lam, h) + u[:, t], h)
+            hs.append(h)
+        return self.readout(torch.stack(hs, dim=1), x), h
+
 
 class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, dropout: float) -> None:
@@ -233,6 +245,16 @@ class LRURec(SeqRecModel):
         new_states = []
         for i, block in enumerate(self.blocks):
             x, h = block.lru_layer.step(state[:, i], x, mask)
+            x = block.feed_forward(x)
+            new_states.append(h)
+        return torch.stack(new_states, dim=1), x
+
+    def steps(self, state: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = items > 0
+        x = self.embed(items)
+        new_states = []
+        for i, block in enumerate(self.blocks):
+            x, h = block.lru_layer.steps(state[:, i], x, mask)
             x = block.feed_forward(x)
             new_states.append(h)
         return torch.stack(new_states, dim=1), x

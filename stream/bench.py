@@ -28,9 +28,11 @@ def bare_agent(cfg: Config) -> None:
 
     from stream.kafka import faust_broker_settings
 
+    datadir = Path(cfg.state.dir).resolve() / "bare"
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(f"{cfg.stream.app_id}-bare", **faust_broker_settings(cfg), web_enabled=False,
                     topic_allow_declare=False, topic_disable_leader=True, consumer_auto_offset_reset="earliest",
-                    datadir=str(Path(cfg.state.dir) / "bare"), store="memory://")
+                    datadir=str(datadir), store="memory://")
     source = app.topic(cfg.topics.interactions, key_type=bytes, value_type=bytes, key_serializer="raw",
                        value_serializer="raw")
     sink = app.topic(cfg.topics.recommendations, key_type=bytes, value_type=bytes, key_serializer="raw",
@@ -113,7 +115,7 @@ def run(base: list[str], data: str, events: int, latency_rate: float, latency_ev
     results: dict[str, float] = {}
     for kind in ("bare", "worker"):
         tag = f"{kind}-{uuid.uuid4().hex[:6]}"
-        tmp = workdir / tag
+        tmp = workdir.resolve() / tag
         tmp.mkdir(parents=True, exist_ok=True)
         overrides = _overrides(base, tag, tmp)
         cfg = load_config(overrides=overrides)

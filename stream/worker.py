@@ -7,9 +7,10 @@ For one micro-batch of raw input records (any users, any partitions) :meth:`Proc
    applied offset + 1, the missing records are fetched directly from Kafka and processed first;
 3. skips records at or below the offset already applied (redelivery after a crash: never applied twice);
 4. parses and validates each record; bad ones go to the dead-letter topic with a reason;
-5. advances the users' states with batched ``model.step`` calls: "wave" k holds every user's k-th event in
-   the batch, so a user's events are applied in offset order, one step each; a state made by another model
-   version is first re-derived from the user's stored item window with the serving model (``prefill``);
+5. advances every user's state by all of its events in the batch with ONE batched ``model.steps`` call
+   (exactly ``step`` per event, in offset order; padded to a fixed minimum of rows so a user's numbers never
+   depend on how the stream was cut into batches); a state made by another model version is first
+   re-derived from the user's stored item window with the serving model (``prefill``);
 6. scores, filters items already in the user's window, and emits one recommendation per served event;
 7. waits until recommendations and dead letters are acknowledged, then commits the states (changelog, then
    local RocksDB). Only after ``process`` returns may the input offsets be committed.
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.base import padded_steps
 from state.record import UserRecord, push_item
 from state.store import StateStore
 from stream.events import BadEvent, Event, parse_event
@@ -174,19 +176,17 @@ class Processor:
         for s in served:
             per_user.setdefault((s.inp.partition, s.event.user_id), []).append(s)
         records = self._load(per_user, result)
-        outputs: list[dict[str, Any]] = []
-        wave = 0
-        while True:
-            users = [(u, evs[wave]) for u, evs in per_user.items() if len(evs) > wave]
-            users = [(u, s) for u, s in users if s.inp.offset > records[u].offset]  # per-user: never twice
-            if not users:
-                if not any(len(evs) > wave for evs in per_user.values()):
-                    break
-                wave += 1
-                continue
-            outputs += self._step_wave(users, records)
-            wave += 1
-        return {u: r for u, r in records.items() if u in per_user}, outputs
+        for u, evs in list(per_user.items()):  # per-user guard: an offset at or below the record's is never re-applied
+            fresh = [s for s in evs if s.inp.offset > records[u].offset]
+            result.skipped += len(evs) - len(fresh)
+            if fresh:
+                per_user[u] = fresh
+            else:
+                del per_user[u]
+        if not per_user:
+            return {}, []
+        with torch.inference_mode():
+            return self._advance(per_user, records)
 
     def _load(self, per_user: dict[tuple[int, str], list[_Served]], result: BatchResult
               ) -> dict[tuple[int, str], UserRecord]:
@@ -232,49 +232,68 @@ class Processor:
         """Internal ids are stable across versions (the vocabulary only appends), so the serving one maps them."""
         return self.serving.vocab.item_of(idx)
 
-    def _step_wave(self, users: list[tuple[tuple[int, str], _Served]], records: dict[tuple[int, str], UserRecord]
-                   ) -> list[dict[str, Any]]:
-        with torch.inference_mode():
-            return self._step_wave_inner(users, records)
-
-    def _step_wave_inner(self, users: list[tuple[tuple[int, str], _Served]], records: dict[tuple[int, str], UserRecord]
-                   ) -> list[dict[str, Any]]:
-        model, serving = self.serving.model, self.serving
-        n = len(users)
-        rows = max(n, self.min_step_rows)  # padding rows keep batched maths identical whatever the batch size
-        blobs = [records[u].state for u, _ in users]
-        state = model.state_from_bytes(blobs, self.state_dtype)
-        items = torch.zeros(rows, dtype=torch.long)
-        items[:n] = torch.tensor([s.item for _, s in users], dtype=torch.long)
-        if rows > n:
-            pad = model.state_rows(model.init_state(rows - n)).to(model.state_rows(state).dtype)
-            state = model.state_from_rows(torch.cat([model.state_rows(state), pad]))
+    def _advance(self, per_user: dict[tuple[int, str], list[_Served]], records: dict[tuple[int, str], UserRecord]
+                 ) -> tuple[dict[tuple[int, str], UserRecord], list[dict[str, Any]]]:
+        """ONE batched ``steps`` call advances every user by all of its events in the batch (in offset order),
+        then ONE scoring pass ranks items for every served event."""
+        model = self.serving.model
         t0 = time.perf_counter()
-        state, h = model.step(state, items)
-        scores = model.score(h[:n])
-        new_blobs = model.state_to_bytes(model.state_from_rows(model.state_rows(state)[:n]), self.state_dtype)
-        outputs = []
-        for row, ((u, s), blob) in enumerate(zip(users, new_blobs, strict=True)):
-            record = records[u]
-            record.window, record.unknown = push_item(record.window, record.unknown,
-                                                      s.unknown if s.unknown is not None else s.item,
-                                                      model.max_len)
-            record.state, record.offset, record.partition = blob, s.inp.offset, s.inp.partition
-            record.updated_ms = int(time.time() * 1000)
-            if self.exclude_seen:
-                seen = record.window[(record.window > 0) & (record.window <= serving.num_items)]
-                scores[row, torch.from_numpy(seen.astype(np.int64))] = float("-inf")
+        users = list(per_user)
+        state = model.state_from_bytes([records[u].state for u in users], self.state_dtype)
+        k = max(len(per_user[u]) for u in users)
+        items = torch.zeros(len(users), k, dtype=torch.long)
+        for row, u in enumerate(users):
+            items[row, : len(per_user[u])] = torch.tensor([s.item for s in per_user[u]])
+        state, hidden = padded_steps(model, state, items, self.min_step_rows)
+        order = [(i, j) for i, u in enumerate(users) for j in range(len(per_user[u]))]
+        h_all = hidden[items > 0]  # [E, d], user by user, each user's events in order
+        windows = self._seen_windows(users, per_user, records, order)
+        outputs = self._rank(h_all, windows, [per_user[users[i]][j] for i, j in order])
+        blobs = model.state_to_bytes(state, self.state_dtype)
+        now_ms = int(time.time() * 1000)
+        for u, blob in zip(users, blobs, strict=True):
+            record, evs = records[u], per_user[u]
+            record.window, record.unknown = self._pushed(record, evs)
+            record.state, record.offset, record.partition = blob, evs[-1].inp.offset, evs[-1].inp.partition
+            record.updated_ms = now_ms
+        self.metrics.step_latency.observe(time.perf_counter() - t0)
+        return records, outputs
+
+    def _seen_windows(self, users: list[tuple[int, str]], per_user: dict[tuple[int, str], list[_Served]],
+                      records: dict[tuple[int, str], UserRecord], order: list[tuple[int, int]]) -> torch.Tensor:
+        """[E, max_len] item ids each event's recommendation must exclude: the user's window up to the event."""
+        L, n_items = self.serving.model.max_len, self.serving.num_items
+        per_user_windows = []
+        for u in users:
+            prior = records[u].window.astype(np.int64)
+            new = np.array([s.item for s in per_user[u]], dtype=np.int64)
+            full = np.concatenate([np.zeros(L, dtype=np.int64), prior, new])
+            full[(full < 0) | (full > n_items)] = 0  # unknown items have no column
+            views = np.lib.stride_tricks.sliding_window_view(full, L)
+            per_user_windows.append(views[len(prior) + 1: len(prior) + 1 + len(new)])
+        rows = [per_user_windows[i][j] for i, j in order]
+        return torch.from_numpy(np.stack(rows))
+
+    def _rank(self, h: torch.Tensor, windows: torch.Tensor, events: list[_Served]) -> list[dict[str, Any]]:
+        serving = self.serving
+        n = len(events)
+        if n < self.min_step_rows:
+            h = torch.cat([h, h.new_zeros(self.min_step_rows - n, h.shape[1])])
+        scores = serving.model.score(h)[:n]
+        if self.exclude_seen:
+            scores.scatter_(1, windows, float("-inf"))
         k = min(self.top_k, serving.num_items)
         top_scores, top_items = torch.topk(scores, k, dim=1)
-        self.metrics.step_latency.observe(time.perf_counter() - t0)
         top_scores, top_items = top_scores.tolist(), top_items.tolist()
-        for row, (_, s) in enumerate(users):
-            keep = [(i, sc) for i, sc in zip(top_items[row], top_scores[row], strict=True) if sc != float("-inf")]
+        item_of, version = serving.vocab.item_of, serving.version
+        outputs = []
+        for s, items, scs in zip(events, top_items, top_scores, strict=True):
+            keep = [(i, sc) for i, sc in zip(items, scs, strict=True) if sc != float("-inf")]
             outputs.append({
                 "user_id": s.event.user_id,
-                "items": [serving.vocab.item_of(i) for i, _ in keep],
+                "items": [item_of(i) for i, _ in keep],
                 "scores": [round(sc, 6) for _, sc in keep],
-                "model_version": serving.version,
+                "model_version": version,
                 "source": {"partition": s.inp.partition, "offset": s.inp.offset},
                 "event_id": s.event.event_id,
                 "event_ts": s.event.ts,
@@ -282,6 +301,17 @@ class Processor:
                 "emitted_ts": 0,
             })
         return outputs
+
+    def _pushed(self, record: UserRecord, evs: list[_Served]) -> tuple[np.ndarray, list[str]]:
+        """The record's window after this batch's events (fast path when no unknown item is involved)."""
+        L = self.serving.model.max_len
+        if not record.unknown and all(s.unknown is None for s in evs):
+            new = np.array([s.item for s in evs], dtype=np.int32)
+            return np.concatenate([record.window.astype(np.int32), new])[-L:], []
+        window, unknown = record.window, record.unknown
+        for s in evs:
+            window, unknown = push_item(window, unknown, s.unknown if s.unknown is not None else s.item, L)
+        return window, unknown
 
     def _examples(self, records: dict[tuple[int, str], UserRecord], outputs: list[dict[str, Any]]) -> None:
         """Each served user's window (external ids) for the trainer's replay buffer: one record per user per

@@ -225,3 +225,33 @@ def test_partition_store_survives_reopen(tmp_path: Path) -> None:
     record = again.get("x")
     assert record is not None and record.offset == 7 and record.unknown == ["new"] and again.changelog_offset == 4
     again.close()
+
+
+def test_state_changing_endpoint_requires_the_configured_token(kafka_cfg: Config, kafka_overrides: list[str],
+                                                               worker_log: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    create_topics(kafka_cfg)
+    publish_model(kafka_cfg)
+    worker = WorkerProcess([*kafka_overrides, "http.token=s3cret"], worker_log).start()
+
+    def post(token: str | None) -> int:
+        req = urllib.request.Request(f"http://127.0.0.1:{worker.port}/refresh", method="POST", data=b"")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        assert worker.wait_healthy()["status"] == "ok", "read-only endpoints need no token"
+        assert post(None) == 401 and post("wrong") == 401
+        assert post("s3cret") == 202
+        requests = read_topic(kafka_cfg, kafka_cfg.topics.model_updates, expect=1)
+    finally:
+        worker.stop()
+    assert [json.loads(m.value())["request"] for m in requests] == ["refresh"]
+    assert "s3cret" not in worker_log.read_text(), "the token is never logged"

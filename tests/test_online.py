@@ -90,12 +90,13 @@ def test_gate_refuses_non_finite_training(tmp_path: Path) -> None:
 def test_trainer_round_reaches_the_running_worker(kafka_cfg: Config, kafka_overrides: list[str],
                                                   tmp_path: Path) -> None:
     overrides = [*kafka_overrides, "online.steps_per_round=20", "online.every_seconds=3600",
-                 "online.every_events=1000000", "train.batch_size=32"]
+                 "online.every_events=1000000", "train.batch_size=32", "stream.unknown_items=oov"]
     cfg = load_config(overrides=overrides)
     create_topics(cfg)
     v1 = publish_model(cfg)
     rng = random.Random(7)
     events = [(f"u{rng.randrange(30)}", f"i{rng.randint(1, 40)}") for _ in range(300)]
+    events[100], events[200] = ("u1", "new-item"), ("u2", "new-item")  # first seen in the stream
     produce_events(cfg, events)
     worker = WorkerProcess(overrides, tmp_path / "worker.log").start()
     loop = TrainerLoop(cfg, log_line=print)
@@ -118,11 +119,16 @@ def test_trainer_round_reaches_the_running_worker(kafka_cfg: Config, kafka_overr
         swap = next(s for s in json.loads(worker.get("/model"))["swaps"] if s["version"] == result.published)
         delay = swap["at"] - ModelStore(cfg.model_store.dir).info(result.published).created
         print(f"\nworker served {result.published} {delay:.2f} s after the round published it")
+        model_after = json.loads(worker.get("/model"))
         produce_events(cfg, events[:20], ts0=1_900_000_000_000)
         recs = recommendations(cfg, expect=len(events) + 20)
     finally:
         loop.close()
         worker.stop()
+    assert json.loads((Path(cfg.model_store.dir) / "rounds.jsonl").read_text().splitlines()[-1])["published"]
+    new = ModelStore(cfg.model_store.dir).load(result.published)
+    assert "new-item" in new.vocab and new.model.num_items == 41, "the stream's new item got an embedding"
+    assert model_after["num_items"] == 41, "the worker serves the grown vocabulary"
     after = [r for r in recs if r["event_ts"] >= 1_900_000_000_000]
     assert len(after) == 20 and {r["model_version"] for r in after} == {result.published}
     assert ModelStore(cfg.model_store.dir).info(result.published).parent == v1

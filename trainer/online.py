@@ -217,7 +217,16 @@ class TrainerLoop:
                            announce=lambda v: announce(self.cfg, v, "fine-tune"))
         self.events_since, self.requested, self.last_round = 0, False, time.monotonic()
         self.log(result.line())
+        self._record(result)
         return result
+
+    def _record(self, result: RoundResult) -> None:
+        """Every round's outcome, published or refused and why, in the model store's rounds.jsonl."""
+        entry = {"at": time.time(), "published": result.published, "reason": result.reason,
+                 "candidate": result.candidate, "serving": result.serving, "new_items": result.new_items,
+                 "seconds": round(result.seconds, 2), "buffer": len(self.buffer)}
+        with (self.store.root / "rounds.jsonl").open("a") as f:
+            f.write(json.dumps(entry) + "\n")
 
     def run(self, max_rounds: int | None = None) -> None:
         rounds = 0

@@ -1,0 +1,105 @@
+"""Model-store faults: every broken checkpoint is refused with a clear message, the previous version stays
+loadable, and nothing in the project ever unpickles weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from models import build_model
+from models.store import META, WEIGHTS, ModelStore, ModelStoreError
+from models.vocab import Vocabulary
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _store(tmp_path: Path) -> tuple[ModelStore, str, str]:
+    store = ModelStore(tmp_path / "models")
+    versions = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = build_model("lrurec", 30, d_model=16, num_layers=1, max_len=20)
+        versions.append(store.publish(model, Vocabulary.identity(30)).version)
+    return store, versions[0], versions[1]
+
+
+def _rehash(store: ModelStore, version: str) -> None:
+    """Make the checksum match the altered file, so that a deeper check has to catch the fault."""
+    folder = store.versions_dir / version
+    meta = json.loads((folder / META).read_text())
+    meta["files"][WEIGHTS] = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()
+    (folder / META).write_text(json.dumps(meta))
+
+
+def truncated(store: ModelStore, v: str) -> None:
+    path = store.versions_dir / v / WEIGHTS
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flipped_byte(store: ModelStore, v: str) -> None:
+    path = store.versions_dir / v / WEIGHTS
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def non_finite(store: ModelStore, v: str) -> None:
+    path = store.versions_dir / v / WEIGHTS
+    tensors = load_file(str(path))
+    tensors["item_bias"] = torch.full_like(tensors["item_bias"], float("inf"))
+    save_file(tensors, str(path))
+    _rehash(store, v)
+
+
+def wrong_shape(store: ModelStore, v: str) -> None:
+    path = store.versions_dir / v / WEIGHTS
+    tensors = load_file(str(path))
+    tensors["token.weight"] = torch.zeros(5, 16)
+    save_file(tensors, str(path))
+    _rehash(store, v)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/lrustream-pickle-was-executed"),))
+
+
+def a_pickle(store: ModelStore, v: str) -> None:
+    (store.versions_dir / v / WEIGHTS).write_bytes(pickle.dumps({"token.weight": _Boom()}))
+    _rehash(store, v)
+
+
+@pytest.mark.parametrize(("corrupt", "message"), [
+    (truncated, "checksum mismatch"), (flipped_byte, "checksum mismatch"), (non_finite, "non-finite"),
+    (wrong_shape, "has shape"), (a_pickle, "not a valid safetensors file"),
+], ids=["truncated", "wrong-checksum", "non-finite", "wrong-shape", "pickle"])
+def test_broken_checkpoint_is_refused_and_previous_version_still_loads(
+        tmp_path: Path, corrupt: Callable[[ModelStore, str], None], message: str) -> None:
+    marker = Path("/tmp/lrustream-pickle-was-executed")
+    marker.unlink(missing_ok=True)
+    store, good, bad = _store(tmp_path)
+    corrupt(store, bad)
+    with pytest.raises(ModelStoreError, match=re.escape(message)) as info:
+        store.load(bad)
+    assert bad in str(info.value) and "\n" not in str(info.value), "one clear line naming the version"
+    assert store.load(good).info.version == good
+    assert not marker.exists(), "a pickle was executed"
+
+
+def test_no_project_code_unpickles() -> None:
+    """Weights load only through safetensors: no torch.load / pickle.load(s) anywhere in the packages."""
+    offenders = []
+    for pkg in ("models", "state", "stream", "trainer", "lrustream"):
+        for path in (REPO / pkg).rglob("*.py"):
+            text = path.read_text()
+            if re.search(r"torch\.load\(|pickle\.loads?\(|import pickle|import dill|joblib\.load", text):
+                offenders.append(str(path.relative_to(REPO)))
+    assert offenders == []

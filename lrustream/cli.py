@@ -317,11 +317,19 @@ def state_inspect(
     if found is None:
         raise UsageError(f"no state for user {user!r} under {state_dir(cfg)}")
     partition, record = found
+    items: list[str] | None = None
+    from models.store import VOCAB, ModelStore
+
+    vocab_file = ModelStore(cfg.model_store.dir).versions_dir / record.version / VOCAB
+    if vocab_file.is_file():  # external ids are what operators know
+        names = json.loads(vocab_file.read_text())
+        items = record.external_window(lambda i: names[i - 1])
     echo(json.dumps({
         "user_id": user, "partition": partition, "model_version": record.version,
         "last_applied": {"partition": record.partition, "offset": record.offset},
         "updated_ms": record.updated_ms, "state_bytes": len(record.state),
-        "window": [int(i) for i in record.window], "unknown_items": record.unknown,
+        "window": items if items is not None else [int(i) for i in record.window],
+        "unknown_items": record.unknown,
     }, indent=2))
 
 

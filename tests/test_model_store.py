@@ -103,3 +103,43 @@ def test_no_project_code_unpickles() -> None:
             if re.search(r"torch\.load\(|pickle\.loads?\(|import pickle|import dill|joblib\.load", text):
                 offenders.append(str(path.relative_to(REPO)))
     assert offenders == []
+
+
+PUBLISH_LOOP = """
+import sys, torch
+from models import build_model
+from models.store import ModelStore
+from models.vocab import Vocabulary
+store = ModelStore(sys.argv[1])
+while True:
+    model = build_model("lrurec", 300, d_model=64, num_layers=2, max_len=50)
+    store.publish(model, Vocabulary.identity(300), parent=store.current())
+"""
+
+
+def test_trainer_killed_while_publishing_leaves_only_complete_versions(tmp_path: Path) -> None:
+    """SIGKILL a process that publishes versions back to back, at random moments (mostly mid-publish):
+    every version that is visible loads and verifies, CURRENT always names one of them, and publishing
+    continues afterwards."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "models"
+    rng = random.Random(5)
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", PUBLISH_LOOP, str(root)], cwd=REPO)
+        time.sleep(rng.uniform(2.0, 4.0))  # imports take ~1.5 s, then a publish every few tens of ms
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        store = ModelStore(root)
+        for version in store.versions():
+            store.load(version)  # raises on any partial or corrupt version
+        assert store.current() in store.versions()
+    assert len(ModelStore(root).versions()) >= 6
+    torch.manual_seed(0)
+    info = ModelStore(root).publish(build_model("lrurec", 300, d_model=64, num_layers=2, max_len=50),
+                                    Vocabulary.identity(300))
+    assert ModelStore(root).current() == info.version

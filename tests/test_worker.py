@@ -90,6 +90,14 @@ def test_each_event_yields_one_recommendation_equal_to_sequential_step(kafka_cfg
         np.testing.assert_allclose(np.frombuffer(state, np.float32), np.frombuffer(ref[user]["state"], np.float32),
                                    atol=1e-5)
     assert "lrustream_recommendations_total 600.0" in metrics
+    from typer.testing import CliRunner
+
+    from lrustream.cli import app
+
+    out = CliRunner().invoke(app, ["state", "inspect", "u0", *kafka_overrides])
+    assert out.exit_code == 0, out.output
+    shown = json.loads(out.output)
+    assert shown["window"] == [f"i{i}" for i in ref["u0"]["window"]] and shown["model_version"] == version
     assert "lrustream_event_to_recommendation_seconds_bucket" in metrics
 
 

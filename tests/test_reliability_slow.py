@@ -1,0 +1,119 @@
+"""The slow reliability tier (``make test-slow``): a 50,000-event replay with the worker SIGKILLed at random
+moments, a burst well above the sustainable rate, and a clean second run to compare states bit for bit.
+Prints the summary table: faults injected, events, lost, double-applied, duplicates, DLQ, peak RSS."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from lrustream.config import Config, load_config
+from stream.topics import create_topics
+from tests.streamkit import WorkerProcess, event_value, produce, publish_model, read_topic, recommendations
+from tests.test_worker import stored_states
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+N_EVENTS = 50_000
+KILLS = 6
+
+
+class RssSampler(threading.Thread):
+    """Peak resident memory of a process (and its children), sampled every 0.2 s."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.pid: int | None = None
+        self.peak = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            try:
+                if self.pid:
+                    proc = psutil.Process(self.pid)
+                    rss = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+                    self.peak = max(self.peak, rss)
+            except psutil.Error:
+                pass
+
+
+def _events(rng: random.Random, n: int, users: int, items: int) -> list[tuple[str, str]]:
+    return [(f"u{int(rng.paretovariate(1.2)) % users}", f"i{rng.randint(1, items)}") for _ in range(n)]
+
+
+def _clean_run(kafka_overrides: list[str], cfg: Config, tmp_path: Path, expect: int) -> Config:
+    """The same input through a second, never-interrupted worker group (its own outputs and state)."""
+    keep = ("stream.app_id", "topics.recommendations", "topics.state_changelog", "state.dir", "topics.dlq")
+    clean = [o for o in kafka_overrides if not o.startswith(keep)]
+    clean += [f"stream.app_id={cfg.stream.app_id}-clean", f"state.dir={tmp_path / 'clean'}",
+              f"topics.recommendations={cfg.topics.recommendations}-clean", f"topics.dlq={cfg.topics.dlq}-clean",
+              f"topics.state_changelog={cfg.topics.state_changelog}-clean"]
+    clean_cfg = load_config(overrides=clean)
+    worker = WorkerProcess(clean, tmp_path / "clean.log").start()
+    try:
+        worker.wait_healthy()
+        recommendations(clean_cfg, expect=expect, timeout_s=900)
+    finally:
+        worker.stop()
+    return clean_cfg
+
+
+def test_kills_and_a_burst_lose_nothing_and_apply_nothing_twice(kafka_cfg: Config, kafka_overrides: list[str],
+                                                                tmp_path: Path) -> None:
+    rng = random.Random(7)
+    create_topics(kafka_cfg)
+    publish_model(kafka_cfg, num_items=300, d_model=32)
+    events = _events(rng, N_EVENTS, users=2000, items=300)
+    bad = [(b"u1", b"{broken"), (b"u2", None)] * 50
+    records = [(u.encode(), event_value(u, i, 10**12 + k)) for k, (u, i) in enumerate(events)]
+    for k, rec in enumerate(bad):
+        records.insert(rng.randrange(len(records)), rec) if k % 2 else records.append(rec)
+    half = len(records) // 2
+    sampler = RssSampler()
+    sampler.start()
+    worker = WorkerProcess(kafka_overrides, tmp_path / "worker.log")
+    faults = 0
+    produce(kafka_cfg, records[:half])
+    worker.start()
+    sampler.pid = worker.proc.pid if worker.proc else None
+    worker.wait_healthy()
+    burst = threading.Thread(target=produce, args=(kafka_cfg, records[half:]))  # as fast as the producer goes
+    try:
+        for k in range(KILLS):
+            time.sleep(rng.uniform(1.0, 6.0))
+            if k == 1:
+                burst.start()
+            worker.kill()
+            faults += 1
+            worker.start()
+            sampler.pid = worker.proc.pid if worker.proc else None
+            worker.wait_healthy()
+        burst.join()
+        recs = recommendations(kafka_cfg, expect=N_EVENTS, timeout_s=900)
+        deadline = time.monotonic() + 60
+        while worker.get_metric("lrustream_consumer_lag") > 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        lag = sum(float(line.split()[1]) for line in worker.get("/metrics").decode().splitlines()
+                  if line.startswith("lrustream_consumer_lag{"))
+    finally:
+        worker.stop()
+        sampler.stop.set()
+    dlq = read_topic(kafka_cfg, kafka_cfg.topics.dlq, expect=len(bad))
+    sources = {(r["source"]["partition"], r["source"]["offset"]) for r in recs}
+    clean_cfg = _clean_run(kafka_overrides, kafka_cfg, tmp_path, N_EVENTS)
+    users = {u for u, _ in events}
+    killed, clean = stored_states(kafka_cfg, users), stored_states(clean_cfg, users)
+    differing = sum(1 for u in users if killed[u] != clean[u])
+    table = {"faults injected (SIGKILL)": faults, "events": N_EVENTS, "lost (no recommendation)": N_EVENTS
+             - len(sources), "double-applied (state differs from clean run)": differing,
+             "duplicate recommendation records": len(recs) - len(sources), "DLQ records": len(dlq),
+             "bad records sent": len(bad), "final consumer lag": int(lag),
+             "peak worker RSS (MiB)": round(sampler.peak / 2**20)}
+    print("\n" + "\n".join(f"| {k} | {v} |" for k, v in table.items()))
+    assert len(sources) == N_EVENTS and differing == 0 and len(dlq) == len(bad) and lag == 0

@@ -8,6 +8,7 @@ Everything it starts is ordinary: the broker is ``lrustream broker start``'s, th
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -56,14 +57,18 @@ def ensure_model(cfg: Config, data: str, train_minutes: float, log: Callable[[st
         return store.current()  # type: ignore[return-value]
     from trainer.offline import run_offline
 
-    log(f"model: none stored yet; training LRURec on {data} for up to {train_minutes:g} min")
+    log(f"model: none stored yet; training {cfg.model.name} on {data} for up to {train_minutes:g} min")
+    cfg = copy.deepcopy(cfg)  # a demo-sized run: short windows, frequent validation (early stopping works)
+    cfg.model.max_len = min(cfg.model.max_len, 50)
+    cfg.train.val_every = min(cfg.train.val_every, 50)
     run_offline(cfg, data, [cfg.model.name], resolve_path(".lrustream/runs"), max_minutes=train_minutes,
                             progress=sys.stderr.isatty(), log=log)
     return store.current()  # type: ignore[return-value]
 
 
 def start_worker(config: Path | None, overrides: list[str], log_path: Path) -> subprocess.Popen:
-    args = [sys.executable, "-m", "lrustream.cli", "worker", "--loglevel", "warning"]
+    """``lrustream worker`` as a child (-P: a ``models/`` folder in the working directory must not shadow ours)."""
+    args = [sys.executable, "-P", "-m", "lrustream.cli", "worker", "--loglevel", "warning"]
     if config:
         args += ["--config", str(config)]
     args += [*overrides, "stream.unknown_items=oov"]

@@ -73,7 +73,7 @@ def _free_port() -> int:
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lrustream.cli", *args], stdout=open(log, "ab"),
+    return subprocess.Popen([sys.executable, "-P", "-m", "lrustream.cli", *args], stdout=open(log, "ab"),
                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

@@ -88,7 +88,7 @@ def _overrides(base: list[str], tag: str, tmp: Path) -> list[str]:
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], stdout=open(log, "ab"),
+    return subprocess.Popen([sys.executable, "-P", *args], stdout=open(log, "ab"),
                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

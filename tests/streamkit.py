@@ -112,7 +112,7 @@ class WorkerProcess:
 
     def start(self, extra: list[str] | None = None) -> WorkerProcess:
         self.port = free_port()
-        args = [sys.executable, "-m", "lrustream.cli", "worker", "--loglevel", "warning",
+        args = [sys.executable, "-P", "-m", "lrustream.cli", "worker", "--loglevel", "warning",
                 *self.overrides, f"http.port={self.port}", *(extra or [])]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process

@@ -1,0 +1,32 @@
+"""The main job end to end (what ``make demo`` runs), small: model training, worker, replay, recommendations."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from lrustream.broker import free_port
+from lrustream.config import load_config
+from lrustream.demo import run_demo
+
+pytestmark = pytest.mark.kafka
+
+
+def test_demo_trains_serves_a_replay_and_reports_latency(kafka_bootstrap: str, kafka_overrides: list[str],
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LRUSTREAM_KAFKA_BOOTSTRAP", kafka_bootstrap)
+    monkeypatch.chdir(tmp_path)
+    rng = random.Random(1)
+    lines = [f"{u}\t{rng.randint(1, 60)}\t5\t{1000 + k}" for k in range(3000) for u in [rng.randint(1, 80)]]
+    data = tmp_path / "u.data"
+    data.write_text("\n".join(lines) + "\n")
+    overrides = [*kafka_overrides, f"http.port={free_port()}", "train.batch_size=32"]
+    out: list[str] = []
+    run_demo(load_config(overrides=overrides), None, overrides, str(data), events=400, rate=2000,
+             train_minutes=0.1, log=out.append)
+    text = "\n".join(out)
+    assert "training lrurec" in text and "worker: serving v000001" in text
+    summary = next(line for line in out if line.startswith("summary:"))
+    assert "400 events published, 400 recommendations" in summary and "p99" in summary

@@ -131,8 +131,9 @@ class OnlineConfig:
     reservoir_buffer: int = 4096
     steps_per_round: int = 50
     holdout_fraction: float = 0.1
-    tolerance: float = 0.02
-    lr: float = 5e-4
+    min_holdout: int = 50  # fewer held-out windows are no evidence: the round publishes nothing
+    tolerance: float = 0.005  # publish when holdout NDCG@10 >= serving's - tolerance
+    lr: float = 1e-4
 
 
 @dataclass

@@ -44,7 +44,8 @@ def test_replay_buffer_keeps_latest_window_per_user_and_a_bounded_reservoir() ->
 
 def _cfg(tmp_path: Path, *extra: str) -> Config:
     return load_config(overrides=[f"model_store.dir={tmp_path / 'models'}", "online.steps_per_round=30",
-                                  "online.lr=0.005", "train.batch_size=32", "model.max_len=20", *extra])
+                                  "online.lr=0.005", "train.batch_size=32", "model.max_len=20", "online.min_holdout=3",
+                                  *extra])
 
 
 def _buffer(windows: list[list[str]]) -> ReplayBuffer:
@@ -78,6 +79,14 @@ def test_gate_refuses_a_candidate_worse_than_the_tolerance_and_keeps_serving(tmp
     assert ModelStore(cfg.model_store.dir).current() == v1 and ModelStore(cfg.model_store.dir).versions() == [v1]
 
 
+def test_gate_publishes_nothing_without_enough_held_out_evidence(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "online.min_holdout=50")  # 60 windows hold out 6
+    v1 = publish_model(cfg)
+    result = run_round(cfg, _buffer(ring_windows(60, 15)), ModelStore(cfg.model_store.dir))
+    assert result.published is None and "held-out windows" in result.reason
+    assert ModelStore(cfg.model_store.dir).versions() == [v1]
+
+
 def test_gate_refuses_non_finite_training(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "online.lr=1e38", "train.grad_clip=1e38")
     v1 = publish_model(cfg)
@@ -90,7 +99,8 @@ def test_gate_refuses_non_finite_training(tmp_path: Path) -> None:
 def test_trainer_round_reaches_the_running_worker(kafka_cfg: Config, kafka_overrides: list[str],
                                                   tmp_path: Path) -> None:
     overrides = [*kafka_overrides, "online.steps_per_round=20", "online.every_seconds=3600",
-                 "online.every_events=1000000", "train.batch_size=32", "stream.unknown_items=oov"]
+                 "online.every_events=1000000", "train.batch_size=32", "stream.unknown_items=oov",
+                 "online.min_holdout=1"]
     cfg = load_config(overrides=overrides)
     create_topics(cfg)
     v1 = publish_model(cfg)

@@ -129,6 +129,8 @@ def run_round(cfg: Config, buffer: ReplayBuffer, store: ModelStore,
     train, held = buffer.split(cfg.online.holdout_fraction)
     if not train:
         return RoundResult(None, "buffer empty")
+    if len(held) < cfg.online.min_holdout:
+        return RoundResult(None, f"only {len(held)} held-out windows (< online.min_holdout={cfg.online.min_holdout})")
     vocab = Vocabulary(serving.vocab.items())
     for w in train:
         for x in w:

@@ -60,11 +60,12 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return len(self.recent) + len(self.reservoir)
 
-    def split(self, holdout_fraction: float) -> tuple[list[list[str]], list[list[str]]]:
-        """(training windows, held-out windows): the most recent users' windows are held out; their last
-        item is the validation target and is cut from the training copy."""
+    def split(self, holdout_fraction: float, min_holdout: int = 0) -> tuple[list[list[str]], list[list[str]]]:
+        """(training windows, held-out windows): the most recent users' windows are held out (a fraction, but
+        at least ``min_holdout`` while that leaves half for training); their last item is the validation
+        target and is cut from the training copy."""
         recent = list(self.recent.values())
-        n_hold = int(len(recent) * holdout_fraction)
+        n_hold = max(int(len(recent) * holdout_fraction), min(min_holdout, len(recent) // 2))
         held = [w for w in recent[len(recent) - n_hold:] if len(w) >= 2]
         train = recent[: len(recent) - n_hold] + [w[:-1] for w in held] + self.reservoir
         return [w for w in train if len(w) >= 2], held
@@ -126,7 +127,7 @@ def run_round(cfg: Config, buffer: ReplayBuffer, store: ModelStore,
               announce: Callable[[str], None] | None = None) -> RoundResult:
     t0 = time.monotonic()
     serving = store.load()
-    train, held = buffer.split(cfg.online.holdout_fraction)
+    train, held = buffer.split(cfg.online.holdout_fraction, cfg.online.min_holdout)
     if not train:
         return RoundResult(None, "buffer empty")
     if len(held) < cfg.online.min_holdout:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lrustream.children import percentile, spawn_cli, stop, wait_healthy
 from lrustream.config import Config, resolve_path
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -67,30 +68,10 @@ def ensure_model(cfg: Config, data: str, train_minutes: float, log: Callable[[st
 
 
 def start_worker(config: Path | None, overrides: list[str], log_path: Path) -> subprocess.Popen:
-    """``lrustream worker`` as a child (-P: a ``models/`` folder in the working directory must not shadow ours)."""
-    args = [sys.executable, "-P", "-m", "lrustream.cli", "worker", "--loglevel", "warning"]
+    args = ["worker", "--loglevel", "warning"]
     if config:
         args += ["--config", str(config)]
-    args += [*overrides, "stream.unknown_items=oov"]
-    log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-    return subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ,
-                                                                                  "PYTHONUNBUFFERED": "1"})
-
-
-def wait_healthy(cfg: Config, proc: subprocess.Popen, log_path: Path, timeout_s: float = 120) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace").splitlines()[-20:]
-            raise RuntimeError("worker exited:\n" + "\n".join(tail))
-        try:
-            with urllib.request.urlopen(f"http://{cfg.http.host}:{cfg.http.port}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"worker not healthy after {timeout_s:.0f} s (see {log_path})")
+    return spawn_cli([*args, *overrides, "stream.unknown_items=oov"], log_path)
 
 
 def watch(cfg: Config, expect: int, timeout_s: float, log: Callable[[str], None]) -> list[float]:
@@ -150,11 +131,7 @@ def run_demo(cfg: Config, config: Path | None, overrides: list[str], data: str |
         producer.join(timeout=5)
         summarise(latencies, sent[0] if sent else 0, time.monotonic() - started, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop([proc])
     log("done. The broker keeps running (lrustream broker stop); re-run `make demo` any time.")
 
 
@@ -162,7 +139,6 @@ def summarise(latencies: list[float], sent: int, seconds: float, log: Callable[[
     if not latencies:
         log("no recommendations arrived (see .lrustream/demo/worker.log)")
         return
-    ordered = sorted(latencies)
-    p50, p99 = ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     log(f"summary: {sent} events published, {len(latencies)} recommendations in {seconds:.1f} s; "
         f"event-to-recommendation latency p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")

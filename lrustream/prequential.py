@@ -12,8 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 import uuid
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lrustream.children import spawn_cli, stop, wait_healthy
 from lrustream.config import Config, load_config
 
 
@@ -70,11 +69,6 @@ def _free_port() -> int:
     from lrustream.broker import free_port
 
     return free_port()
-
-
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-P", "-m", "lrustream.cli", *args], stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def _produce(cfg: Config, events: list[tuple[str, str, int]], rate: float) -> dict[tuple[int, int], tuple[str, str]]:
@@ -159,40 +153,19 @@ def run_mode(mode: str, base: list[str], root: Path, model, vocab, events, rate:
     cfg = load_config(overrides=overrides)
     create_topics(cfg)
     ModelStore(cfg.model_store.dir).publish(model, vocab, notes={"source": "prequential start"})
-    procs = [_spawn(["worker", "--loglevel", "warning", *overrides], mode_root / "worker.log")]
+    procs = [spawn_cli(["worker", "--loglevel", "warning", *overrides], mode_root / "worker.log")]
     if mode == "online":
-        procs.append(_spawn(["trainer", *overrides], mode_root / "trainer.log"))
+        procs.append(spawn_cli(["trainer", *overrides], mode_root / "trainer.log"))
     try:
-        _wait_health(cfg, procs[0], mode_root / "worker.log")
+        wait_healthy(cfg, procs[0], mode_root / "worker.log")
         t0 = time.monotonic()
         sent = _produce(cfg, events, rate)
         recs = _collect(cfg, len(sent), timeout_s=len(sent) / 200 + 120)
         log(f"{mode}: {len(sent)} events replayed, {len(recs)} recommendations in {time.monotonic() - t0:.0f} s; "
             f"versions served: {sorted({r['model_version'] for r in recs})}")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
     return score(recs, sent)
-
-
-def _wait_health(cfg: Config, proc: subprocess.Popen, log_path: Path, timeout_s: float = 120) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited; see {log_path}")
-        try:
-            with urllib.request.urlopen(f"http://{cfg.http.host}:{cfg.http.port}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"worker not healthy after {timeout_s:.0f} s; see {log_path}")
 
 
 def write_outputs(results: dict[str, list[tuple[float, float]]], out: Path, bucket: int) -> tuple[Path, Path]:

@@ -32,7 +32,7 @@ from typing import Any
 
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
-from state.record import RecordError, UserRecord
+from state.record import UserRecord
 
 log = logging.getLogger("lrustream.state")
 
@@ -220,15 +220,6 @@ class StateStore:
     def applied_offset(self, p: int) -> int:
         return self.partition(p).applied_offset
 
-    def get_many(self, p: int, users: list[str]) -> dict[str, UserRecord]:
-        part = self.partition(p)
-        found = {}
-        for u in users:
-            record = part.get(u)
-            if record is not None:
-                found[u] = record
-        return found
-
     def commit(self, batches: dict[int, tuple[dict[str, UserRecord], int]]) -> None:
         """Make a micro-batch durable. ``batches`` maps partition -> (records, highest input offset applied).
 
@@ -267,8 +258,6 @@ def find_user(root: str | Path, user: str) -> tuple[int, UserRecord] | None:
         part = PartitionStore(path, read_only=True)
         try:
             record = part.get(user)
-        except RecordError:
-            raise
         finally:
             part.close()
         if record is not None:

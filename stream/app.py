@@ -70,7 +70,7 @@ class Worker:
         self.serving = serving or Serving.load(self.model_store)
         self.metrics = WorkerMetrics()
         changelog = Changelog(librdkafka_config(cfg), cfg.topics.state_changelog)
-        self.store = StateStore(resolve_path(cfg.state.dir) / cfg.stream.app_id, changelog)
+        self.store = StateStore(state_dir(cfg), changelog)
         self.producer = Producer(producer_config(cfg, **{"linger.ms": 2, "acks": "all"}))
         s = cfg.stream
         self.processor = Processor(self.serving, self.store, self.producer, topics=cfg.topics, top_k=s.top_k,

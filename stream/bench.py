@@ -8,8 +8,6 @@ so process start-up and group joins are excluded. Run: ``lrustream bench stream`
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 import uuid
@@ -18,6 +16,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer
 
+from lrustream.children import percentile, spawn, spawn_cli, stop
 from lrustream.config import Config, load_config
 from stream.kafka import librdkafka_config
 
@@ -74,22 +73,12 @@ def output_stats(cfg: Config, expect: int, timeout_s: float, since_ms: int = 0) 
     return len(stamps), len(stamps) / span if span else float("nan"), latencies
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
-
-
 def _overrides(base: list[str], tag: str, tmp: Path) -> list[str]:
     return [*base, f"topics.interactions=bench-{tag}-in", f"topics.recommendations=bench-{tag}-out",
             f"topics.dlq=bench-{tag}-dlq", f"topics.state_changelog=bench-{tag}-changelog",
             f"topics.training_examples=bench-{tag}-train", f"topics.model_updates=bench-{tag}-updates",
             f"stream.app_id=bench-{tag}", f"state.dir={tmp / 'state'}", f"model_store.dir={tmp / 'models'}",
             "stream.unknown_items=oov"]
-
-
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-P", *args], stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def publish_random_model(cfg: Config, data: str) -> None:
@@ -123,9 +112,9 @@ def run(base: list[str], data: str, events: int, latency_rate: float, latency_ev
         replay(cfg, data, None, events, False)
         if kind == "worker":
             publish_random_model(cfg, data)
-            proc = _spawn(["-m", "lrustream.cli", "worker", "--loglevel", "warning", *overrides], tmp / "log")
+            proc = spawn_cli(["worker", "--loglevel", "warning", *overrides], tmp / "log")
         else:
-            proc = _spawn(["-m", "stream.bench", *overrides], tmp / "log")
+            proc = spawn(["-m", "stream.bench", *overrides], tmp / "log")
         try:
             n, rate, _ = output_stats(cfg, events, timeout_s=events / 500 + 120)
             log(f"{kind:6s}: {n} of {events} events out, {rate:,.0f} events/s (drain of a pre-loaded topic)")
@@ -138,11 +127,7 @@ def run(base: list[str], data: str, events: int, latency_rate: float, latency_ev
                 log(f"worker: latency at {latency_rate:,.0f} events/s over {len(steady)} events "
                     f"({time.monotonic() - t0:.0f} s): p50 {results['p50_ms']:.1f} ms, p99 {results['p99_ms']:.1f} ms")
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop([proc])
     ratio = results["worker_events_per_s"] / results["bare_events_per_s"]
     log(f"worker / bare agent throughput: {ratio:.0%}")
     results["ratio"] = ratio

@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -70,7 +70,6 @@ class BatchResult:
     skipped: int = 0
     gap_filled: int = 0
     rederived: int = 0
-    outputs: list[dict[str, Any]] = field(default_factory=list)
 
 
 Fetch = Callable[[int, int, int], list[Input]]  # (partition, first, last) offsets inclusive -> records
@@ -82,8 +81,7 @@ class Processor:
     def __init__(self, serving: Serving, store: StateStore, producer: Any, *, topics: Any, top_k: int = 10,
                  exclude_seen: bool = True, unknown_items: str = "dlq", max_value_bytes: int = 65536,
                  min_step_rows: int = 16, state_dtype: str = "float32", fetch: Fetch | None = None,
-                 metrics: WorkerMetrics | None = None, keep_outputs: bool = False,
-                 training_examples: bool = False) -> None:
+                 metrics: WorkerMetrics | None = None, training_examples: bool = False) -> None:
         self.serving = serving
         self.store = store
         self.producer = producer
@@ -96,7 +94,6 @@ class Processor:
         self.state_dtype = state_dtype
         self.fetch = fetch
         self.metrics = metrics or WorkerMetrics()
-        self.keep_outputs = keep_outputs
         self.training_examples = training_examples
         self.metrics.set_version(serving.version)
         self._errors: list[str] = []
@@ -134,8 +131,6 @@ class Processor:
             commits[p][0][user] = record
         self.store.commit(commits)
         result.served, result.dead_lettered = len(outputs), len(dead)
-        if self.keep_outputs:
-            result.outputs = outputs
         self._observe(batch, result, outputs)
         return result
 
@@ -214,7 +209,8 @@ class Processor:
         L = max(1, max(len(r.window) for r in stale))
         items = torch.zeros(len(stale), L, dtype=torch.long)
         for row, record in enumerate(stale):
-            ext = record.external_window(self._old_item_of)
+            # internal ids keep their meaning across versions (the vocabulary only appends): the serving one maps
+            ext = record.external_window(serving.vocab.item_of)
             window, unknown = np.zeros(0, dtype=np.int32), []
             for x in ext:
                 idx = serving.vocab.get(x)
@@ -227,10 +223,6 @@ class Processor:
             state = model.prefill(items)
         for record, blob in zip(stale, model.state_to_bytes(state, self.state_dtype), strict=True):
             record.state, record.version = blob, serving.version
-
-    def _old_item_of(self, idx: int) -> str:
-        """Internal ids are stable across versions (the vocabulary only appends), so the serving one maps them."""
-        return self.serving.vocab.item_of(idx)
 
     def _advance(self, per_user: dict[tuple[int, str], list[_Served]], records: dict[tuple[int, str], UserRecord]
                  ) -> tuple[dict[tuple[int, str], UserRecord], list[dict[str, Any]]]:

@@ -148,17 +148,10 @@ class LRULayer(nn.Module):
         last = torch.stack([h_re.view(-1, bsz, length)[..., -1].T, h_im.view(-1, bsz, length)[..., -1].T], dim=1)
         return y, last
 
-    def step(self, h: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One event: h [B, 2, H], x [B, d] -> (y [B, d], new h). Padding rows keep their state."""
-        nu, theta, gamma = self.lambda_parts()
-        lam = lambda_powers(nu, theta, 2)[1]  # [2, H]
-        decayed = complex_mul(lam, h)
-        h = torch.where(mask[:, None, None], decayed + self.drive(x, mask, gamma), h)
-        return self.readout(h, x), h
-
     def steps(self, h: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k events: h [B, 2, H], x [B, k, d], mask [B, k] -> (y [B, k, d], h after them). The projections run
-        once over all k positions; only the elementwise recurrence loops, with exactly ``step``'s operations."""
+        """k events per row: h [B, 2, H], x [B, k, d], mask [B, k] -> (y [B, k, d], h after them). Padding
+        positions keep the state. The projections run once over all k positions; only the elementwise
+        recurrence h = lambda * h + u loops."""
         nu, theta, gamma = self.lambda_parts()
         lam = lambda_powers(nu, theta, 2)[1]  # [2, H]
         u = self.drive(x, mask, gamma)  # [B, k, 2, H]
@@ -240,14 +233,8 @@ class LRURec(SeqRecModel):
         return torch.zeros(batch_size, self.num_layers, 2, 2 * self.d_model, dtype=p.dtype, device=p.device)
 
     def step(self, state: torch.Tensor, item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = item > 0
-        x = self.embed(item)
-        new_states = []
-        for i, block in enumerate(self.blocks):
-            x, h = block.lru_layer.step(state[:, i], x, mask)
-            x = block.feed_forward(x)
-            new_states.append(h)
-        return torch.stack(new_states, dim=1), x
+        state, h = self.steps(state, item[:, None])  # one event: the k = 1 case of the same maths
+        return state, h[:, 0]
 
     def steps(self, state: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask = items > 0

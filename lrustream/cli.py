@@ -307,8 +307,10 @@ def state_inspect(
     overrides: Overrides = None,
 ) -> None:
     """Print a user's stored record as JSON (read-only; safe while the worker runs)."""
+    import contextlib
     import json
 
+    from models.store import ModelStore, ModelStoreError
     from state.store import find_user
     from stream.app import state_dir
 
@@ -318,12 +320,8 @@ def state_inspect(
         raise UsageError(f"no state for user {user!r} under {state_dir(cfg)}")
     partition, record = found
     items: list[str] | None = None
-    from models.store import VOCAB, ModelStore
-
-    vocab_file = ModelStore(cfg.model_store.dir).versions_dir / record.version / VOCAB
-    if vocab_file.is_file():  # external ids are what operators know
-        names = json.loads(vocab_file.read_text())
-        items = record.external_window(lambda i: names[i - 1])
+    with contextlib.suppress(ModelStoreError):  # external ids are what operators know
+        items = record.external_window(ModelStore(cfg.model_store.dir).vocabulary(record.version).item_of)
     echo(json.dumps({
         "user_id": user, "partition": partition, "model_version": record.version,
         "last_applied": {"partition": record.partition, "offset": record.offset},

@@ -195,6 +195,24 @@ class ModelStore:
                 out.append(self.info(version))
         return out
 
+    def _verify(self, folder: Path, info: VersionInfo, name: str) -> None:
+        try:
+            digest = _sha256(folder / name)
+        except OSError as exc:
+            raise ModelStoreError(f"model version {info.version}: {name} unreadable ({exc.strerror})") from None
+        if digest != info.files.get(name):
+            raise ModelStoreError(f"model version {info.version}: {name} checksum mismatch (truncated or altered file)")
+
+    def vocabulary(self, version: str, info: VersionInfo | None = None) -> Vocabulary:
+        """A version's item vocabulary alone (verified), e.g. to read ids stored under an older version."""
+        info = info or self.info(version)
+        folder = self.versions_dir / version
+        self._verify(folder, info, VOCAB)
+        try:
+            return Vocabulary.from_json(json.loads((folder / VOCAB).read_text()))
+        except (ValueError, TypeError) as exc:
+            raise ModelStoreError(f"model version {version}: vocab.json invalid ({exc})") from None
+
     def load(self, version: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
         """Load and verify a version (default: CURRENT). Raises ModelStoreError on anything suspicious."""
         version = version or self.current()
@@ -203,17 +221,8 @@ class ModelStore:
         where = f"model version {version}"
         info = self.info(version)
         folder = self.versions_dir / version
-        for name in (WEIGHTS, VOCAB):
-            try:
-                digest = _sha256(folder / name)
-            except OSError as exc:
-                raise ModelStoreError(f"{where}: {name} unreadable ({exc.strerror})") from None
-            if digest != info.files.get(name):
-                raise ModelStoreError(f"{where}: {name} checksum mismatch (truncated or altered file)")
-        try:
-            vocab = Vocabulary.from_json(json.loads((folder / VOCAB).read_text()))
-        except (ValueError, TypeError) as exc:
-            raise ModelStoreError(f"{where}: vocab.json invalid ({exc})") from None
+        self._verify(folder, info, WEIGHTS)
+        vocab = self.vocabulary(version, info)
         try:
             tensors = load_file(str(folder / WEIGHTS))
         except (SafetensorError, OSError, ValueError) as exc:

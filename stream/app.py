@@ -10,6 +10,7 @@ micro-batcher (``take_events`` acknowledges a batch only after our loop body ret
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import time
@@ -77,7 +78,8 @@ class Worker:
                                    exclude_seen=s.exclude_seen, unknown_items=s.unknown_items,
                                    max_value_bytes=s.max_value_bytes, min_step_rows=s.min_step_rows,
                                    state_dtype=cfg.state.dtype, fetch=fetch_range(cfg), metrics=self.metrics,
-                                   training_examples=s.emit_training_examples)
+                                   training_examples=s.emit_training_examples,
+                                   vocab_of=functools.lru_cache(maxsize=8)(self.model_store.vocabulary))
         self.started = time.time()
         self.batches = 0
         self.swap_lock = asyncio.Lock()

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from models.base import padded_steps
+from models.vocab import Vocabulary
 from state.record import UserRecord, push_item
 from state.store import StateStore
 from stream.events import BadEvent, Event, parse_event
@@ -81,7 +82,8 @@ class Processor:
     def __init__(self, serving: Serving, store: StateStore, producer: Any, *, topics: Any, top_k: int = 10,
                  exclude_seen: bool = True, unknown_items: str = "dlq", max_value_bytes: int = 65536,
                  min_step_rows: int = 16, state_dtype: str = "float32", fetch: Fetch | None = None,
-                 metrics: WorkerMetrics | None = None, training_examples: bool = False) -> None:
+                 metrics: WorkerMetrics | None = None, training_examples: bool = False,
+                 vocab_of: Callable[[str], Vocabulary] | None = None) -> None:
         self.serving = serving
         self.store = store
         self.producer = producer
@@ -95,6 +97,7 @@ class Processor:
         self.fetch = fetch
         self.metrics = metrics or WorkerMetrics()
         self.training_examples = training_examples
+        self.vocab_of = vocab_of  # a version's vocabulary: ids in windows stored under it mean its items
         self.metrics.set_version(serving.version)
         self._errors: list[str] = []
 
@@ -209,8 +212,7 @@ class Processor:
         L = max(1, max(len(r.window) for r in stale))
         items = torch.zeros(len(stale), L, dtype=torch.long)
         for row, record in enumerate(stale):
-            # internal ids keep their meaning across versions (the vocabulary only appends): the serving one maps
-            ext = record.external_window(serving.vocab.item_of)
+            ext = record.external_window(self._vocab_for(record.version).item_of)
             window, unknown = np.zeros(0, dtype=np.int32), []
             for x in ext:
                 idx = serving.vocab.get(x)
@@ -223,6 +225,13 @@ class Processor:
             state = model.prefill(items)
         for record, blob in zip(stale, model.state_to_bytes(state, self.state_dtype), strict=True):
             record.state, record.version = blob, serving.version
+
+    def _vocab_for(self, version: str) -> Vocabulary:
+        """The vocabulary ids stored under ``version`` refer to. Vocabularies only append, so the serving one
+        maps ids of older versions; after a rollback the window may hold ids only the newer version knows."""
+        if self.vocab_of is None or version == self.serving.version:
+            return self.serving.vocab
+        return self.vocab_of(version)
 
     def _advance(self, per_user: dict[tuple[int, str], list[_Served]], records: dict[tuple[int, str], UserRecord]
                  ) -> tuple[dict[tuple[int, str], UserRecord], list[dict[str, Any]]]:

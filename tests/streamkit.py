@@ -164,13 +164,12 @@ class WorkerProcess:
                 self.proc.wait(10)
 
 
-def reference(cfg: Config, events: list[tuple[str, str]], top_k: int = 10, version: str | None = None
-              ) -> dict[str, dict]:
+def reference(cfg: Config, events: list[tuple[str, str]], top_k: int = 10) -> dict[str, dict]:
     """What serving each user's events one by one, offline, gives: per user the list of top-K lists (and
     scores) and the final state bytes. The specification the worker is checked against."""
     from stream.serving import Serving
 
-    serving = Serving.load(ModelStore(cfg.model_store.dir), version)
+    serving = Serving.load(ModelStore(cfg.model_store.dir))
     model, vocab = serving.model, serving.vocab
     per_user: dict[str, list[str]] = {}
     for user, item in events:

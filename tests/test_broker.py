@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lrustream.broker import BrokerError, LocalBroker, free_port, metadata_answers
+from lrustream.broker import BrokerError, LocalBroker, free_port, metadata_answers, new_cluster_id
 from tests.conftest import JARS_DIR, REPO
 
 CLI = [sys.executable, "-m", "lrustream.cli"]
@@ -134,3 +134,11 @@ def test_cached_jars_need_no_maven(tmp_path: Path) -> None:
     env = _bare_env(tmp_path)
     r = _cli("broker", "fetch", f"broker.jars_dir={JARS_DIR}", env=env)
     assert r.returncode == 0, r.stderr
+
+
+def test_cluster_id_never_starts_with_a_dash() -> None:
+    """0xF8 encodes to a leading '-', which kafka-storage would read as an option (CI failure, stop 8)."""
+    draws = iter([b"\xf8" + bytes(15), b"\x00" * 16])
+    cluster_id = new_cluster_id(lambda: next(draws))
+    assert cluster_id == "AAAAAAAAAAAAAAAAAAAAAA"
+    assert all(not new_cluster_id().startswith("-") for _ in range(2000))

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,19 @@ def metadata_answers(bootstrap: str, timeout_s: float = 5.0) -> bool:
         return bool(admin.list_topics(timeout=timeout_s).brokers)
     except Exception:
         return False
+
+
+def new_cluster_id(random_bytes: Callable[[], bytes] = lambda: uuid.uuid4().bytes) -> str:
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding.
+
+    Kafka's own ``Uuid.randomUuid`` redraws ids that start with '-', because the storage
+    tool's argument parser reads ``-t -abc`` as a missing value followed by an option.
+    One draw in 64 starts that way, so without the redraw a fresh broker fails to format.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(random_bytes()).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 class LocalBroker:
@@ -271,7 +285,7 @@ class LocalBroker:
     def _format_storage(self, java: str, jars: Path) -> None:
         if self._check_storage():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = new_cluster_id()
         cmd = [java, "-cp", f"{jars}/*", "kafka.tools.StorageTool", "format", "--standalone",
                "-t", cluster_id, "-c", str(self.properties_file)]
         proc = subprocess.run(cmd, capture_output=True, text=True)

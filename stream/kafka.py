@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from typing import Any
 
 from lrustream.config import Config
@@ -74,6 +75,38 @@ def faust_broker_settings(cfg: Config) -> dict[str, Any]:
     else:
         settings["broker_credentials"] = faust.SSLCredentials(context)
     return settings
+
+
+def transient(exc: Exception) -> bool:
+    """Whether a KafkaException is worth retrying. confluent-kafka does not flag the errors of synchronous
+    calls such as ``get_watermark_offsets`` as retriable, so the codes that mean "not ready yet" are listed."""
+    from confluent_kafka import KafkaError
+
+    err = exc.args[0] if exc.args else None
+    if not isinstance(err, KafkaError):
+        return False
+    return err.retriable() or err.code() in {
+        KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.REQUEST_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
+        KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS}
+
+
+def high_watermarks(consumer: Any, topic: str, partitions: list[int], timeout_s: float = 10.0) -> dict[int, int]:
+    """Each partition's end offset, retrying what Kafka calls retriable until ``timeout_s``: just after a
+    topic is created its partitions can answer NOT_LEADER for a moment (seen failing a test run)."""
+    from confluent_kafka import KafkaException, TopicPartition
+
+    deadline = time.monotonic() + timeout_s
+    out: dict[int, int] = {}
+    for p in partitions:
+        while p not in out:
+            try:
+                out[p] = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[1]
+            except KafkaException as exc:
+                if not transient(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    return out
 
 
 def redacted(conf: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from confluent_kafka import TopicPartition as TP
 
 from lrustream.config import Config
 from stream.events import BadEvent, encode_event
-from stream.kafka import librdkafka_config, producer_config
+from stream.kafka import high_watermarks, librdkafka_config, producer_config
 from stream.topics import create_topics
 
 POLL_EVERY = 1000  # serve delivery callbacks (and the progress bar) every this many events
@@ -228,7 +228,7 @@ def _partitions(consumer: Consumer, topic: str, timeout_s: float) -> list[int]:
 
 def _high_watermarks(consumer: Consumer, topic: str, partitions: list[int], timeout_s: float) -> dict[int, int]:
     try:
-        return {p: consumer.get_watermark_offsets(TP(topic, p), timeout=timeout_s)[1] for p in partitions}
+        return high_watermarks(consumer, topic, partitions, timeout_s)
     except KafkaException as exc:
         raise ToolError(f"cannot read end offsets of {topic}: {_reason(exc)}") from None
 

@@ -239,9 +239,11 @@ def trainer_cmd(
 ) -> None:
     """Online fine-tuning: buffer training examples, fine-tune every N events / T s / on request, validate,
     publish, and tell workers to swap."""
+    from stream.topics import create_topics
     from trainer.online import TrainerLoop
 
     cfg = cfg_of(config, overrides)
+    create_topics(cfg)  # as the worker does: either may start first
     loop = TrainerLoop(cfg, log_line=echo)
     o = cfg.online
     echo(f"trainer: rounds every {o.every_events} events or {o.every_seconds:g} s or on `lrustream refresh`")

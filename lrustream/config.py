@@ -118,6 +118,7 @@ class StreamConfig:
     max_value_bytes: int = 65536
     min_step_rows: int = 16  # pad every batched step to at least this many rows (batch-invariant maths)
     emit_training_examples: bool = True
+    stall_after_s: float = 60.0  # /health says "degraded" when a micro-batch or the input stalls this long
 
 
 @dataclass

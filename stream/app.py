@@ -24,6 +24,7 @@ from faust.web import Request, Response, View
 from lrustream.config import Config, resolve_path
 from models.store import ModelStore
 from state.store import Changelog, StateStore
+from stream.health import Liveness
 from stream.kafka import faust_broker_settings, librdkafka_config, producer_config
 from stream.metrics import WorkerMetrics
 from stream.serving import Serving
@@ -82,6 +83,8 @@ class Worker:
                                    vocab_of=functools.lru_cache(maxsize=8)(self.model_store.vocabulary))
         self.started = time.time()
         self.batches = 0
+        self.liveness = Liveness(cfg.stream.stall_after_s)
+        self.last_offsets: dict[int, int] = {}  # per input partition, the last offset handed to us
         self.swap_lock = asyncio.Lock()
         self.swaps: list[dict[str, Any]] = []  # what happened to each announced version (served / refused why)
         self.app = self._build_app()
@@ -169,12 +172,15 @@ class Worker:
     async def _process(self, batch: list[Input]) -> None:
         """Apply a batch; on infrastructure errors retry it (never drop, never acknowledge unapplied events)."""
         delay = 0.2
+        self.liveness.started()
         while True:
             try:
                 await asyncio.to_thread(self.processor.process, batch)
                 self.batches += 1
+                self.liveness.finished()
                 return
             except Exception as exc:
+                self.liveness.failed(exc)
                 log.error("micro-batch of %d events failed (%s); retrying in %.1f s", len(batch), exc, delay,
                           exc_info=delay == 0.2)
                 self.store.mark_stale()
@@ -185,6 +191,7 @@ class Worker:
         last: dict[int, int] = {}
         for inp in batch:
             last[inp.partition] = max(last.get(inp.partition, -1), inp.offset)
+        self.last_offsets.update(last)
         for p, offset in last.items():
             try:
                 high = app.consumer.highwater(TP(self.cfg.topics.interactions, p))
@@ -192,6 +199,28 @@ class Worker:
                 continue
             if high is not None:
                 self.metrics.lag.labels(partition=str(p)).set(max(0, high - offset - 1))
+
+    def pending(self) -> int | None:
+        """Events in our partitions past the last one handed to us (None when nothing is known yet)."""
+        known = None
+        for p in self.assigned():
+            if p not in self.last_offsets:
+                continue
+            try:
+                high = self.app.consumer.highwater(TP(self.cfg.topics.interactions, p))
+            except Exception:
+                continue
+            if high is not None:
+                known = (known or 0) + max(0, high - self.last_offsets[p] - 1)
+        return known
+
+    def health(self) -> tuple[dict[str, Any], int]:
+        status, reason = self.liveness.report(self.pending())
+        body = {"status": status, "model_version": self.processor.serving.version, "partitions": self.assigned(),
+                "batches": self.batches, "uptime_s": round(time.time() - self.started, 1)}
+        if reason:
+            body["reason"] = reason
+        return body, 200 if status == "ok" else 503
 
     def assigned(self) -> list[int]:
         """Input partitions this worker currently owns (empty before the group has assigned any)."""
@@ -214,9 +243,8 @@ class Worker:
 
         class Health(View):
             async def get(self, request: Request) -> Response:
-                return self.json({"status": "ok", "model_version": worker.processor.serving.version,
-                                  "partitions": worker.assigned(), "batches": worker.batches,
-                                  "uptime_s": round(time.time() - worker.started, 1)})
+                body, status = worker.health()
+                return self.json(body, status=status)
 
         class ModelView(View):
             async def get(self, request: Request) -> Response:

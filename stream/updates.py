@@ -31,28 +31,38 @@ def announce(cfg: Config, version: str, reason: str, **extra: Any) -> None:
 
 
 class UpdateFollower:
-    """Reads announcements published after it started (each worker on its own: no consumer group)."""
+    """Reads the messages published after it started. Each reader on its own: it assigns every partition at
+    the end itself and commits nothing, so there is no group to join or rebalance, before or after a broker
+    restart, and no committed offset to look up (that lookup can hang for ever, librdkafka #5586)."""
 
     def __init__(self, cfg: Config) -> None:
-        from confluent_kafka import Consumer
+        from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 
+        topic = cfg.topics.model_updates
         self.consumer = Consumer(librdkafka_config(cfg, **{
-            "group.id": f"{cfg.stream.app_id}-updates-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
-            "auto.offset.reset": "latest"}))
-        self.consumer.subscribe([cfg.topics.model_updates])
+            "group.id": f"{cfg.stream.app_id}-updates-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}))
+        meta = self.consumer.list_topics(topic, timeout=30).topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            raise RuntimeError(f"topic {topic!r} is missing; create it with `lrustream topics create`")
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in sorted(meta.partitions)])
 
-    def next_version(self, timeout_s: float) -> str | None:
+    def next_message(self, timeout_s: float) -> dict[str, Any] | None:
+        """The next announcement or refresh request, parsed; None on timeout or a malformed message."""
         msg = self.consumer.poll(timeout_s)
         if msg is None or msg.error():
             return None
         try:
             body = json.loads(msg.value())
-            if "request" in body:  # a refresh request for the trainer
-                return None
-            version = body["version"]
-        except (ValueError, KeyError, TypeError):
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
             log.warning("ignoring malformed model-update message at offset %s", msg.offset())
             return None
+        return body
+
+    def next_version(self, timeout_s: float) -> str | None:
+        body = self.next_message(timeout_s)
+        version = body.get("version") if body and "request" not in body else None
         return version if isinstance(version, str) else None
 
     def close(self) -> None:

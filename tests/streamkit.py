@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterable
@@ -19,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
 
 from lrustream.broker import free_port
 from lrustream.config import Config
 from models import build_model
 from models.store import ModelStore
 from models.vocab import Vocabulary
-from stream.kafka import librdkafka_config, producer_config
+from stream.kafka import high_watermarks, librdkafka_config, producer_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,7 +97,7 @@ def end_offsets(cfg: Config, topic: str) -> dict[int, int]:
     consumer = Consumer(librdkafka_config(cfg, **{"group.id": "offsets"}))
     try:
         md = consumer.list_topics(topic, timeout=10).topics[topic]
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in md.partitions}
+        return high_watermarks(consumer, topic, sorted(md.partitions))
     finally:
         consumer.close()
 
@@ -122,6 +123,13 @@ class WorkerProcess:
     def get(self, path: str, timeout: float = 2.0) -> bytes:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as resp:
             return resp.read()
+
+    def health(self) -> dict:
+        """/health's body, whether it says ok (200) or degraded (503)."""
+        try:
+            return json.loads(self.get("/health"))
+        except urllib.error.HTTPError as exc:
+            return json.loads(exc.read())
 
     def get_metric(self, name: str) -> float:
         """A metric's value from /metrics (0 while the worker is not answering)."""
@@ -164,12 +172,13 @@ class WorkerProcess:
                 self.proc.wait(10)
 
 
-def reference(cfg: Config, events: list[tuple[str, str]], top_k: int = 10) -> dict[str, dict]:
+def reference(cfg: Config, events: list[tuple[str, str]], top_k: int = 10, version: str | None = None
+              ) -> dict[str, dict]:
     """What serving each user's events one by one, offline, gives: per user the list of top-K lists (and
     scores) and the final state bytes. The specification the worker is checked against."""
     from stream.serving import Serving
 
-    serving = Serving.load(ModelStore(cfg.model_store.dir))
+    serving = Serving.load(ModelStore(cfg.model_store.dir), version)
     model, vocab = serving.model, serving.vocab
     per_user: dict[str, list[str]] = {}
     for user, item in events:

@@ -1,5 +1,5 @@
-"""Broker faults: the broker is stopped and restarted mid-stream; the worker reconnects and continues with no
-lost and no twice-applied event. Uses a broker of its own (the test stops it)."""
+"""Broker faults: the broker is stopped and restarted mid-stream; the worker and the trainer reconnect and
+continue, with no lost and no twice-applied event. Uses a broker of its own (the test stops it)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from lrustream.config import load_config
 from stream.topics import create_topics
 from tests.conftest import JARS_DIR
 from tests.streamkit import WorkerProcess, publish_model, recommendations, reference
+from tests.test_hot_swap import wait_for_version
 from tests.test_worker import produce_events, stored_states, synthetic_events
+from trainer.online import TrainerLoop
 
 pytestmark = pytest.mark.kafka
 
@@ -25,30 +27,55 @@ def test_broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice(kafka
     broker.start()
     overrides = [o for o in kafka_overrides if not o.startswith("kafka.bootstrap_servers=")]
     overrides.append(f"kafka.bootstrap_servers={broker.bootstrap}")
+    overrides += ["online.min_holdout=1", "online.tolerance=1.0", "online.steps_per_round=5",
+                  "online.every_seconds=1000000", "online.every_events=1000000000"]
     cfg = load_config(overrides=overrides)
-    worker = WorkerProcess([*overrides, "stream.batch_size=32"], tmp_path / "worker.log")
+    worker = WorkerProcess([*overrides, "stream.batch_size=32", "stream.stall_after_s=2"], tmp_path / "worker.log")
+    trainer: TrainerLoop | None = None
     try:
         create_topics(cfg)
-        publish_model(cfg)
+        v1 = publish_model(cfg)
         events = synthetic_events(3000, users=50, seed=9)
         produce_events(cfg, events)
         worker.start()
         worker.wait_healthy()
+        trainer = TrainerLoop(cfg, log_line=print)
         deadline = time.monotonic() + 60
-        while worker.get_metric("lrustream_recommendations_total") < 300 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        served_before = worker.get_metric("lrustream_recommendations_total")
+        while (worker.get_metric("lrustream_recommendations_total") < 300 or trainer.events_since == 0) \
+                and time.monotonic() < deadline:
+            trainer.poll(timeout_s=0.1)
+        served_before, trained_before = worker.get_metric("lrustream_recommendations_total"), trainer.events_since
         broker.stop()
-        time.sleep(5)  # the worker keeps running without a broker, retrying
+        during = []
+        for _ in range(10):  # the worker keeps running without a broker, retrying, and says so
+            during.append(worker.health())
+            time.sleep(0.5)
         assert worker.proc is not None and worker.proc.poll() is None, "the worker survived the outage"
+        trainer.poll(timeout_s=2.0)  # the trainer survives polling a dead broker
         broker.start()
         recs = recommendations(cfg, expect=len(events), timeout_s=240)
+        t0 = time.monotonic()
+        while trainer.events_since < len(events) and time.monotonic() < t0 + 120:  # and reconnects afterwards
+            trainer.poll()
+        print(f"\ntrainer caught up {time.monotonic() - t0:.1f} s after the worker; {trainer.events_since} events")
+        assert trainer.events_since >= len(events), "every event reached the trainer as a training example"
+        result = trainer.round()
+        assert result.published, result.line()
+        wait_for_version(worker, result.published)  # the announcement reached the worker after the outage
+        after = worker.health()
     finally:
+        if trainer is not None:
+            trainer.close()
         worker.stop()
         broker.stop()
+    assert 0 < trained_before < len(events), "the trainer was consuming when the broker went away"
+    degraded = [h for h in during if h["status"] == "degraded"]
+    assert degraded, f"/health never reported the outage: {during}"
+    print("during the outage /health said:", degraded[-1]["reason"])
+    assert after["status"] == "ok" and "reason" not in after
     assert 0 < served_before < len(events), "the outage happened mid-stream"
     assert len({(r["source"]["partition"], r["source"]["offset"]) for r in recs}) == len(events)
-    ref = reference(cfg, events)
+    ref = reference(cfg, events, version=v1)
     for user, (state, _) in stored_states(cfg, set(ref)).items():
         np.testing.assert_allclose(np.frombuffer(state, np.float32), np.frombuffer(ref[user]["state"], np.float32),
                                    atol=1e-5, err_msg=user)

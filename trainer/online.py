@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -164,6 +165,39 @@ def run_round(cfg: Config, buffer: ReplayBuffer, store: ModelStore,
     return result
 
 
+def resume_positions(consumer: Any, topic: str, timeout_s: float = 60.0) -> list[Any]:
+    """Every partition of ``topic`` with the offset to resume at: the one committed under the consumer's
+    group, or the beginning where none is.
+
+    The trainer is one process that reads the whole topic, so it assigns partitions itself instead of
+    joining a group: no rebalance to wait out at start-up or after a broker restart. It asks for the committed
+    offsets itself, retrying, and assigns explicit offsets, because an ``assign()`` left to look them up can
+    hang for ever when the lookup meets a coordinator that is not ready (librdkafka #5586, seen here as a
+    trainer that consumed nothing after a broker restart).
+    """
+    from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        problem = None
+        try:
+            meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if meta is None or meta.error is not None or not meta.partitions:
+                raise RuntimeError(f"topic {topic!r} is missing ({meta.error if meta else 'not listed'}); "
+                                   "create it with `lrustream topics create`")
+            committed = consumer.committed([TopicPartition(topic, p) for p in sorted(meta.partitions)], timeout=10)
+            problem = next((tp.error for tp in committed if tp.error is not None), None)
+        except KafkaException as exc:
+            problem = exc
+        if problem is None:
+            return [TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+                    for tp in committed]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"could not read the committed offsets of {topic!r}: {problem}")
+        log.info("committed offsets of %s not readable yet (%s); retrying", topic, problem)
+        time.sleep(0.5)
+
+
 class TrainerLoop:
     """``lrustream trainer``: consume training examples, run a round every N events / T seconds / on request."""
 
@@ -171,6 +205,7 @@ class TrainerLoop:
         from confluent_kafka import Consumer
 
         from stream.kafka import librdkafka_config
+        from stream.updates import UpdateFollower
 
         self.cfg = cfg
         self.log = log_line
@@ -179,11 +214,8 @@ class TrainerLoop:
         self.buffer = ReplayBuffer(o.recent_buffer, o.reservoir_buffer, cfg.train.seed)
         self.examples = Consumer(librdkafka_config(cfg, **{"group.id": o.group_id, "auto.offset.reset": "earliest",
                                                            "enable.auto.commit": True}))
-        self.examples.subscribe([cfg.topics.training_examples])
-        self.requests = Consumer(librdkafka_config(cfg, **{"group.id": f"{o.group_id}-requests-{time.time_ns()}",
-                                                           "auto.offset.reset": "latest",
-                                                           "enable.auto.commit": False}))
-        self.requests.subscribe([cfg.topics.model_updates])
+        self.examples.assign(resume_positions(self.examples, cfg.topics.training_examples))
+        self.requests = UpdateFollower(cfg)  # refresh requests from operators
         self.events_since = 0
         self.last_round = time.monotonic()
         self.requested = False
@@ -201,8 +233,8 @@ class TrainerLoop:
             except (ValueError, KeyError, TypeError):
                 log.warning("ignoring malformed training example at %s[%d]@%d", msg.topic(), msg.partition(),
                             msg.offset())
-        for msg in self.requests.consume(num_messages=100, timeout=0):
-            if not msg.error() and b'"request"' in (msg.value() or b""):
+        while (message := self.requests.next_message(0)) is not None:
+            if message.get("request") == "refresh":
                 self.requested = True
         return n
 

@@ -275,11 +275,28 @@ class Worker:
     def run(self, loglevel: str = "info") -> None:
         """Blocks until SIGINT/SIGTERM; Faust commits acknowledged offsets on a clean stop."""
         create_topics(self.cfg)
+        if warning := open_http_warning(self.cfg):
+            log.warning(warning)
         worker = faust.Worker(self.app, loglevel=loglevel, override_logging=True)
         try:
             worker.execute_from_commandline()
         finally:
             self.store.close()
+
+
+def open_http_warning(cfg: Config) -> str | None:
+    """A line for the operator when the HTTP API listens beyond this machine with no token to guard it."""
+    import ipaddress
+
+    host = cfg.http.host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback or cfg.http.token:
+        return None
+    return (f"HTTP API on {host}:{cfg.http.port} without http.token: anyone who reaches this port can POST "
+            "/refresh; set LRUSTREAM_HTTP_TOKEN or keep the port private")
 
 
 def state_dir(cfg: Config) -> Path:

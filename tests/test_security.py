@@ -62,3 +62,16 @@ def test_every_kafka_client_in_the_code_is_built_from_our_config_mappings() -> N
                 if m and "import" not in line and not uses_ours:
                     bad.append(f"{path.name}: {line.strip()}")
     assert bad == []
+
+
+@pytest.mark.parametrize(("host", "token", "warned"), [
+    ("127.0.0.1", None, False), ("::1", None, False), ("localhost", None, False),
+    ("0.0.0.0", None, True), ("10.1.2.3", None, True), ("0.0.0.0", "s3cret", False)])
+def test_http_api_open_beyond_loopback_without_a_token_is_called_out(host: str, token: str | None,
+                                                                      warned: bool) -> None:
+    from stream.app import open_http_warning
+
+    overrides = [f"http.host={host}"] + ([f"http.token={token}"] if token else [])
+    warning = open_http_warning(load_config(overrides=overrides))
+    assert (warning is not None) == warned
+    assert warning is None or ("LRUSTREAM_HTTP_TOKEN" in warning and host in warning)

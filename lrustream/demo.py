@@ -78,12 +78,12 @@ def watch(cfg: Config, expect: int, timeout_s: float, log: Callable[[str], None]
     """Read new recommendations, print a sample line per second, return event-to-recommendation latencies."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from stream.kafka import high_watermarks, librdkafka_config
+    from stream.kafka import high_watermarks, librdkafka_config, topic_partitions
 
     topic = cfg.topics.recommendations
     consumer = Consumer(librdkafka_config(cfg, **{"group.id": f"demo-{os.getpid()}", "enable.auto.commit": False}))
-    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    ends = [TopicPartition(topic, p, end) for p, end in high_watermarks(consumer, topic, sorted(parts)).items()]
+    ends = [TopicPartition(topic, p, end)
+            for p, end in high_watermarks(consumer, topic, topic_partitions(consumer, topic)).items()]
     consumer.assign(ends)  # only what this run produces
     latencies: list[float] = []
     t0 = last_print = time.monotonic()

@@ -111,7 +111,7 @@ class Worker:
                                int(e.message.timestamp * 1000) if e.message.timestamp else None) for e in events]
                 async with self.swap_lock:
                     await self._process(batch)
-                self._observe_lag(app, batch)
+                self._observe_lag(batch)
 
         app.agent(topic, name="serve", concurrency=1)(serve)
 
@@ -187,36 +187,33 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _observe_lag(self, app: faust.App, batch: list[Input]) -> None:
+    def _observe_lag(self, batch: list[Input]) -> None:
         last: dict[int, int] = {}
         for inp in batch:
             last[inp.partition] = max(last.get(inp.partition, -1), inp.offset)
         self.last_offsets.update(last)
         for p, offset in last.items():
-            try:
-                high = app.consumer.highwater(TP(self.cfg.topics.interactions, p))
-            except Exception:
-                continue
-            if high is not None:
-                self.metrics.lag.labels(partition=str(p)).set(max(0, high - offset - 1))
+            if (behind := self._behind(p, offset)) is not None:
+                self.metrics.lag.labels(partition=str(p)).set(behind)
 
-    def pending(self) -> int | None:
-        """Events in our partitions past the last one handed to us (None when nothing is known yet)."""
-        known = None
-        for p in self.assigned():
-            if p not in self.last_offsets:
-                continue
-            try:
-                high = self.app.consumer.highwater(TP(self.cfg.topics.interactions, p))
-            except Exception:
-                continue
-            if high is not None:
-                known = (known or 0) + max(0, high - self.last_offsets[p] - 1)
-        return known
+    def _behind(self, partition: int, offset: int) -> int | None:
+        """Events in ``partition`` after ``offset`` as the consumer last saw its end (None when unknown)."""
+        try:
+            high = self.app.consumer.highwater(TP(self.cfg.topics.interactions, partition))
+        except Exception:
+            return None
+        return None if high is None else max(0, high - offset - 1)
+
+    def pending(self, partitions: list[int]) -> int | None:
+        """Events in ``partitions`` past the last one handed to us (None when nothing is known yet)."""
+        known = [self._behind(p, self.last_offsets[p]) for p in partitions if p in self.last_offsets]
+        counts = [n for n in known if n is not None]
+        return sum(counts) if counts else None
 
     def health(self) -> tuple[dict[str, Any], int]:
-        status, reason = self.liveness.report(self.pending())
-        body = {"status": status, "model_version": self.processor.serving.version, "partitions": self.assigned(),
+        partitions = self.assigned()
+        status, reason = self.liveness.report(self.pending(partitions))
+        body = {"status": status, "model_version": self.processor.serving.version, "partitions": partitions,
                 "batches": self.batches, "uptime_s": round(time.time() - self.started, 1)}
         if reason:
             body["reason"] = reason

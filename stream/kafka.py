@@ -77,6 +77,19 @@ def faust_broker_settings(cfg: Config) -> dict[str, Any]:
     return settings
 
 
+class MissingTopic(RuntimeError):
+    """A topic the caller needs does not exist (or has no partitions) on the cluster."""
+
+
+def topic_partitions(consumer: Any, topic: str, timeout_s: float = 10.0) -> list[int]:
+    """The partition numbers of ``topic``; :class:`MissingTopic` with the fix when it is not there."""
+    md = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+    if md is None or md.error is not None or not md.partitions:
+        why = md.error.str() if md is not None and md.error is not None else "no partitions"
+        raise MissingTopic(f"topic {topic} is not readable ({why}); `lrustream topics create` makes it")
+    return sorted(md.partitions)
+
+
 def transient(exc: Exception) -> bool:
     """Whether a KafkaException is worth retrying. confluent-kafka does not flag the errors of synchronous
     calls such as ``get_watermark_offsets`` as retriable, so the codes that mean "not ready yet" are listed."""

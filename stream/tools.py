@@ -21,7 +21,7 @@ from confluent_kafka import TopicPartition as TP
 
 from lrustream.config import Config
 from stream.events import BadEvent, encode_event
-from stream.kafka import high_watermarks, librdkafka_config, producer_config
+from stream.kafka import MissingTopic, high_watermarks, librdkafka_config, producer_config, topic_partitions
 from stream.topics import create_topics
 
 POLL_EVERY = 1000  # serve delivery callbacks (and the progress bar) every this many events
@@ -217,13 +217,11 @@ def warn(msg: str) -> None:
 
 def _partitions(consumer: Consumer, topic: str, timeout_s: float) -> list[int]:
     try:
-        md = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        return topic_partitions(consumer, topic, timeout_s)
     except KafkaException as exc:
         raise ToolError(f"cannot read metadata of {topic}: {_reason(exc)}") from None
-    if md is None or md.error is not None or not md.partitions:
-        why = md.error.str() if md is not None and md.error is not None else "no partitions"
-        raise ToolError(f"topic {topic} is not readable ({why}); `lrustream topics create` makes it")
-    return sorted(md.partitions)
+    except MissingTopic as exc:
+        raise ToolError(str(exc)) from None
 
 
 def _high_watermarks(consumer: Consumer, topic: str, partitions: list[int], timeout_s: float) -> dict[int, int]:

@@ -14,7 +14,7 @@ import uuid
 from typing import Any
 
 from lrustream.config import Config
-from stream.kafka import librdkafka_config, producer_config
+from stream.kafka import librdkafka_config, producer_config, topic_partitions
 
 log = logging.getLogger("lrustream.updates")
 
@@ -41,10 +41,7 @@ class UpdateFollower:
         topic = cfg.topics.model_updates
         self.consumer = Consumer(librdkafka_config(cfg, **{
             "group.id": f"{cfg.stream.app_id}-updates-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}))
-        meta = self.consumer.list_topics(topic, timeout=30).topics.get(topic)
-        if meta is None or meta.error is not None or not meta.partitions:
-            raise RuntimeError(f"topic {topic!r} is missing; create it with `lrustream topics create`")
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in sorted(meta.partitions)])
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in topic_partitions(self.consumer, topic, 30)])
 
     def next_message(self, timeout_s: float) -> dict[str, Any] | None:
         """The next announcement or refresh request, parsed; None on timeout or a malformed message."""

@@ -27,7 +27,7 @@ from lrustream.config import Config
 from models import build_model
 from models.store import ModelStore
 from models.vocab import Vocabulary
-from stream.kafka import high_watermarks, librdkafka_config, producer_config
+from stream.kafka import high_watermarks, librdkafka_config, producer_config, topic_partitions
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,8 +96,7 @@ def recommendations(cfg: Config, expect: int | None = None, timeout_s: float = 9
 def end_offsets(cfg: Config, topic: str) -> dict[int, int]:
     consumer = Consumer(librdkafka_config(cfg, **{"group.id": "offsets"}))
     try:
-        md = consumer.list_topics(topic, timeout=10).topics[topic]
-        return high_watermarks(consumer, topic, sorted(md.partitions))
+        return high_watermarks(consumer, topic, topic_partitions(consumer, topic))
     finally:
         consumer.close()
 

@@ -177,15 +177,14 @@ def resume_positions(consumer: Any, topic: str, timeout_s: float = 60.0) -> list
     """
     from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
+    from stream.kafka import topic_partitions
+
     deadline = time.monotonic() + timeout_s
     while True:
         problem = None
         try:
-            meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-            if meta is None or meta.error is not None or not meta.partitions:
-                raise RuntimeError(f"topic {topic!r} is missing ({meta.error if meta else 'not listed'}); "
-                                   "create it with `lrustream topics create`")
-            committed = consumer.committed([TopicPartition(topic, p) for p in sorted(meta.partitions)], timeout=10)
+            partitions = topic_partitions(consumer, topic)
+            committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
             problem = next((tp.error for tp in committed if tp.error is not None), None)
         except KafkaException as exc:
             problem = exc

@@ -125,15 +125,24 @@ def train_cmd(
     max_minutes: Annotated[float | None, typer.Option(help="Stop each model after this many minutes.")] = None,
     out: Annotated[Path, typer.Option(help="Where history JSON and training-curve PNGs go.")] = Path(".lrustream/runs"),
     publish: Annotated[bool, typer.Option(help="Publish each trained model to the model store.")] = True,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted runs whose checkpoints are in --out.")
+                      ] = False,
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:
-    """Train and evaluate offline (LRURec protocol); print the metric table; publish versions."""
-    from trainer.offline import metric_table, run_offline
+    """Train and evaluate offline (LRURec protocol); print the metric table; publish versions.
+
+    A checkpoint is written at every validation and on Ctrl-C, so a long run can stop (or hit --max-minutes)
+    and continue later with --resume."""
+    from trainer.offline import Interrupted, metric_table, run_offline
 
     cfg = cfg_of(config, overrides)
-    results = run_offline(cfg, data, _names(model), out, max_minutes=max_minutes, publish=publish,
-                          progress=sys.stderr.isatty(), log=echo)
+    try:
+        results = run_offline(cfg, data, _names(model), out, max_minutes=max_minutes, publish=publish,
+                              progress=sys.stderr.isatty(), log=echo, resume=resume)
+    except Interrupted as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(130) from None
     echo("\ntest metrics (best validation checkpoint):")
     echo(metric_table({r.model: r.history.test for r in results}))
 

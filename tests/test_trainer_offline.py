@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +16,19 @@ import torch.nn.functional as F
 from lrustream.config import load_config
 from models import build_model
 from models.store import ModelStore
+from trainer.checkpoint import CheckpointError
 from trainer.data import DataError, load_sequences
 from trainer.evaluate import evaluate, metrics_from_ranks, ranks_of
 from trainer.loss import catalogue_cross_entropy
-from trainer.offline import PrefixSamples, leave_one_out, run_evaluate, run_offline, train_windows
+from trainer.offline import (
+    Interrupted,
+    PrefixSamples,
+    leave_one_out,
+    run_evaluate,
+    run_offline,
+    train,
+    train_windows,
+)
 
 
 def synthetic_sequences(users: int = 60, items: int = 100, length: int = 30, seed: int = 0) -> list[list[int]]:
@@ -130,3 +141,76 @@ def test_unmasked_linrec_trains_on_the_last_position_only() -> None:
     model = build_model("linrec", num_items=10, causal=False, max_len=8)
     assert model.loss_positions == "last"
     assert build_model("linrec", num_items=10).loss_positions == "all"
+
+
+# ----- resumable runs -------------------------------------------------------------------------------------------
+def _tiny_run(tmp_path: Path, **train_overrides: object) -> tuple:
+    data = write_lrurec(tmp_path / "sequences.txt", synthetic_sequences(users=40, length=25))
+    overrides = {"train.batch_size": 16, "train.val_every": 20, "train.max_steps": 60, "train.lr": 0.005,
+                 "train.device": "cpu", **train_overrides}
+    cfg = load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
+    seqs = load_sequences(data)
+    return cfg, leave_one_out(seqs.encoded(seqs.vocabulary()), 20)
+
+
+def _fresh(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(name, num_items=100, d_model=16, max_len=20)
+
+
+@pytest.mark.parametrize("how", ["max_steps", "ctrl_c"])
+@pytest.mark.parametrize("name", ["lrurec", "sasrec"])
+def test_a_resumed_run_takes_exactly_the_steps_of_an_uninterrupted_one(name: str, how: str, tmp_path: Path) -> None:
+    cfg, split = _tiny_run(tmp_path)
+    whole = _fresh(name)
+    ref = train(whole, split, cfg.train, torch.device("cpu"), progress=False, checkpoint=tmp_path / "a.safetensors")
+
+    ckpt = tmp_path / "b.safetensors"
+    first = _fresh(name)
+    if how == "max_steps":
+        cut, _ = _tiny_run(tmp_path, **{"train.max_steps": 20})
+        train(first, split, cut.train, torch.device("cpu"), progress=False, checkpoint=ckpt)
+    else:  # Ctrl-C during the first validation: the step finishes, the checkpoint is written, then it stops
+        def press_ctrl_c(step: int, _val: dict) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+
+        with pytest.raises(Interrupted, match="interrupted at step 20"):
+            train(first, split, cfg.train, torch.device("cpu"), progress=False, checkpoint=ckpt,
+                  on_validate=press_ctrl_c)
+    second = _fresh(name)  # a new process would start from a new model: the checkpoint must supply everything
+    resumed = train(second, split, cfg.train, torch.device("cpu"), progress=False, checkpoint=ckpt, resume=True)
+
+    assert resumed.resumed_at == [20] and resumed.steps_done == ref.steps_done == 60
+    assert resumed.losses == ref.losses and resumed.val_metrics == ref.val_metrics
+    assert resumed.best_step == ref.best_step and resumed.test == ref.test
+    for (k, a), b in zip(whole.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_a_checkpoint_from_another_set_up_or_a_damaged_one_is_refused(tmp_path: Path) -> None:
+    cfg, split = _tiny_run(tmp_path, **{"train.max_steps": 20})
+    ckpt = tmp_path / "c.safetensors"
+    train(_fresh("lrurec"), split, cfg.train, torch.device("cpu"), progress=False, checkpoint=ckpt)
+    other, _ = _tiny_run(tmp_path, **{"train.lr": 0.01})
+    with pytest.raises(CheckpointError, match=r"lr: checkpoint 0\.005, now 0\.01"):
+        train(_fresh("lrurec"), split, other.train, torch.device("cpu"), progress=False, checkpoint=ckpt, resume=True)
+    with pytest.raises(CheckpointError, match="hparams"):
+        train(build_model("lrurec", num_items=100, d_model=8, max_len=20), split, cfg.train, torch.device("cpu"),
+              progress=False, checkpoint=ckpt, resume=True)
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="not a readable training checkpoint"):
+        train(_fresh("lrurec"), split, cfg.train, torch.device("cpu"), progress=False, checkpoint=ckpt, resume=True)
+
+
+def test_train_command_resumes_the_run_in_its_out_folder(tmp_path: Path) -> None:
+    data = write_lrurec(tmp_path / "sequences.txt", synthetic_sequences(users=40, length=25))
+    common = [f"model_store.dir={tmp_path / 'store'}", "model.d_model=16", "model.max_len=20", "train.batch_size=16",
+              "train.val_every=20", "train.device=cpu"]
+    out, lines = tmp_path / "runs", []
+    run_offline(load_config(overrides=[*common, "train.max_steps=20"]), str(data), ["lrurec"], out,
+                progress=False, log=lines.append, publish=False)
+    [result] = run_offline(load_config(overrides=[*common, "train.max_steps=40"]), str(data), ["lrurec"], out,
+                           progress=False, log=lines.append, publish=False, resume=True)
+    assert any("continuing the run in" in line for line in lines)
+    assert result.history.resumed_at == [20] and result.history.val_steps == [20, 40]
+    assert "resumed at steps [20]" in lines[-1]

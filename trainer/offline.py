@@ -11,9 +11,13 @@ validation Recall@10; the test metrics are those of the best validation checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -26,6 +30,7 @@ from tqdm import tqdm
 
 from lrustream.config import TrainConfig
 from models import SeqRecModel
+from trainer.checkpoint import LoopState, checkpoint_path, load_checkpoint, save_checkpoint
 from trainer.evaluate import evaluate, left_pad
 from trainer.loss import catalogue_cross_entropy
 
@@ -97,18 +102,30 @@ class PrefixSamples:
         return self.matrix[u[:, None], window], self.matrix[u, col]
 
 
-def batches(model: SeqRecModel, split: Split, batch_size: int, seed: int
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled batches (epoch after epoch) in the form the model trains on."""
+def _shuffled(n: int, batch_size: int, seed: int, skip: int) -> Iterator[torch.Tensor]:
+    """Endless index batches, epoch after epoch, from ``seed``; the first ``skip`` are drawn but not yielded,
+    so a resumed run sees exactly the batches an uninterrupted one would."""
     g = torch.Generator().manual_seed(seed)
+    per_epoch = math.ceil(n / batch_size)
+    while True:
+        perm = torch.randperm(n, generator=g)
+        if skip >= per_epoch:
+            skip -= per_epoch
+            continue
+        yield from perm.split(batch_size)[skip:]
+        skip = 0
+
+
+def batches(model: SeqRecModel, split: Split, batch_size: int, seed: int, skip: int = 0
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled batches in the form the model trains on, starting after ``skip`` batches."""
     if model.loss_positions == "last":
         samples = PrefixSamples(split.train, model.max_len)
-        while True:
-            for idx in torch.randperm(len(samples), generator=g).split(batch_size):
-                yield samples.batch(idx)
-    tokens, labels = train_windows(split.train, model.max_len)
-    while True:
-        for idx in torch.randperm(len(tokens), generator=g).split(batch_size):
+        for idx in _shuffled(len(samples), batch_size, seed, skip):
+            yield samples.batch(idx)
+    else:
+        tokens, labels = train_windows(split.train, model.max_len)
+        for idx in _shuffled(len(tokens), batch_size, seed, skip):
             yield tokens[idx], labels[idx]
 
 
@@ -154,68 +171,132 @@ class History:
     best_step: int = 0
     best_val: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # training time over all sittings of a resumed run
     steps_done: int = 0
     stopped_because: str = ""
+    resumed_at: list[int] = field(default_factory=list)  # steps at which an interrupted run was continued
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C or SIGTERM after its checkpoint was written."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        where = f"; checkpoint {checkpoint} (continue with --resume)" if checkpoint else ""
+        super().__init__(f"training interrupted at step {step}{where}")
+
+
+@contextlib.contextmanager
+def _deferred_signals() -> Iterator[list[int]]:
+    """Ctrl-C / SIGTERM only raise a flag, so the loop stops between steps (never half-way through an optimiser
+    update) and can write its checkpoint; a second Ctrl-C interrupts at once."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        caught.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def run_setup(model: SeqRecModel, split: Split, cfg: TrainConfig) -> dict:
+    """What a checkpoint must agree with to be resumed: same model, data and optimisation."""
+    digest = hashlib.sha1()
+    for seq in split.train:
+        digest.update(np.ascontiguousarray(seq, dtype=np.int64).tobytes())
+        digest.update(b"|")
+    return {"model": model.name, "hparams": model.hparams(), "num_items": model.num_items,
+            "train_data_sha1": digest.hexdigest(), "batch_size": cfg.batch_size, "seed": cfg.seed,
+            "lr": cfg.lr, "weight_decay": cfg.weight_decay, "adam_eps": cfg.adam_eps, "grad_clip": cfg.grad_clip,
+            "val_every": cfg.val_every}
+
+
 def train(model: SeqRecModel, split: Split, cfg: TrainConfig, device: torch.device,
           max_minutes: float | None = None, progress: bool = True,
-          on_validate: Callable[[int, dict[str, float]], None] | None = None) -> History:
-    """Train to early stop (or max_steps / max_minutes); leaves the best-validation weights in ``model``."""
+          on_validate: Callable[[int, dict[str, float]], None] | None = None,
+          checkpoint: Path | None = None, resume: bool = False) -> History:
+    """Train to early stop (or max_steps / max_minutes); leaves the best-validation weights in ``model``.
+
+    With ``checkpoint`` the loop's whole state is saved there at every validation and on Ctrl-C/SIGTERM;
+    ``resume`` continues from it (``max_minutes`` then counts this sitting only)."""
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     opt = make_optimizer(model, cfg)
+    setup = run_setup(model, split, cfg)
     hist = History(model=model.name, device=str(device))
     best_state = copy.deepcopy(model.state_dict())
-    best_r10, bad_rounds = -1.0, 0
-    started = time.monotonic()
-    bar = tqdm(total=cfg.max_steps, disable=not progress, desc=model.name, unit="step", dynamic_ncols=True)
-    running = torch.zeros((), device=device)
-    step = 0
-    for step, (tokens, labels) in enumerate(batches(model, split, cfg.batch_size, cfg.seed), start=1):
-        loss = sequence_loss(model, tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        running += loss.detach()
-        bar.update(1)
-        if step % LOG_EVERY == 0:  # one host sync per LOG_EVERY steps
-            hist.steps.append(step)
-            hist.losses.append(running.item() / LOG_EVERY)
-            running.zero_()
-            bar.set_postfix(loss=f"{hist.losses[-1]:.3f}", best_r10=f"{max(best_r10, 0):.4f}")
-        out_of_time = max_minutes is not None and time.monotonic() - started > 60 * max_minutes
-        if step % cfg.val_every == 0 or step == cfg.max_steps or out_of_time:
-            val = evaluate(model, split.val_inputs, split.val_targets, cfg.eval_batch_size, device)
-            hist.val_steps.append(step)
-            hist.val_metrics.append(val)
-            if on_validate:
-                on_validate(step, val)
-            if val["Recall@10"] > best_r10:
-                best_r10, bad_rounds = val["Recall@10"], 0
-                best_state = copy.deepcopy(model.state_dict())
-                hist.best_step, hist.best_val = step, val
-            else:
-                bad_rounds += 1
-            bar.set_postfix(loss=f"{hist.losses[-1] if hist.losses else math.nan:.3f}", best_r10=f"{best_r10:.4f}")
-            if bad_rounds >= cfg.patience:
-                hist.stopped_because = f"early stop: {cfg.patience} validations without a better Recall@10"
+    loop = LoopState(step=0, best_r10=-1.0, bad_rounds=0, running_loss=0.0, seconds=0.0, history={})
+    if resume and checkpoint is not None and checkpoint.is_file():
+        best_state, loop = load_checkpoint(checkpoint, setup=setup, model=model, optimizer=opt)
+        hist = History(**{**loop.history, "device": str(device), "stopped_because": "", "seconds": loop.seconds})
+        hist.resumed_at.append(loop.step)
+    started, seconds_before = time.monotonic(), hist.seconds
+
+    def save() -> None:
+        if checkpoint is not None:
+            loop.running_loss, loop.seconds = running.item(), seconds_before + time.monotonic() - started
+            loop.history = hist.to_json()
+            save_checkpoint(checkpoint, setup=setup, model=model, best=best_state, optimizer=opt, loop=loop)
+
+    bar = tqdm(total=cfg.max_steps, initial=loop.step, disable=not progress, desc=model.name, unit="step",
+               dynamic_ncols=True)
+    running = torch.tensor(loop.running_loss, device=device)
+    finished = loop.bad_rounds >= cfg.patience or loop.step >= cfg.max_steps
+    with _deferred_signals() as caught:
+        stream = batches(model, split, cfg.batch_size, cfg.seed, skip=loop.step)
+        for step, (tokens, labels) in enumerate(stream if not finished else (), start=loop.step + 1):
+            loop.step = step
+            loss = sequence_loss(model, tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            running += loss.detach()
+            bar.update(1)
+            if step % LOG_EVERY == 0:  # one host sync per LOG_EVERY steps
+                hist.steps.append(step)
+                hist.losses.append(running.item() / LOG_EVERY)
+                running.zero_()
+                bar.set_postfix(loss=f"{hist.losses[-1]:.3f}", best_r10=f"{max(loop.best_r10, 0):.4f}")
+            out_of_time = max_minutes is not None and time.monotonic() - started > 60 * max_minutes
+            if step % cfg.val_every == 0 or step == cfg.max_steps or out_of_time:
+                val = evaluate(model, split.val_inputs, split.val_targets, cfg.eval_batch_size, device)
+                hist.val_steps.append(step)
+                hist.val_metrics.append(val)
+                if on_validate:
+                    on_validate(step, val)
+                if val["Recall@10"] > loop.best_r10:
+                    loop.best_r10, loop.bad_rounds = val["Recall@10"], 0
+                    best_state = copy.deepcopy(model.state_dict())
+                    hist.best_step, hist.best_val = step, val
+                else:
+                    loop.bad_rounds += 1
+                bar.set_postfix(loss=f"{hist.losses[-1] if hist.losses else math.nan:.3f}",
+                                best_r10=f"{loop.best_r10:.4f}")
+                save()
+            if loop.bad_rounds >= cfg.patience or step >= cfg.max_steps or out_of_time or caught:
                 break
-        if step >= cfg.max_steps:
-            hist.stopped_because = f"max_steps={cfg.max_steps}"
-            break
-        if out_of_time:
-            hist.stopped_because = f"time budget of {max_minutes} min"
-            break
     bar.close()
+    if caught:
+        save()
+        raise Interrupted(loop.step, checkpoint)
+    hist.stopped_because = (
+        f"early stop: {cfg.patience} validations without a better Recall@10" if loop.bad_rounds >= cfg.patience
+        else f"max_steps={cfg.max_steps}" if loop.step >= cfg.max_steps
+        else f"time budget of {max_minutes} min")
     model.load_state_dict(best_state)
-    hist.steps_done = step
-    hist.seconds = time.monotonic() - started
+    hist.steps_done = loop.step
+    hist.seconds = seconds_before + time.monotonic() - started
     hist.test = evaluate(model, split.test_inputs, split.test_targets, cfg.eval_batch_size, device)
     model.eval()
     return hist
@@ -280,9 +361,11 @@ def model_hparams(cfg, name: str) -> dict:
 
 
 def run_offline(cfg, data_path: str, names: list[str], out_dir: Path, max_minutes: float | None = None,
-                publish: bool = True, progress: bool = True, log: Callable[[str], None] = print
-                ) -> list[OfflineResult]:
-    """Train and evaluate each named model on one data set; publish each to the model store."""
+                publish: bool = True, progress: bool = True, log: Callable[[str], None] = print,
+                resume: bool = False) -> list[OfflineResult]:
+    """Train and evaluate each named model on one data set; publish each to the model store.
+
+    Each model's run keeps a checkpoint in ``out_dir``; ``resume`` continues the runs found there."""
     from models import build_model
     from models.store import ModelStore
     from trainer.data import load_sequences
@@ -302,9 +385,15 @@ def run_offline(cfg, data_path: str, names: list[str], out_dir: Path, max_minute
     for name in names:
         torch.manual_seed(cfg.train.seed)
         model = build_model(name, num_items=len(vocab), **model_hparams(cfg, name))
-        hist = train(model, split, cfg.train, device, max_minutes=max_minutes, progress=progress)
+        ckpt = checkpoint_path(out_dir, name)
+        if ckpt.is_file():
+            log(f"{name}: continuing the run in {ckpt}" if resume
+                else f"{name}: starting afresh (pass --resume to continue the run in {ckpt})")
+        hist = train(model, split, cfg.train, device, max_minutes=max_minutes, progress=progress,
+                     checkpoint=ckpt, resume=resume)
         _, png = save_history(hist, out_dir)
-        log(f"{name}: {hist.steps_done} steps in {hist.seconds:.0f}s ({hist.stopped_because}); best val step "
+        resumed = f", resumed at steps {hist.resumed_at}" if hist.resumed_at else ""
+        log(f"{name}: {hist.steps_done} steps in {hist.seconds:.0f}s ({hist.stopped_because}{resumed}); best val step "
             f"{hist.best_step}; test NDCG@10 {hist.test['NDCG@10']:.5f} Recall@10 {hist.test['Recall@10']:.5f}")
         version = None
         if publish:

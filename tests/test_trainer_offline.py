@@ -158,7 +158,7 @@ def _fresh(name: str) -> torch.nn.Module:
     return build_model(name, num_items=100, d_model=16, max_len=20)
 
 
-@pytest.mark.parametrize("how", ["max_steps", "ctrl_c"])
+@pytest.mark.parametrize("how", ["max_steps", "ctrl_c", "time_budget"])
 @pytest.mark.parametrize("name", ["lrurec", "sasrec"])
 def test_a_resumed_run_takes_exactly_the_steps_of_an_uninterrupted_one(name: str, how: str, tmp_path: Path) -> None:
     cfg, split = _tiny_run(tmp_path)
@@ -170,6 +170,10 @@ def test_a_resumed_run_takes_exactly_the_steps_of_an_uninterrupted_one(name: str
     if how == "max_steps":
         cut, _ = _tiny_run(tmp_path, **{"train.max_steps": 20})
         train(first, split, cut.train, torch.device("cpu"), progress=False, checkpoint=ckpt)
+    elif how == "time_budget":  # out of time after step 1: checkpoint first, then a validation for the report
+        cut_short = train(first, split, cfg.train, torch.device("cpu"), progress=False, checkpoint=ckpt,
+                          max_minutes=0)
+        assert cut_short.val_steps == [1] and cut_short.stopped_because == "time budget of 0 min"
     else:  # Ctrl-C during the first validation: the step finishes, the checkpoint is written, then it stops
         def press_ctrl_c(step: int, _val: dict) -> None:
             os.kill(os.getpid(), signal.SIGINT)
@@ -180,7 +184,7 @@ def test_a_resumed_run_takes_exactly_the_steps_of_an_uninterrupted_one(name: str
     second = _fresh(name)  # a new process would start from a new model: the checkpoint must supply everything
     resumed = train(second, split, cfg.train, torch.device("cpu"), progress=False, checkpoint=ckpt, resume=True)
 
-    assert resumed.resumed_at == [20] and resumed.steps_done == ref.steps_done == 60
+    assert resumed.resumed_at == [1 if how == "time_budget" else 20] and resumed.steps_done == ref.steps_done == 60
     assert resumed.losses == ref.losses and resumed.val_metrics == ref.val_metrics
     assert resumed.best_step == ref.best_step and resumed.test == ref.test
     for (k, a), b in zip(whole.state_dict().items(), second.state_dict().values(), strict=True):

@@ -241,6 +241,7 @@ def train(model: SeqRecModel, split: Split, cfg: TrainConfig, device: torch.devi
         hist = History(**{**loop.history, "device": str(device), "stopped_because": "", "seconds": loop.seconds})
         hist.resumed_at.append(loop.step)
     started, seconds_before = time.monotonic(), hist.seconds
+    running = torch.tensor(loop.running_loss, device=device)
 
     def save() -> None:
         if checkpoint is not None:
@@ -250,7 +251,6 @@ def train(model: SeqRecModel, split: Split, cfg: TrainConfig, device: torch.devi
 
     bar = tqdm(total=cfg.max_steps, initial=loop.step, disable=not progress, desc=model.name, unit="step",
                dynamic_ncols=True)
-    running = torch.tensor(loop.running_loss, device=device)
     finished = loop.bad_rounds >= cfg.patience or loop.step >= cfg.max_steps
     with _deferred_signals() as caught:
         stream = batches(model, split, cfg.batch_size, cfg.seed, skip=loop.step)
@@ -269,7 +269,10 @@ def train(model: SeqRecModel, split: Split, cfg: TrainConfig, device: torch.devi
                 running.zero_()
                 bar.set_postfix(loss=f"{hist.losses[-1]:.3f}", best_r10=f"{max(loop.best_r10, 0):.4f}")
             out_of_time = max_minutes is not None and time.monotonic() - started > 60 * max_minutes
-            if step % cfg.val_every == 0 or step == cfg.max_steps or out_of_time:
+            scheduled = step % cfg.val_every == 0 or step == cfg.max_steps
+            if out_of_time and not scheduled:
+                save()  # a resumed run goes on from here as if never stopped; this sitting validates for its report
+            if scheduled or out_of_time:
                 val = evaluate(model, split.val_inputs, split.val_targets, cfg.eval_batch_size, device)
                 hist.val_steps.append(step)
                 hist.val_metrics.append(val)
@@ -283,7 +286,8 @@ def train(model: SeqRecModel, split: Split, cfg: TrainConfig, device: torch.devi
                     loop.bad_rounds += 1
                 bar.set_postfix(loss=f"{hist.losses[-1] if hist.losses else math.nan:.3f}",
                                 best_r10=f"{loop.best_r10:.4f}")
-                save()
+                if scheduled:
+                    save()
             if loop.bad_rounds >= cfg.patience or step >= cfg.max_steps or out_of_time or caught:
                 break
     bar.close()

@@ -90,7 +90,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file (or a directory's entries) to disk, so a rename that follows survives a power cut."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -140,9 +141,9 @@ class ModelStore:
                                    files={WEIGHTS: _sha256(tmp / WEIGHTS), VOCAB: _sha256(tmp / VOCAB)})
                 (tmp / META).write_text(json.dumps(info.to_json(), indent=2, sort_keys=True))
                 for name in (WEIGHTS, VOCAB, META):
-                    _fsync(tmp / name)
+                    fsync(tmp / name)
                 os.rename(tmp, self.versions_dir / version)
-                _fsync(self.versions_dir)
+                fsync(self.versions_dir)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -153,9 +154,9 @@ class ModelStore:
     def _write_current(self, version: str) -> None:
         tmp = self.root / f".CURRENT.{os.getpid()}"
         tmp.write_text(version + "\n")
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, self.root / "CURRENT")
-        _fsync(self.root)
+        fsync(self.root)
 
     def set_current(self, version: str) -> VersionInfo:
         """Point workers at ``version`` (rollback); refuses versions that would not load."""

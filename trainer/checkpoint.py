@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
+
+from models.store import fsync
 
 FORMAT = 1
 
@@ -39,13 +41,11 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class LoopState:
-    """Where the training loop stands, apart from tensors."""
+    """Where the training loop stands, apart from tensors. The history carries the step, the training seconds
+    and the best validation so far; only what it cannot tell is kept beside it."""
 
-    step: int
-    best_r10: float
-    bad_rounds: int
-    running_loss: float
-    seconds: float
+    bad_rounds: int  # validations since the best one (early-stopping patience)
+    running_loss: float  # loss summed since the last logged step
     history: dict[str, Any]
 
 
@@ -77,11 +77,7 @@ def save_checkpoint(path: Path, *, setup: dict[str, Any], model: torch.nn.Module
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata={"lrustream": json.dumps(meta)})
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -98,7 +94,7 @@ def load_checkpoint(path: Path, *, setup: dict[str, Any], model: torch.nn.Module
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["lrustream"])
-        tensors = load_file(str(path))
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open is no dict
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable training checkpoint ({exc})") from None
     if meta.get("format") != FORMAT:
@@ -109,11 +105,11 @@ def load_checkpoint(path: Path, *, setup: dict[str, Any], model: torch.nn.Module
                               "start afresh without --resume or restore that set-up")
     device = next(model.parameters()).device
     model.load_state_dict(_unflat("model", tensors))
-    state = {int(k.split(".")[1]): {} for k in tensors if k.startswith("opt.")}
+    state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):
             _, idx, name = key.split(".", 2)
-            state[int(idx)][name] = value if name == "step" else value.to(device)
+            state.setdefault(int(idx), {})[name] = value if name == "step" else value.to(device)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and device.type == "cuda":

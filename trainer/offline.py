@@ -235,27 +235,28 @@ def train(model: SeqRecModel, split: Split, cfg: TrainConfig, device: torch.devi
     setup = run_setup(model, split, cfg)
     hist = History(model=model.name, device=str(device))
     best_state = copy.deepcopy(model.state_dict())
-    loop = LoopState(step=0, best_r10=-1.0, bad_rounds=0, running_loss=0.0, seconds=0.0, history={})
+    bad_rounds, running = 0, torch.zeros((), device=device)
     if resume and checkpoint is not None and checkpoint.is_file():
         best_state, loop = load_checkpoint(checkpoint, setup=setup, model=model, optimizer=opt)
-        hist = History(**{**loop.history, "device": str(device), "stopped_because": "", "seconds": loop.seconds})
-        hist.resumed_at.append(loop.step)
+        hist = History(**{**loop.history, "device": str(device), "stopped_because": ""})
+        hist.resumed_at.append(hist.steps_done)
+        bad_rounds, running = loop.bad_rounds, torch.tensor(loop.running_loss, device=device)
+    step, best_r10 = hist.steps_done, hist.best_val.get("Recall@10", -1.0)
     started, seconds_before = time.monotonic(), hist.seconds
-    running = torch.tensor(loop.running_loss, device=device)
 
     def save() -> None:
         if checkpoint is not None:
-            loop.running_loss, loop.seconds = running.item(), seconds_before + time.monotonic() - started
-            loop.history = hist.to_json()
-            save_checkpoint(checkpoint, setup=setup, model=model, best=best_state, optimizer=opt, loop=loop)
+            hist.steps_done, hist.seconds = step, seconds_before + time.monotonic() - started
+            save_checkpoint(checkpoint, setup=setup, model=model, best=best_state, optimizer=opt,
+                            loop=LoopState(bad_rounds, running.item(), hist.to_json()))
 
-    bar = tqdm(total=cfg.max_steps, initial=loop.step, disable=not progress, desc=model.name, unit="step",
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, desc=model.name, unit="step",
                dynamic_ncols=True)
-    finished = loop.bad_rounds >= cfg.patience or loop.step >= cfg.max_steps
+    finished = bad_rounds >= cfg.patience or step >= cfg.max_steps
     with _deferred_signals() as caught:
-        stream = batches(model, split, cfg.batch_size, cfg.seed, skip=loop.step)
-        for step, (tokens, labels) in enumerate(stream if not finished else (), start=loop.step + 1):
-            loop.step = step
+        done = step
+        stream = () if finished else batches(model, split, cfg.batch_size, cfg.seed, skip=done)
+        for step, (tokens, labels) in enumerate(stream, start=done + 1):
             loss = sequence_loss(model, tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -267,7 +268,7 @@ def train(model: SeqRecModel, split: Split, cfg: TrainConfig, device: torch.devi
                 hist.steps.append(step)
                 hist.losses.append(running.item() / LOG_EVERY)
                 running.zero_()
-                bar.set_postfix(loss=f"{hist.losses[-1]:.3f}", best_r10=f"{max(loop.best_r10, 0):.4f}")
+                bar.set_postfix(loss=f"{hist.losses[-1]:.3f}", best_r10=f"{max(best_r10, 0):.4f}")
             out_of_time = max_minutes is not None and time.monotonic() - started > 60 * max_minutes
             scheduled = step % cfg.val_every == 0 or step == cfg.max_steps
             if out_of_time and not scheduled:
@@ -278,28 +279,28 @@ def train(model: SeqRecModel, split: Split, cfg: TrainConfig, device: torch.devi
                 hist.val_metrics.append(val)
                 if on_validate:
                     on_validate(step, val)
-                if val["Recall@10"] > loop.best_r10:
-                    loop.best_r10, loop.bad_rounds = val["Recall@10"], 0
+                if val["Recall@10"] > best_r10:
+                    best_r10, bad_rounds = val["Recall@10"], 0
                     best_state = copy.deepcopy(model.state_dict())
                     hist.best_step, hist.best_val = step, val
                 else:
-                    loop.bad_rounds += 1
+                    bad_rounds += 1
                 bar.set_postfix(loss=f"{hist.losses[-1] if hist.losses else math.nan:.3f}",
-                                best_r10=f"{loop.best_r10:.4f}")
+                                best_r10=f"{best_r10:.4f}")
                 if scheduled:
                     save()
-            if loop.bad_rounds >= cfg.patience or step >= cfg.max_steps or out_of_time or caught:
+            if bad_rounds >= cfg.patience or step >= cfg.max_steps or out_of_time or caught:
                 break
     bar.close()
     if caught:
         save()
-        raise Interrupted(loop.step, checkpoint)
+        raise Interrupted(step, checkpoint)
     hist.stopped_because = (
-        f"early stop: {cfg.patience} validations without a better Recall@10" if loop.bad_rounds >= cfg.patience
-        else f"max_steps={cfg.max_steps}" if loop.step >= cfg.max_steps
+        f"early stop: {cfg.patience} validations without a better Recall@10" if bad_rounds >= cfg.patience
+        else f"max_steps={cfg.max_steps}" if step >= cfg.max_steps
         else f"time budget of {max_minutes} min")
     model.load_state_dict(best_state)
-    hist.steps_done = loop.step
+    hist.steps_done = step
     hist.seconds = seconds_before + time.monotonic() - started
     hist.test = evaluate(model, split.test_inputs, split.test_targets, cfg.eval_batch_size, device)
     model.eval()

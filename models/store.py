@@ -90,13 +90,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fsync(path: Path) -> None:
+def _fsync(path: Path) -> None:
     """Flush a file (or a directory's entries) to disk, so a rename that follows survives a power cut."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Move a finished ``tmp`` over ``path``: a crash leaves the old file or the new one, never half of one,
+    and once this returns the new one survives a power cut too."""
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 class ModelStore:
@@ -141,9 +149,9 @@ class ModelStore:
                                    files={WEIGHTS: _sha256(tmp / WEIGHTS), VOCAB: _sha256(tmp / VOCAB)})
                 (tmp / META).write_text(json.dumps(info.to_json(), indent=2, sort_keys=True))
                 for name in (WEIGHTS, VOCAB, META):
-                    fsync(tmp / name)
+                    _fsync(tmp / name)
                 os.rename(tmp, self.versions_dir / version)
-                fsync(self.versions_dir)
+                _fsync(self.versions_dir)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -154,9 +162,7 @@ class ModelStore:
     def _write_current(self, version: str) -> None:
         tmp = self.root / f".CURRENT.{os.getpid()}"
         tmp.write_text(version + "\n")
-        fsync(tmp)
-        os.replace(tmp, self.root / "CURRENT")
-        fsync(self.root)
+        replace_durably(tmp, self.root / "CURRENT")
 
     def set_current(self, version: str) -> VersionInfo:
         """Point workers at ``version`` (rollback); refuses versions that would not load."""

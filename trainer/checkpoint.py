@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
-from models.store import fsync
+from models.store import replace_durably
 
 FORMAT = 1
 
@@ -77,8 +77,7 @@ def save_checkpoint(path: Path, *, setup: dict[str, Any], model: torch.nn.Module
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata={"lrustream": json.dumps(meta)})
-        fsync(tmp)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -244,9 +244,12 @@ def train(model: SeqRecModel, split: Split, cfg: TrainConfig, device: torch.devi
     step, best_r10 = hist.steps_done, hist.best_val.get("Recall@10", -1.0)
     started, seconds_before = time.monotonic(), hist.seconds
 
+    def tally() -> None:
+        hist.steps_done, hist.seconds = step, seconds_before + time.monotonic() - started
+
     def save() -> None:
         if checkpoint is not None:
-            hist.steps_done, hist.seconds = step, seconds_before + time.monotonic() - started
+            tally()
             save_checkpoint(checkpoint, setup=setup, model=model, best=best_state, optimizer=opt,
                             loop=LoopState(bad_rounds, running.item(), hist.to_json()))
 
@@ -300,8 +303,7 @@ def train(model: SeqRecModel, split: Split, cfg: TrainConfig, device: torch.devi
         else f"max_steps={cfg.max_steps}" if step >= cfg.max_steps
         else f"time budget of {max_minutes} min")
     model.load_state_dict(best_state)
-    hist.steps_done = step
-    hist.seconds = seconds_before + time.monotonic() - started
+    tally()
     hist.test = evaluate(model, split.test_inputs, split.test_targets, cfg.eval_batch_size, device)
     model.eval()
     return hist

@@ -30,19 +30,22 @@ def spawn_cli(args: list[str], log_path: Path) -> subprocess.Popen:
     return spawn(["-m", "lrustream.cli", *args], log_path)
 
 
-def wait_healthy(cfg: Config, proc: subprocess.Popen, log_path: Path, timeout_s: float = 120) -> None:
-    """Return when the worker answers /health; raise with the log's tail if it exits or never answers."""
+def wait_healthy(cfg: Config, proc: subprocess.Popen, log_path: Path, timeout_s: float = 120,
+                 port: int | None = None, what: str = "worker") -> None:
+    """Return when the child (the worker, or another service on ``port``) answers /health; raise with the
+    log's tail if it exits or never answers."""
+    url = f"http://{cfg.http.host}:{port or cfg.http.port}/health"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace").splitlines()[-20:]
-            raise RuntimeError("worker exited:\n" + "\n".join(tail))
+            raise RuntimeError(f"{what} exited:\n" + "\n".join(tail))
         try:
-            with urllib.request.urlopen(f"http://{cfg.http.host}:{cfg.http.port}/health", timeout=2):
+            with urllib.request.urlopen(url, timeout=2):
                 return
         except OSError:
             time.sleep(0.5)
-    raise RuntimeError(f"worker not healthy after {timeout_s:.0f} s (see {log_path})")
+    raise RuntimeError(f"{what} not healthy after {timeout_s:.0f} s (see {log_path})")
 
 
 def stop(procs: Iterable[subprocess.Popen], timeout_s: float = 30) -> None:

@@ -275,23 +275,40 @@ def refresh_cmd(config: ConfigOpt = None, overrides: Overrides = None) -> None:
 @app.command("evaluate-stream")
 def evaluate_stream_cmd(
     data: Annotated[str, typer.Option(help="Timestamped data set (ratings.dat[.gz], u.data, Amazon files).")],
-    out: Annotated[Path, typer.Option(help="Where prequential.csv and prequential.png go.")] = Path(
+    out: Annotated[Path, typer.Option(help="Where prequential.csv, prequential.png and summary.json go.")] = Path(
         ".lrustream/prequential"),
     limit: Annotated[int | None, typer.Option(help="Use only the first N events (time order).")] = None,
     rate: Annotated[float, typer.Option(help="Replay rate of the second half, events/s.")] = 1000.0,
-    train_minutes: Annotated[float, typer.Option(help="Offline budget for the starting model.")] = 3.0,
+    train_minutes: Annotated[float, typer.Option(help="Offline budget for the starting model and each retrain.")] = 3.0,
     online_every: Annotated[int, typer.Option(help="Online mode: a fine-tuning round every N events.")] = 5000,
+    retrain_every: Annotated[int, typer.Option(help="Retrain mode: a full retrain from scratch every N events.")
+                             ] = 50_000,
+    modes: Annotated[str, typer.Option(help="Comma-separated subset of frozen,online,retrain to run.")
+                     ] = "frozen,online,retrain",
     bucket: Annotated[int, typer.Option(help="Scored events per point of the curves.")] = 1000,
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:
-    """Prequential HR@10/NDCG@10 through the real pipeline, frozen model vs online fine-tuning."""
-    from lrustream.prequential import run_prequential
+    """Prequential HR@10/NDCG@10 through the real pipeline: frozen model vs online fine-tuning vs periodic retrain.
+
+    Exits 1 when the online mode published no version (after writing its outputs)."""
+    from lrustream.prequential import OnlinePublishedNothing, parse_modes, run_prequential
 
     if config:
         raise UsageError("evaluate-stream takes key=value overrides only (it starts its own worker and trainer)")
+    try:
+        chosen = parse_modes(modes)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if retrain_every < 1:
+        raise UsageError(f"--retrain-every must be >= 1, got {retrain_every}")
     cfg_of(None, overrides)
-    run_prequential(overrides or [], data, out, limit, rate, train_minutes, online_every, bucket, log=echo)
+    try:
+        run_prequential(overrides or [], data, out, limit, rate, train_minutes, online_every, bucket, modes=chosen,
+                        retrain_every=retrain_every, log=echo)
+    except OnlinePublishedNothing as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 # ----- streaming worker and its state ---------------------------------------------------------------------------

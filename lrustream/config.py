@@ -123,18 +123,51 @@ class StreamConfig:
 
 @dataclass
 class OnlineConfig:
-    """The online fine-tuning loop (``lrustream trainer``)."""
+    """The online fine-tuning loop (``lrustream trainer``); the round's contract is in trainer/online.py."""
 
     group_id: str = "lrustream-trainer"
-    every_events: int = 20_000
+    every_events: int = 5_000
+    """A round when this many new events arrived (rounds run back to back while the stream outpaces them)."""
     every_seconds: float = 300.0
+    """... or when this long passed since the last round and there is any new event."""
     recent_buffer: int = 4096
+    """Users whose latest window the trainer keeps; the least recently active is evicted first."""
     reservoir_buffer: int = 4096
-    steps_per_round: int = 50
+    """Windows of evicted users kept as a uniform sample, replayed so rounds do not forget older users."""
+    train_len: int = 0
+    """Items per training window (the user's most recent) and the context the gate ranks with; 0 = model.max_len,
+    the context the worker serves with (a model fine-tuned on shorter windows ranks worse at full context)."""
+    batch_size: int = 32
+    """Windows per optimiser step (0 = train.batch_size)."""
+    replay_share: float = 0.1
+    """Share of each batch drawn from users without new events (recent and reservoir)."""
+    events_per_step: int = 300
+    """Steps per round = new events / this, clamped to [min_steps, max_steps]. Rounds keep up with a stream of
+    R events/s while a step costs less than events_per_step / R seconds."""
+    min_steps: int = 10
+    max_steps: int = 100
+    max_train_seconds: float = 8.0
+    """Training stops after this long whatever the step count, so a round's length (and the events between two
+    versions) stays bounded on a machine the trainer shares with the worker and the broker."""
+    num_threads: int = 0
+    """torch CPU threads of the trainer (0 = torch's default, every core). Where it shares the cores with a
+    worker and a broker, 1 avoids threads waiting on each other."""
+    lr: float = 2e-3
+    """AdamW learning rate; the moments carry over from round to round."""
+    dropout: float = 0.0
+    """Dropout while fine-tuning (-1 = the model's own). Dropout is about half a CPU step's cost."""
     holdout_fraction: float = 0.1
-    min_holdout: int = 50  # fewer held-out windows are no evidence: the round publishes nothing
-    tolerance: float = 0.005  # publish when holdout NDCG@10 >= serving's - tolerance
-    lr: float = 1e-4
+    """Share of the new events (the most recent ones) held out to judge the candidate."""
+    min_holdout: int = 500
+    """Fewer held-out (or trainable) events are no evidence: the round publishes nothing."""
+    max_holdout: int = 2000
+    tolerance: float = 0.005
+    """Refuse a candidate whose mean held-out NDCG@10 is below serving's by more than this."""
+    confidence: float = 0.95
+    """Refuse a candidate whose paired-bootstrap interval of NDCG@10 (candidate - serving) lies below zero."""
+    bootstrap_samples: int = 1000
+    http_port: int = 6067
+    """The trainer's /health and /metrics (on http.host, guarded by http.token like the worker's)."""
 
 
 @dataclass

@@ -1,10 +1,25 @@
 """Prequential ("test, then train") evaluation through the real pipeline: ``lrustream evaluate-stream``.
 
-The data set's events are split in global time order: the first half trains the starting model offline,
-the second half is replayed through Kafka into a real worker. Each event is scored against the
-recommendation that was served to that user BEFORE the event (the one emitted for the user's previous
-event): HR@10 and NDCG@10 over time. It runs twice from the same starting model: frozen (worker only) and
-online (worker plus ``lrustream trainer`` fine-tuning and hot-swapping as the stream flows).
+Contract:
+
+* The data set's events are split in global time order: the first half ("warm") trains the starting model
+  offline, the second half is replayed through Kafka into a real worker, once per mode, every mode from the same
+  starting model and in its own topics, state and model store (``OUT/runs/<mode>-<id>/``).
+* Each event is scored against the recommendation served to that user BEFORE it (the one emitted for the user's
+  previous event): HR@10 and NDCG@10 over time.
+* Modes (:data:`MODES`, any subset):
+  ``frozen``  the worker alone, serving the starting model throughout;
+  ``online``  the worker plus ``lrustream trainer`` fine-tuning and hot-swapping as the stream flows;
+  ``retrain`` what a nightly job does: every ``retrain_every`` replayed events producing pauses, the worker drains
+  (a recommendation for every event produced so far), a NEW model is trained from scratch with the starting
+  model's recipe and budget on warm + replayed-so-far, published, announced (reason "retrain"), and producing
+  resumes once the worker's ``GET /model`` reports it. Its vocabulary lists items in first-appearance order over
+  a longer prefix of the same events, so it extends the previous one, as the worker's re-derivation expects.
+* Outputs in ``OUT``: ``prequential.csv`` and ``prequential.png`` (windowed and cumulative HR@10/NDCG@10 per
+  bucket, one column set per mode) and ``summary.json``, the dict :func:`run_prequential` returns (see
+  :func:`summarise`).
+* When the online mode ran and published no version, :class:`OnlinePublishedNothing` is raised AFTER the outputs
+  are written: an "online" curve that is the starting model under another name must not pass for a result.
 """
 
 from __future__ import annotations
@@ -14,17 +29,72 @@ import json
 import math
 import sys
 import time
+import urllib.request
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from lrustream.children import spawn_cli, stop, wait_healthy
 from lrustream.config import Config, load_config
 
+MODES = ("frozen", "online", "retrain")
+Event = tuple[str, str, int]  # (user, item, timestamp)
+Sent = dict[tuple[int, int], tuple[str, str]]  # (partition, offset) -> (user, item), from delivery reports
+Scores = list[tuple[float, float]]  # (hit, ndcg) per scored event, in stream order
+Pause = Callable[[int, Sent], None]  # called with (events produced so far, their delivery reports)
 
-def split_events(data: str, limit: int | None) -> tuple[list[tuple[str, str, int]], list[tuple[str, str, int]]]:
+
+class OnlinePublishedNothing(RuntimeError):
+    """The online run published no version, so its curve is the starting model's (``evaluate-stream`` exits 1).
+    ``summary`` holds the numbers all the same."""
+
+    def __init__(self, rounds: int, refused: dict[str, int], summary: dict[str, Any]) -> None:
+        why = ", ".join(f"{code} {n}" for code, n in refused.items()) or "none"
+        super().__init__(f"online learning published no version in {rounds} rounds (refused: {why})")
+        self.summary = summary
+
+
+@dataclass
+class Replay:
+    """What every mode shares: the starting point, the replayed half and the knobs."""
+
+    base: list[str]
+    root: Path
+    warm: list[Event]
+    events: list[Event]
+    model: Any
+    vocab: Any
+    rate: float
+    online_every: int
+    retrain_every: int
+    train_minutes: float
+    log: Callable[[str], None]
+
+
+@dataclass
+class ModeRun:
+    """What one mode's replay produced."""
+
+    scores: Scores
+    versions: list[str]  # model versions the recommendations came from
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # online: the trainer's rounds.jsonl
+    retrain_seconds: list[float] = field(default_factory=list)  # retrain: training time of each retrain
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+    """``"online,frozen"`` -> the named modes in :data:`MODES` order; ValueError for an empty or unknown one."""
+    asked = {m.strip() for m in text.split(",") if m.strip()}
+    if not asked or asked - set(MODES):
+        raise ValueError(f"--modes takes a comma-separated subset of {','.join(MODES)}, got {text!r}")
+    return tuple(m for m in MODES if m in asked)
+
+
+def split_events(data: str, limit: int | None) -> tuple[list[Event], list[Event]]:
     from trainer.data import load_sequences
 
     events = list(load_sequences(data).events())
@@ -34,8 +104,10 @@ def split_events(data: str, limit: int | None) -> tuple[list[tuple[str, str, int
     return events[:cut], events[cut:]
 
 
-def train_start_model(cfg: Config, warm: list[tuple[str, str, int]], minutes: float, log: Callable[[str], None]):
-    """The starting model: trained offline on the first half only (nothing of the replayed half leaks in)."""
+def train_start_model(cfg: Config, warm: list[Event], minutes: float, log: Callable[[str], None],
+                      label: str = "starting model"):
+    """A model trained from scratch on ``warm`` only (for the starting model, nothing of the replayed half leaks
+    in); items are numbered in first-appearance order."""
     import torch
 
     from models import build_model
@@ -51,18 +123,22 @@ def train_start_model(cfg: Config, warm: list[tuple[str, str, int]], minutes: fl
     model = build_model(cfg.model.name, len(vocab), **model_hparams(cfg, cfg.model.name))
     hist = train(model, leave_one_out(encoded, cfg.model.max_len), cfg.train, pick_device(cfg.train.device),
                  max_minutes=minutes, progress=sys.stderr.isatty())
-    log(f"starting model: {cfg.model.name} on {len(warm)} events, {len(vocab)} items, {hist.steps_done} steps "
+    log(f"{label}: {cfg.model.name} on {len(warm)} events, {len(vocab)} items, {hist.steps_done} steps "
         f"({hist.seconds:.0f} s); offline test NDCG@10 {hist.test.get('NDCG@10', math.nan):.4f}")
     return model.cpu().eval(), vocab
 
 
 def _overrides(base: list[str], tag: str, root: Path, online_every: int) -> list[str]:
-    return [*base, f"topics.interactions=preq-{tag}-in", f"topics.recommendations=preq-{tag}-out",
-            f"topics.dlq=preq-{tag}-dlq", f"topics.state_changelog=preq-{tag}-changelog",
+    # the trainer shares the cores with the worker, the broker and this replay: one torch thread (a default the
+    # caller's overrides may change)
+    return ["online.num_threads=1", *base, f"topics.interactions=preq-{tag}-in",
+            f"topics.recommendations=preq-{tag}-out", f"topics.dlq=preq-{tag}-dlq",
+            f"topics.state_changelog=preq-{tag}-changelog",
             f"topics.training_examples=preq-{tag}-train", f"topics.model_updates=preq-{tag}-updates",
             f"stream.app_id=preq-{tag}", f"online.group_id=preq-{tag}-trainer", f"state.dir={root / 'state'}",
             f"model_store.dir={root / 'models'}", "stream.unknown_items=oov", f"online.every_events={online_every}",
-            "online.every_seconds=1000000", f"http.port={_free_port()}"]
+            "online.every_seconds=1000000", f"http.port={_free_port()}",
+            f"online.http_port={_free_port()}"]
 
 
 def _free_port() -> int:
@@ -71,23 +147,28 @@ def _free_port() -> int:
     return free_port()
 
 
-def _produce(cfg: Config, events: list[tuple[str, str, int]], rate: float) -> dict[tuple[int, int], tuple[str, str]]:
-    """Send the replayed half at ``rate``; return (partition, offset) -> (user, item) from delivery reports."""
+def _drain_timeout(events: int) -> float:
+    return events / 200 + 120
+
+
+def _produce(cfg: Config, events: list[Event], rate: float, every: int = 0, pause: Pause | None = None) -> Sent:
+    """Send ``events`` at ``rate``; return their delivery reports. With ``pause``, after every ``every`` events
+    (not after the last) flush and call ``pause(produced, sent)``; sending resumes when it returns."""
     from confluent_kafka import Producer
 
     from stream.events import encode_event
     from stream.kafka import producer_config
     from stream.tools import Pacer
 
-    sent: dict[tuple[int, int], tuple[str, str]] = {}
+    sent: Sent = {}
     producer = Producer(producer_config(cfg))
-    pacer = Pacer(rate)
+    pacer = Pacer(rate)  # forgives a stall (the pause) instead of catching it up in a burst
 
     def done(err, msg, what) -> None:  # type: ignore[no-untyped-def]
         if err is None:
             sent[(msg.partition(), msg.offset())] = what
 
-    for user, item, ts in events:
+    for n, (user, item, ts) in enumerate(events, 1):
         key, value = encode_event(user, item, ts)
         wait = pacer.wait_s()
         if wait > 0:
@@ -100,35 +181,98 @@ def _produce(cfg: Config, events: list[tuple[str, str, int]], rate: float) -> di
             except BufferError:
                 producer.poll(0.05)
         producer.poll(0)
+        if pause is not None and n % every == 0 and n < len(events):
+            producer.flush(60)
+            pause(n, sent)
     producer.flush(60)
     return sent
 
 
-def _collect(cfg: Config, expect: int, timeout_s: float) -> list[dict]:
-    from confluent_kafka import Consumer
+class Recommendations:
+    """The worker's recommendations topic, read from the beginning by assignment (no consumer group to join)."""
 
-    from stream.kafka import librdkafka_config
+    def __init__(self, cfg: Config) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-    consumer = Consumer(librdkafka_config(cfg, **{"group.id": f"preq-{uuid.uuid4().hex[:6]}",
-                                                  "auto.offset.reset": "earliest", "enable.auto.commit": False}))
-    consumer.subscribe([cfg.topics.recommendations])
-    out: list[dict] = []
+        from stream.kafka import librdkafka_config, topic_partitions
+
+        topic = cfg.topics.recommendations
+        self.consumer = Consumer(librdkafka_config(cfg, **{"group.id": f"preq-{uuid.uuid4().hex[:6]}",
+                                                           "enable.auto.commit": False}))
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
+                              for p in topic_partitions(self.consumer, topic, 30)])
+        self.records: list[dict] = []
+        self.sources: set[tuple[int, int]] = set()  # the events answered so far
+
+    def wait_for(self, events: int, timeout_s: float) -> bool:
+        """Read until ``events`` distinct events have a recommendation or ``timeout_s`` passes; whether they do."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.sources) < events and time.monotonic() < deadline:
+            for m in self.consumer.consume(num_messages=5000, timeout=0.5):
+                if not m.error():
+                    rec = json.loads(m.value())
+                    self.records.append(rec)
+                    self.sources.add((rec["source"]["partition"], rec["source"]["offset"]))
+        return len(self.sources) >= events
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def wait_serving(cfg: Config, version: str, timeout_s: float = 120) -> None:
+    """Return when the worker's ``GET /model`` reports ``version``; RuntimeError when it refuses it or times out."""
+    url = f"http://{cfg.http.host}:{cfg.http.port}/model"
     deadline = time.monotonic() + timeout_s
-    try:
-        while len(out) < expect and time.monotonic() < deadline:
-            out += [json.loads(m.value()) for m in consumer.consume(num_messages=5000, timeout=0.5) if not m.error()]
-    finally:
-        consumer.close()
-    return out
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                body = json.load(resp)
+        except (OSError, ValueError):
+            body = {}
+        if body.get("version") == version:
+            return
+        refused = [s for s in body.get("swaps", []) if s.get("version") == version and not s.get("ok")]
+        if refused:
+            raise RuntimeError(f"the worker refused retrained version {version}: {refused[-1].get('reason')}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the worker does not serve retrained version {version} after {timeout_s:.0f} s "
+                               f"(still serving {body.get('version', '?')}); see its worker.log")
+        time.sleep(0.25)
 
 
-def score(recs: list[dict], sent: dict[tuple[int, int], tuple[str, str]], k: int = 10) -> list[tuple[float, float]]:
+class Retrainer:
+    """Retrain mode's pause: drain, train from scratch on everything seen, publish, announce, wait until served."""
+
+    def __init__(self, cfg: Config, plan: Replay, recs: Recommendations) -> None:
+        from models.store import ModelStore
+
+        self.cfg, self.plan, self.recs = cfg, plan, recs
+        self.store = ModelStore(cfg.model_store.dir)
+        self.seconds: list[float] = []  # training time of each retrain (not the waiting)
+
+    def __call__(self, produced: int, sent: Sent) -> None:
+        from stream.updates import announce
+
+        if not self.recs.wait_for(len(sent), _drain_timeout(len(sent))):
+            raise RuntimeError(f"retrain: the worker answered {len(self.recs.sources)} of {len(sent)} events "
+                               f"within {_drain_timeout(len(sent)):.0f} s; see its worker.log")
+        seen = self.plan.warm + self.plan.events[:produced]
+        t0 = time.monotonic()
+        model, vocab = train_start_model(self.cfg, seen, self.plan.train_minutes, self.plan.log,
+                                         label=f"retrain {len(self.seconds) + 1}")
+        self.seconds.append(time.monotonic() - t0)
+        info = self.store.publish(model, vocab, notes={"source": "prequential retrain", "events": len(seen)})
+        announce(self.cfg, info.version, "retrain")
+        wait_serving(self.cfg, info.version)
+
+
+def score(recs: list[dict], sent: Sent, k: int = 10) -> Scores:
     """(hit, ndcg) per scored event, in stream order: each event against the user's previous recommendation."""
     first: dict[tuple[int, int], dict] = {}
     for r in recs:
         first.setdefault((r["source"]["partition"], r["source"]["offset"]), r)  # de-duplicate repeats
     previous: dict[str, list[str]] = {}
-    out: list[tuple[float, float]] = []
+    out: Scores = []
     for source in sorted(sent, key=lambda s: (s[1], s[0])):
         user, item = sent[source]
         if user in previous:
@@ -141,35 +285,117 @@ def score(recs: list[dict], sent: dict[tuple[int, int], tuple[str, str]], k: int
     return out
 
 
-def run_mode(mode: str, base: list[str], root: Path, model, vocab, events, rate: float, online_every: int,
-             log: Callable[[str], None]) -> list[tuple[float, float]]:
+def read_rounds(path: Path) -> list[dict[str, Any]]:
+    """The trainer's round records (one JSON object a line); a line cut short by the stop is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def run_mode(mode: str, plan: Replay) -> ModeRun:
+    """Replay ``plan.events`` through a fresh worker (plus a trainer, or retrains) and score what it served."""
     from models.store import ModelStore
     from stream.topics import create_topics
 
     tag = f"{mode}-{uuid.uuid4().hex[:6]}"
-    mode_root = root / tag
+    mode_root = (plan.root / tag).resolve()
     mode_root.mkdir(parents=True, exist_ok=True)
-    overrides = _overrides(base, tag, mode_root.resolve(), online_every)
+    overrides = _overrides(plan.base, tag, mode_root, plan.online_every)
     cfg = load_config(overrides=overrides)
     create_topics(cfg)
-    ModelStore(cfg.model_store.dir).publish(model, vocab, notes={"source": "prequential start"})
+    ModelStore(cfg.model_store.dir).publish(plan.model, plan.vocab, notes={"source": "prequential start"})
+    recs = Recommendations(cfg)
     procs = [spawn_cli(["worker", "--loglevel", "warning", *overrides], mode_root / "worker.log")]
     if mode == "online":
         procs.append(spawn_cli(["trainer", *overrides], mode_root / "trainer.log"))
+    retrainer = Retrainer(cfg, plan, recs) if mode == "retrain" else None
     try:
         wait_healthy(cfg, procs[0], mode_root / "worker.log")
+        if mode == "online":  # the trainer reads the examples from the start, but a replay must not outrun its
+            wait_healthy(cfg, procs[1], mode_root / "trainer.log", port=cfg.online.http_port, what="trainer")
         t0 = time.monotonic()
-        sent = _produce(cfg, events, rate)
-        recs = _collect(cfg, len(sent), timeout_s=len(sent) / 200 + 120)
-        log(f"{mode}: {len(sent)} events replayed, {len(recs)} recommendations in {time.monotonic() - t0:.0f} s; "
-            f"versions served: {sorted({r['model_version'] for r in recs})}")
+        sent = _produce(cfg, plan.events, plan.rate, plan.retrain_every, retrainer)
+        if not recs.wait_for(len(sent), _drain_timeout(len(sent))):
+            plan.log(f"{mode}: only {len(recs.sources)} of {len(sent)} events got a recommendation in time")
     finally:
         stop(procs)
-    return score(recs, sent)
+        recs.close()
+    versions = sorted({r["model_version"] for r in recs.records})
+    plan.log(f"{mode}: {len(sent)} events replayed, {len(recs.records)} recommendations in "
+             f"{time.monotonic() - t0:.0f} s; {_versions_text(versions)}")
+    rounds = read_rounds(Path(cfg.model_store.dir) / "rounds.jsonl") if mode == "online" else []
+    return ModeRun(score(recs.records, sent), versions, rounds, retrainer.seconds if retrainer else [])
 
 
-def write_outputs(results: dict[str, list[tuple[float, float]]], out: Path, bucket: int) -> tuple[Path, Path]:
-    """CSV of HR@10/NDCG@10 per bucket of scored events (windowed and cumulative) and a PNG of both curves."""
+def round_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds run, published, refused by reason code (most frequent first), their total wall seconds (training
+    and gate: the records' "seconds") and the training part alone ("train_seconds")."""
+    refused = Counter(str(r.get("refused") or "unknown") for r in records if not r.get("published"))
+    return {"rounds": len(records), "published": sum(1 for r in records if r.get("published")),
+            "refused": dict(refused.most_common()),
+            "round_seconds": round(sum(float(r.get("seconds") or 0.0) for r in records), 2),
+            "train_seconds": round(sum(float(r.get("train_seconds") or 0.0) for r in records), 2)}
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def summarise(runs: dict[str, ModeRun]) -> dict[str, Any]:
+    """``{"modes": {mode: {"HR@10", "NDCG@10", "scored", "versions"} plus, for online, "rounds", "published",
+    "refused" {code: n}, "round_seconds"; for retrain, "retrains", "train_seconds"}, "ratios": {"online/frozen":
+    HR@10 ratio, "online/retrain": ...}}`` (a ratio only where both modes ran and the denominator is not 0)."""
+    modes: dict[str, dict[str, Any]] = {}
+    for mode, run in runs.items():
+        m: dict[str, Any] = {"HR@10": _mean([h for h, _ in run.scores]), "NDCG@10": _mean([g for _, g in run.scores]),
+                             "scored": len(run.scores), "versions": run.versions}
+        if mode == "online":
+            m |= round_stats(run.rounds)
+        if mode == "retrain":
+            m |= {"retrains": len(run.retrain_seconds), "train_seconds": round(sum(run.retrain_seconds), 2)}
+        modes[mode] = m
+    ratios = {f"online/{other}": round(modes["online"]["HR@10"] / modes[other]["HR@10"], 4)
+              for other in ("frozen", "retrain")
+              if "online" in modes and other in modes and modes[other]["HR@10"] > 0}
+    return {"modes": modes, "ratios": ratios}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def _versions_text(versions: list[str]) -> str:
+    span = versions[0] if len(versions) == 1 else f"{versions[0]}..{versions[-1]}" if versions else "none"
+    return f"{_plural(len(versions), 'version')} served ({span})"
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The summary as a few short lines for the terminal."""
+    lines = []
+    for mode, m in summary["modes"].items():
+        lines.append(f"{mode:7s} HR@10 {m['HR@10']:.4f}  NDCG@10 {m['NDCG@10']:.4f}  {m['scored']} scored; "
+                     f"{_versions_text(m['versions'])}")
+        if "rounds" in m:
+            refused = ", ".join(f"{code} {n}" for code, n in m["refused"].items()) or "none"
+            lines.append(f"        {_plural(m['rounds'], 'round')}: {m['published']} published, refused: {refused}; "
+                         f"{m['round_seconds']:.0f} s of rounds ({m['train_seconds']:.0f} s training)")
+        if "retrains" in m:
+            lines.append(f"        {_plural(m['retrains'], 'retrain')}: {m['train_seconds']:.0f} s of training")
+    if summary["ratios"]:
+        lines.append("HR@10 " + ", ".join(f"{k} {v:.2f}x" for k, v in summary["ratios"].items()))
+    return lines
+
+
+def write_outputs(results: dict[str, Scores], out: Path, bucket: int) -> tuple[Path, Path]:
+    """CSV of HR@10/NDCG@10 per bucket of scored events (windowed and cumulative) and a PNG of every curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,17 +432,30 @@ def write_outputs(results: dict[str, list[tuple[float, float]]], out: Path, buck
     return csv_path, png_path
 
 
-def run_prequential(base: list[str], data: str, out: Path, limit: int | None, rate: float, train_minutes: float,
-                    online_every: int, bucket: int, log: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
-    cfg = load_config(overrides=base)
-    warm, stream = split_events(data, limit)
-    model, vocab = train_start_model(cfg, warm, train_minutes, log)
-    results = {mode: run_mode(mode, base, out / "runs", model, vocab, stream, rate, online_every, log)
-               for mode in ("frozen", "online")}
-    csv_path, png_path = write_outputs(results, out, bucket)
-    summary = {mode: {"HR@10": float(np.mean([h for h, _ in v])), "NDCG@10": float(np.mean([g for _, g in v])),
-                      "scored": len(v)} for mode, v in results.items()}
-    for mode, m in summary.items():
-        log(f"{mode:6s}: HR@10 {m['HR@10']:.4f}  NDCG@10 {m['NDCG@10']:.4f}  over {m['scored']} scored events")
-    log(f"wrote {csv_path} and {png_path}")
+def finish(runs: dict[str, ModeRun], out: Path, bucket: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Write the CSV, PNG and summary.json, print the summary; then :class:`OnlinePublishedNothing` if due."""
+    csv_path, png_path = write_outputs({mode: run.scores for mode, run in runs.items()}, out, bucket)
+    summary = summarise(runs)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for line in summary_lines(summary):
+        log(line)
+    log(f"wrote {csv_path.name}, {png_path.name} and summary.json in {out}")
+    online = summary["modes"].get("online")
+    if online is not None and not online["published"]:
+        raise OnlinePublishedNothing(online["rounds"], online["refused"], summary)
     return summary
+
+
+def run_prequential(base: list[str], data: str, out: Path, limit: int | None, rate: float, train_minutes: float,
+                    online_every: int, bucket: int, modes: Sequence[str] = MODES, retrain_every: int = 50_000,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``modes`` from one starting model, write the outputs, return the summary (see :func:`summarise`)."""
+    if "retrain" in modes and retrain_every < 1:
+        raise ValueError(f"retrain_every must be >= 1, got {retrain_every}")
+    cfg = load_config(overrides=base)
+    warm, events = split_events(data, limit)
+    model, vocab = train_start_model(cfg, warm, train_minutes, log)
+    plan = Replay(base, out / "runs", warm, events, model, vocab, rate, online_every, retrain_every,
+                  train_minutes, log)
+    runs = {mode: run_mode(mode, plan) for mode in MODES if mode in modes}
+    return finish(runs, out, bucket, log)

@@ -1,14 +1,19 @@
-"""Online learning: the replay buffer, the validation gate, vocabulary growth, and the loop on real Kafka
-(worker -> training examples -> trainer round -> published version -> worker swap)."""
+"""Online learning: the event buffer (time-ordered holdout), the learner (warm start, AdamW moments carried and
+resized), the gate (paired bootstrap; refusals with numbers), and the loop on real Kafka (worker -> training
+examples -> trainer round -> published version -> worker swap, /health and /metrics of the trainer)."""
 
 from __future__ import annotations
 
 import json
 import random
 import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from lrustream.config import Config, load_config
 from models.store import ModelStore
@@ -17,84 +22,210 @@ from stream.updates import request_refresh
 from tests.streamkit import WorkerProcess, publish_model, read_topic, recommendations
 from tests.test_hot_swap import wait_for_version
 from tests.test_worker import produce_events
-from trainer.online import ReplayBuffer, TrainerLoop, run_round
+from trainer.online import EventBuffer, HeldEvent, OnlineLearner, TrainerLoop, event_metrics, paired_bootstrap
 
 
-def ring_windows(users: int, length: int, items: int = 40, seed: int = 0) -> list[list[str]]:
-    """Users walking a ring of items: a pattern a few fine-tuning steps can pick up."""
+def ring_stream(users: int, events: int, items: int = 40, step: int = 1, seed: int = 0,
+                starts: list[int] | None = None) -> list[tuple[str, str]]:
+    """Users walking a ring of items by ``step``, interleaved in time: a rule a few steps can pick up."""
     rng = random.Random(seed)
+    pos = starts or [rng.randrange(items) for _ in range(users)]
     out = []
-    for _ in range(users):
-        start = rng.randrange(items)
-        out.append([f"i{(start + k) % items + 1}" for k in range(length)])
+    for _ in range(events):
+        u = rng.randrange(users)
+        pos[u] = (pos[u] + step) % items
+        out.append((f"u{u}", f"i{pos[u] + 1}"))
     return out
 
 
-def test_replay_buffer_keeps_latest_window_per_user_and_a_bounded_reservoir() -> None:
-    buf = ReplayBuffer(recent=3, reservoir=2, seed=0)
-    for u in range(10):
-        buf.add(f"u{u}", ["a", "b", f"x{u}"])
-    buf.add("u9", ["a", "b", "c", "d"])  # a user's newer window replaces the older one
-    assert list(buf.recent) == ["u7", "u8", "u9"] and buf.recent["u9"][-1] == "d"
-    assert len(buf.reservoir) == 2 and buf.evicted == 7 and len(buf) == 5
-    train, held = buf.split(holdout_fraction=0.34)
-    assert held == [["a", "b", "c", "d"]]
-    assert ["a", "b", "c"] in train and ["a", "b", "c", "d"] not in train, "held-out target never trained on"
+def fill(buf: EventBuffer, events: list[tuple[str, str]], history: dict[str, list[str]] | None = None) -> None:
+    """What the worker sends: after each event, the user's window with one new item."""
+    history = {} if history is None else history
+    for user, item in events:
+        history.setdefault(user, []).append(item)
+        buf.add(user, history[user][-buf.max_len:], 1)
 
 
+# ----- the buffer --------------------------------------------------------------------------------------------
+def test_holdout_is_the_most_recent_new_events_and_training_stops_before_them() -> None:
+    buf = EventBuffer(recent_users=10, reservoir_users=4, max_len=50)
+    fill(buf, [("a", "a1"), ("b", "b1"), ("a", "a2"), ("b", "b2"), ("a", "a3"), ("c", "c1"), ("b", "b3"),
+               ("a", "a4")])
+    held, until = buf.holdout(3)
+    assert [(h.user, h.prefix, h.target) for h in held] == [
+        ("a", ["a1", "a2"], "a3"), ("b", ["b1", "b2"], "b3"), ("a", ["a1", "a2", "a3"], "a4")], \
+        "c1 (a first event) has no prefix to judge from: three judgeable events reach back to a3"
+    assert until == 4, "training stops before a3, event number 4"
+    with_new, others = buf.training_windows(until)
+    assert sorted(with_new) == [["a1", "a2"], ["b1", "b2"]], "no held-out target (nor c1, after it) is trained on"
+    assert others == []
+    buf.trained = until  # a published round: the held-out events become trainable next time
+    assert buf.new_events == 4
+    fill(buf, [("d", "d1"), ("d", "d2")])
+    with_new, _ = buf.training_windows(buf.seen)
+    assert ["a1", "a2", "a3", "a4"] in with_new and ["c1", "d1", "d2"] not in with_new and ["d1", "d2"] in with_new
+
+
+def test_evicted_users_go_to_a_bounded_reservoir_and_are_replayed_as_others() -> None:
+    buf = EventBuffer(recent_users=3, reservoir_users=2, max_len=4, seed=0)
+    fill(buf, [(f"u{u}", f"x{k}") for u in range(10) for k in range(6)])
+    assert list(buf.users) == ["u7", "u8", "u9"] and buf.users["u9"].items == ["x2", "x3", "x4", "x5"]
+    assert len(buf.reservoir) == 2 and buf.evicted == 7 and buf.seen == 60
+    buf.trained = 54
+    with_new, others = buf.training_windows(60)
+    assert with_new == [["x2", "x3", "x4", "x5"]], "u9's events 54..59 are new"
+    assert len(others) == 4, "u7 and u8 and the reservoir's two windows are replay"
+    assert buf.training_windows(57)[0] == [], "cut before event 57, u9's window keeps x2 only: too short to train"
+
+
+def test_events_whose_window_moved_on_are_counted_but_not_held_out() -> None:
+    buf = EventBuffer(recent_users=5, reservoir_users=0, max_len=3)
+    fill(buf, [("a", f"a{k}") for k in range(10)])
+    held, _ = buf.holdout(100)
+    assert [h.target for h in held] == ["a8", "a9"], "only events with a prefix still in the window are judged"
+    buf.add("a", ["a12", "a13", "a14"], 5)  # one micro-batch served 5 events of a; the window keeps 3
+    buf.add("b", ["b5", "b6", "b7"], 8)  # a new user whose first example already spans more than its window
+    assert buf.seen == 23 and buf.users["a"].total == 15 and buf.users["b"].total == 8
+    held, _ = buf.holdout(100)
+    assert [h.target for h in held][-4:] == ["a13", "a14", "b6", "b7"]
+
+
+# ----- the gate ----------------------------------------------------------------------------------------------
+def test_grouped_event_metrics_equal_one_row_per_event(tmp_path: Path) -> None:
+    """The gate's shortcut (one forward pass per run of a user's events) ranks exactly as one row per event
+    would, as long as the run leaves the events their whole context."""
+    from trainer.evaluate import left_pad, ranks_of
+
+    cfg = load_config(overrides=[f"model_store.dir={tmp_path}", "model.max_len=16"])
+    publish_model(cfg, num_items=30)
+    loaded = ModelStore(tmp_path).load()
+    rng = random.Random(1)
+    held = []
+    for u in range(6):
+        seq = [f"i{rng.randint(1, 30)}" for _ in range(rng.randint(3, 9))]
+        held += [HeldEvent(f"u{u}", seq[:j], seq[j]) for j in range(1, len(seq))]
+    hit, ndcg = event_metrics(loaded.model, loaded.vocab, held, context=16)
+    x = left_pad([np.array([loaded.vocab.id_of(t) for t in h.prefix]) for h in held], 16)
+    y = torch.tensor([loaded.vocab.id_of(h.target) for h in held])
+    with torch.no_grad():
+        ranks = ranks_of(loaded.model.score(loaded.model.last_hidden(x)).float(), x, y).double().numpy()
+    assert hit.tolist() == (ranks <= 10).astype(float).tolist()
+    np.testing.assert_allclose(ndcg, np.where(ranks <= 10, 1 / np.log2(ranks + 1), 0.0), rtol=1e-6)
+
+
+def test_paired_bootstrap_interval_covers_the_mean_and_shrinks_with_evidence() -> None:
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(0.01, 0.2, 200), rng.normal(0.01, 0.2, 20_000)
+    lo_s, hi_s = paired_bootstrap(small, 1000, 0.95)
+    lo_l, hi_l = paired_bootstrap(large, 1000, 0.95)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 5 and lo_l > 0, "20,000 events resolve a +0.01 difference"
+
+
+# ----- rounds ------------------------------------------------------------------------------------------------
 def _cfg(tmp_path: Path, *extra: str) -> Config:
-    return load_config(overrides=[f"model_store.dir={tmp_path / 'models'}", "online.steps_per_round=30",
-                                  "online.lr=0.005", "train.batch_size=32", "model.max_len=20", "online.min_holdout=3",
-                                  *extra])
+    return load_config(overrides=[f"model_store.dir={tmp_path / 'models'}", "online.min_steps=30",
+                                  "online.max_steps=30", "online.lr=0.005", "online.batch_size=32",
+                                  "model.max_len=20", "online.min_holdout=20", *extra])
 
 
-def _buffer(windows: list[list[str]]) -> ReplayBuffer:
-    buf = ReplayBuffer(recent=len(windows), reservoir=0)
-    for u, w in enumerate(windows):
-        buf.add(f"u{u}", w)
-    return buf
+@dataclass
+class Setting:
+    """A published random model (v1), its store, and a buffer holding ``events`` with their history."""
+
+    cfg: Config
+    v1: str
+    store: ModelStore
+    buf: EventBuffer
+    history: dict[str, list[str]]
+
+    @classmethod
+    def make(cls, tmp_path: Path, events: list[tuple[str, str]], *extra: str) -> Setting:
+        cfg = _cfg(tmp_path, *extra)
+        v1 = publish_model(cfg)
+        buf, history = EventBuffer(100, 100, cfg.model.max_len), {}
+        fill(buf, events, history)
+        return cls(cfg, v1, ModelStore(cfg.model_store.dir), buf, history)
 
 
-def test_round_publishes_a_grown_vocabulary_with_parent_and_metrics(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path)
-    v1 = publish_model(cfg)
-    windows = ring_windows(60, 15)
-    windows[0] = [*windows[0], "brand-new-item"]
-    result = run_round(cfg, _buffer(windows), ModelStore(cfg.model_store.dir))
-    assert result.published is not None, result.line()
-    store = ModelStore(cfg.model_store.dir)
-    info = store.info(result.published)
-    loaded = store.load(result.published)
-    assert info.parent == v1 and store.current() == result.published
-    assert "brand-new-item" in loaded.vocab and loaded.model.num_items == 41 and result.new_items == 1
+def test_a_round_learns_the_stream_publishes_a_grown_vocabulary_and_the_next_round_continues(tmp_path: Path) -> None:
+    events = ring_stream(30, 1500)
+    events[-200] = (events[-200][0], "brand-new-item")  # still in its user's window at the round
+    s = Setting.make(tmp_path, events)
+    cfg, v1, store, buf, history = s.cfg, s.v1, s.store, s.buf, s.history
+    learner = OnlineLearner(cfg, store)
+    first = learner.round(buf)
+    assert first.published is not None and first.refused is None, first.line()
+    assert first.candidate["HR@10"] > first.serving["HR@10"] + 0.2, "the ring rule was learnt"
+    assert first.gate["diff_low"] > 0 and first.gate["heldout"] == 150 and first.new_items == 1
+    info, loaded = store.info(first.published), store.load(first.published)
+    assert info.parent == v1 and store.current() == first.published
+    assert "brand-new-item" in loaded.vocab and loaded.model.num_items == 41
     assert loaded.vocab.items()[:40] == store.load(v1).vocab.items(), "old ids keep their meaning"
-    assert set(info.metrics) >= {"holdout_NDCG@10", "holdout_Recall@10"}
+    assert buf.trained == 1350 and buf.new_events == 150, "the held-out events are trained next round"
+
+    # the next round continues the same learner: its AdamW moments carry over and grow with the vocabulary
+    moments_before = {k: v["exp_avg_sq"].clone() for k, v in learner.opt.state_dict()["state"].items()}
+    more = ring_stream(30, 400, seed=1)
+    more[-300] = (more[-300][0], "another-new-item")
+    fill(buf, more, history)
+    second = learner.round(buf)
+    assert second.published is not None, second.line()
+    assert learner.warm_starts == 1, "no fresh start: the learner stands for the version it published"
+    state = learner.opt.state_dict()["state"]
+    grown = [k for k, v in moments_before.items() if v.shape != state[k]["exp_avg_sq"].shape]
+    assert grown, "the embedding's moments were resized"
+    for k in grown:
+        old, new = moments_before[k], state[k]["exp_avg_sq"]
+        assert new.shape[0] == old.shape[0] + 1 and torch.all(new[1: old.shape[0] - 1] > 0), \
+            "old rows keep their (updated) second moments"
 
 
-def test_gate_refuses_a_candidate_worse_than_the_tolerance_and_keeps_serving(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, "online.tolerance=-1.0")  # demand +1.0 NDCG: no candidate can pass
-    v1 = publish_model(cfg)
-    result = run_round(cfg, _buffer(ring_windows(60, 15)), ModelStore(cfg.model_store.dir))
-    assert result.published is None and "holdout NDCG@10" in result.reason
-    assert ModelStore(cfg.model_store.dir).current() == v1 and ModelStore(cfg.model_store.dir).versions() == [v1]
+@pytest.mark.parametrize(("lr", "refused"), [("10", "non-finite"), ("1", "gate")])
+def test_a_broken_candidate_is_refused_with_numbers_and_the_learner_goes_back(tmp_path: Path, lr: str,
+                                                                              refused: str) -> None:
+    s = Setting.make(tmp_path, ring_stream(30, 1500))
+    store, buf, history = s.store, s.buf, s.history
+    v2 = OnlineLearner(s.cfg, store).round(buf).published
+    assert v2
+    fill(buf, ring_stream(30, 600, seed=2), history)
+    trained = buf.trained
+    learner = OnlineLearner(_cfg(tmp_path, f"online.lr={lr}"), store)  # a deliberately broken fine-tuning
+    result = learner.round(buf)
+    assert result.published is None and result.refused == refused, result.line()
+    if refused == "gate":
+        assert "held-out NDCG@10" in result.reason and "interval" in result.reason and "below zero" in result.reason
+        assert result.gate["diff_high"] < 0
+    assert store.current() == v2 and buf.trained == trained, "nothing published; the events stay new"
+    served = store.load(v2).model.state_dict()
+    assert all(torch.equal(served[k], v) for k, v in learner.model.state_dict().items()), "candidate discarded"
 
 
-def test_gate_publishes_nothing_without_enough_held_out_evidence(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, "online.min_holdout=50")  # 60 windows hold out 6
-    v1 = publish_model(cfg)
-    result = run_round(cfg, _buffer(ring_windows(60, 15)), ModelStore(cfg.model_store.dir))
-    assert result.published is None and "held-out windows" in result.reason
-    assert ModelStore(cfg.model_store.dir).versions() == [v1]
+def test_a_round_without_enough_evidence_or_with_non_finite_training_publishes_nothing(tmp_path: Path) -> None:
+    s = Setting.make(tmp_path, ring_stream(30, 1500), "online.min_holdout=200")
+    result = OnlineLearner(s.cfg, s.store).round(s.buf)  # 10 % of 1500 = 150 < 200: 200 held, 1300 to train
+    assert result.published is not None, "min_holdout is reachable: the fraction is raised to meet it"
+    s = Setting.make(tmp_path / "few", ring_stream(30, 300), "online.min_holdout=200")
+    result = OnlineLearner(s.cfg, s.store).round(s.buf)
+    assert result.refused == "holdout" and "300 new events" in result.reason and "min_holdout=200" in result.reason
+
+    s = Setting.make(tmp_path / "nan", ring_stream(30, 1500), "online.lr=1e38", "train.grad_clip=1e38")
+    result = OnlineLearner(s.cfg, s.store).round(s.buf)
+    assert result.refused == "non-finite", result.line()
+    assert s.store.current() == s.v1
 
 
-def test_gate_refuses_non_finite_training(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, "online.lr=1e38", "train.grad_clip=1e38")
-    v1 = publish_model(cfg)
-    result = run_round(cfg, _buffer(ring_windows(60, 15)), ModelStore(cfg.model_store.dir))
-    assert result.published is None and "non-finite" in result.reason, result.line()
-    assert ModelStore(cfg.model_store.dir).current() == v1
+def test_a_rollback_makes_the_learner_start_again_from_the_serving_version(tmp_path: Path) -> None:
+    s = Setting.make(tmp_path, ring_stream(30, 1500))
+    learner = OnlineLearner(s.cfg, s.store)
+    assert learner.round(s.buf).published
+    s.store.set_current(s.v1)  # an operator's rollback
+    fill(s.buf, ring_stream(30, 500, seed=3), s.history)
+    result = learner.round(s.buf)
+    assert learner.warm_starts == 2 and result.published and s.store.info(result.published).parent == s.v1
 
 
+# ----- on the real broker ------------------------------------------------------------------------------------
 def produce_examples(cfg: Config, users: range) -> None:
     from confluent_kafka import Producer
 
@@ -112,13 +243,13 @@ def test_a_restarted_trainer_resumes_where_it_left_off(kafka_cfg: Config) -> Non
     """Training examples are read once: a new trainer process starts at the offsets the last one committed."""
     create_topics(kafka_cfg)
     produce_examples(kafka_cfg, range(0, 40))
-    first = TrainerLoop(kafka_cfg, log_line=print)
+    first = TrainerLoop(kafka_cfg, log_line=print, serve_http=False)
     deadline = time.monotonic() + 30
     while first.events_since < 40 and time.monotonic() < deadline:
         first.poll()
     first.close()  # commits what it consumed
     produce_examples(kafka_cfg, range(40, 50))
-    second = TrainerLoop(kafka_cfg, log_line=print)
+    second = TrainerLoop(kafka_cfg, log_line=print, serve_http=False)
     try:
         deadline = time.monotonic() + 30
         while second.events_since < 10 and time.monotonic() < deadline:
@@ -127,33 +258,41 @@ def test_a_restarted_trainer_resumes_where_it_left_off(kafka_cfg: Config) -> Non
     finally:
         second.close()
     assert first.events_since == 40
-    assert second.events_since == 10 and set(second.buffer.recent) == {f"u{u}" for u in range(40, 50)}
+    assert second.events_since == 10 and set(second.buffer.users) == {f"u{u}" for u in range(40, 50)}
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 @pytest.mark.kafka
-def test_trainer_round_reaches_the_running_worker(kafka_cfg: Config, kafka_overrides: list[str],
-                                                  tmp_path: Path) -> None:
-    overrides = [*kafka_overrides, "online.steps_per_round=20", "online.every_seconds=3600",
-                 "online.every_events=1000000", "train.batch_size=32", "stream.unknown_items=oov",
-                 "online.min_holdout=1", "online.tolerance=1.0"]  # random events: the gate is pinned elsewhere
+def test_refresh_publishes_a_gated_version_the_running_worker_serves(kafka_cfg: Config, kafka_overrides: list[str],
+                                                                     tmp_path: Path) -> None:
+    overrides = [*kafka_overrides, "online.every_seconds=3600", "online.every_events=1000000",
+                 "stream.unknown_items=oov", "online.min_holdout=30", "online.min_steps=30", "online.lr=0.005",
+                 "model.max_len=20", "online.http_port=0"]
     cfg = load_config(overrides=overrides)
     create_topics(cfg)
     v1 = publish_model(cfg)
-    rng = random.Random(7)
-    events = [(f"u{rng.randrange(30)}", f"i{rng.randint(1, 40)}") for _ in range(300)]
+    events = ring_stream(30, 600)
     events[100], events[200] = ("u1", "new-item"), ("u2", "new-item")  # first seen in the stream
     produce_events(cfg, events)
     worker = WorkerProcess(overrides, tmp_path / "worker.log").start()
     loop = TrainerLoop(cfg, log_line=print)
+    trainer_url = f"http://{cfg.http.host}:{loop.http.port}"
     try:
         worker.wait_healthy()
         recommendations(cfg, expect=len(events))
         examples = read_topic(cfg, cfg.topics.training_examples, idle_s=2)
         assert examples and all(json.loads(m.value())["items"] for m in examples)
         deadline = time.monotonic() + 30
-        while len(loop.buffer) < 30 and time.monotonic() < deadline:
+        while loop.buffer.seen < len(events) and time.monotonic() < deadline:
             loop.poll()
-        assert len(loop.buffer) == 30, "every active user's window reached the trainer"
+        assert loop.buffer.seen == len(events), "every served event reached the trainer"
         request_refresh(cfg, "test")
         while not loop.requested and time.monotonic() < deadline:
             loop.poll()
@@ -167,13 +306,37 @@ def test_trainer_round_reaches_the_running_worker(kafka_cfg: Config, kafka_overr
         model_after = json.loads(worker.get("/model"))
         produce_events(cfg, events[:20], ts0=1_900_000_000_000)
         recs = recommendations(cfg, expect=len(events) + 20)
+        health, metrics = _get(f"{trainer_url}/health"), _get(f"{trainer_url}/metrics")
+
+        # a trainer started with a broken learning rate reads the same examples: the gate refuses its candidate
+        broken = TrainerLoop(load_config(overrides=[*overrides, "online.lr=10",
+                                                    f"online.group_id={cfg.online.group_id}-broken"]), log_line=print)
+        try:
+            deadline = time.monotonic() + 30
+            while broken.buffer.seen < len(events) and time.monotonic() < deadline:
+                broken.poll()
+            refused = broken.round()
+        finally:
+            broken.close()
+        produce_events(cfg, events[20:30], ts0=1_950_000_000_000)
+        recs = recommendations(cfg, expect=len(events) + 30)
     finally:
         loop.close()
         worker.stop()
-    assert json.loads((Path(cfg.model_store.dir) / "rounds.jsonl").read_text().splitlines()[-1])["published"]
+    assert refused.published is None and refused.refused in {"gate", "non-finite"}, refused.line()
+    assert ModelStore(cfg.model_store.dir).current() == result.published
+    assert {r["model_version"] for r in recs if r["event_ts"] >= 1_950_000_000_000} == {result.published}, \
+        "the worker kept serving the good version"
+    records = [json.loads(line) for line in (Path(cfg.model_store.dir) / "rounds.jsonl").read_text().splitlines()]
+    assert [r["published"] for r in records] == [result.published, None], "both rounds recorded"
+    assert records[0]["gate"]["heldout"] == 60 and records[1]["refused"] == refused.refused
     new = ModelStore(cfg.model_store.dir).load(result.published)
     assert "new-item" in new.vocab and new.model.num_items == 41, "the stream's new item got an embedding"
     assert model_after["num_items"] == 41, "the worker serves the grown vocabulary"
-    after = [r for r in recs if r["event_ts"] >= 1_900_000_000_000]
+    after = [r for r in recs if 1_900_000_000_000 <= r["event_ts"] < 1_950_000_000_000]
     assert len(after) == 20 and {r["model_version"] for r in after} == {result.published}
     assert ModelStore(cfg.model_store.dir).info(result.published).parent == v1
+    assert health[0] == 200 and json.loads(health[1])["serving"] == result.published
+    assert "lrustream_trainer_published_total 1.0" in metrics[1]
+    assert f'lrustream_trainer_serving_info{{version="{result.published}"}} 1.0' in metrics[1]
+    assert "lrustream_trainer_buffer_events 600.0" in metrics[1]

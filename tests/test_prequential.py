@@ -1,17 +1,29 @@
-"""``lrustream evaluate-stream`` end to end on a small synthetic stream: both modes run through the real
-pipeline and the CSV/PNG hold both curves."""
+"""``lrustream evaluate-stream``: scoring, the summary (round records -> counts, ratios), the "online published
+nothing" failure (outputs written first, exit 1), and end to end on a small synthetic stream: frozen, online and
+retrain modes through the real pipeline, all three curves in the CSV."""
 
 from __future__ import annotations
 
 import csv
+import json
 import random
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from lrustream.prequential import run_prequential, score
-
-pytestmark = pytest.mark.kafka
+from lrustream import prequential
+from lrustream.cli import UsageError, app
+from lrustream.prequential import (
+    ModeRun,
+    OnlinePublishedNothing,
+    finish,
+    parse_modes,
+    round_stats,
+    run_prequential,
+    score,
+    summary_lines,
+)
 
 
 def test_score_uses_the_recommendation_served_before_each_event() -> None:
@@ -24,24 +36,121 @@ def test_score_uses_the_recommendation_served_before_each_event() -> None:
     assert score(recs, sent) == [(1.0, 1.0), (0.0, 0.0)]  # b hit at rank 1; c missed; first events unscored
 
 
-def test_evaluate_stream_writes_frozen_and_online_curves(kafka_bootstrap: str, tmp_path: Path) -> None:
-    rng = random.Random(0)
+def test_round_stats_counts_rounds_published_and_refusals_by_code() -> None:
+    records = [{"published": "v000002", "refused": None, "seconds": 1.5, "train_seconds": 1.0},
+               {"published": None, "refused": "gate", "reason": "held-out NDCG@10 worse", "seconds": 2.0,
+                "train_seconds": 1.5},
+               {"published": None, "refused": "holdout", "seconds": 0.5},
+               {"published": None, "seconds": 1.0},
+               {"published": None, "refused": "gate", "seconds": 1.0, "train_seconds": 0.5}]
+    assert round_stats(records) == {"rounds": 5, "published": 1, "round_seconds": 6.0, "train_seconds": 3.0,
+                                    "refused": {"gate": 2, "holdout": 1, "unknown": 1}}
+    assert round_stats([]) == {"rounds": 0, "published": 0, "refused": {}, "round_seconds": 0.0,
+                               "train_seconds": 0.0}
+
+
+def test_parse_modes_keeps_the_canonical_order_and_rejects_unknown_ones() -> None:
+    assert parse_modes("retrain, frozen") == ("frozen", "retrain")
+    for bad in ("", "frozen,nightly"):
+        with pytest.raises(ValueError, match="subset of frozen,online,retrain"):
+            parse_modes(bad)
+
+
+def _runs(online_rounds: list[dict]) -> dict[str, ModeRun]:
+    return {"frozen": ModeRun([(1.0, 1.0), (0.0, 0.0)] * 10, ["v000001"]),
+            "online": ModeRun([(1.0, 0.5)] * 15 + [(0.0, 0.0)] * 5, ["v000001"], rounds=online_rounds),
+            "retrain": ModeRun([(1.0, 1.0)] * 20, ["v000001", "v000002"], retrain_seconds=[3.0, 4.5])}
+
+
+def test_summary_has_every_mode_and_the_ratios(tmp_path: Path) -> None:
+    lines: list[str] = []
+    summary = finish(_runs([{"published": "v000002", "seconds": 2.0}]), tmp_path, bucket=5, log=lines.append)
+    modes = summary["modes"]
+    assert modes["frozen"] == {"HR@10": 0.5, "NDCG@10": 0.5, "scored": 20, "versions": ["v000001"]}
+    assert modes["online"]["HR@10"] == 0.75 and modes["online"]["published"] == 1
+    assert modes["retrain"]["retrains"] == 2 and modes["retrain"]["train_seconds"] == 7.5
+    assert summary["ratios"] == {"online/frozen": 1.5, "online/retrain": 0.75}
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert lines[:-1] == summary_lines(summary) and lines[-1].startswith("wrote ")
+    assert len(lines) <= 7 and all(len(line) <= 100 for line in lines[:-1])
+
+
+def test_online_publishing_nothing_raises_after_writing_the_outputs(tmp_path: Path) -> None:
+    rounds = [{"published": None, "refused": "gate", "seconds": 1.0}] * 5 + [{"published": None, "refused": "holdout"}]
+    with pytest.raises(OnlinePublishedNothing) as err:
+        finish(_runs(rounds), tmp_path, bucket=5, log=lambda _: None)
+    assert str(err.value) == "online learning published no version in 6 rounds (refused: gate 5, holdout 1)"
+    assert err.value.summary["modes"]["online"]["published"] == 0
+    assert json.loads((tmp_path / "summary.json").read_text()) == err.value.summary
+    with (tmp_path / "prequential.csv").open() as f:
+        assert {"hr10_frozen", "hr10_online", "hr10_retrain"} <= set(next(csv.DictReader(f)))
+    assert (tmp_path / "prequential.png").exists()
+
+
+def test_evaluate_stream_exits_1_with_one_line_when_online_published_nothing(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def nothing(*_args: object, **_kwargs: object) -> None:
+        raise OnlinePublishedNothing(3, {"gate": 3}, {})
+
+    monkeypatch.setattr(prequential, "run_prequential", nothing)
+    result = CliRunner().invoke(app, ["evaluate-stream", "--data", str(tmp_path / "u.data")])
+    assert result.exit_code == 1
+    assert result.stderr == "error: online learning published no version in 3 rounds (refused: gate 3)\n"
+    result = CliRunner().invoke(app, ["evaluate-stream", "--data", "x", "--modes", "frozen,nightly"])
+    assert isinstance(result.exception, UsageError) and "subset of frozen,online,retrain" in str(result.exception)
+
+
+def shifting_stream(path: Path, users: int = 60, items: int = 60, per_phase: int = 20, seed: int = 0) -> None:
+    """u.data whose next-item rule changes half-way in time: first every user walks a ring (i -> i+1), then a
+    fixed random permutation (i -> p(i), never i+1). evaluate-stream trains on the first half, replays the
+    second: a model that does not learn from the stream keeps predicting the old rule."""
+    rng = random.Random(seed)
+    perm = list(range(items))
+    while any(perm[i] in (i, (i + 1) % items) for i in range(items)):
+        rng.shuffle(perm)
+    pos = [rng.randrange(items) for _ in range(users)]
     lines, ts = [], 1_000_000_000
-    for user in range(1, 61):
-        pos = rng.randrange(50)
-        for _ in range(50):
-            pos = (pos + rng.choice((1, 1, 2))) % 50
-            ts += rng.randint(1, 5)
-            lines.append(f"{user}\t{pos + 1}\t5\t{ts}")
+    for phase in (lambda i: (i + 1) % items, lambda i: perm[i]):
+        for _ in range(per_phase):
+            for u in rng.sample(range(users), users):
+                pos[u] = phase(pos[u])
+                ts += 1
+                lines.append(f"{u + 1}\t{pos[u] + 1}\t5\t{ts}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.kafka
+def test_online_follows_a_shift_in_the_stream_and_frozen_does_not(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """Through the real pipeline (broker, worker, trainer, hot swap), all three modes: the served
+    recommendations of the online run follow the new rule, the frozen ones do not; rounds publish all the way
+    through the replay; the CSV, PNG and summary hold the three curves."""
     data = tmp_path / "u.data"
-    data.write_text("\n".join(lines) + "\n")
+    shifting_stream(data)
     base = [f"kafka.bootstrap_servers={kafka_bootstrap}", "model.max_len=20", "model.d_model=16",
-            "train.batch_size=32", "train.val_every=20", "online.steps_per_round=10", "online.recent_buffer=200"]
-    summary = run_prequential(base, str(data), tmp_path / "out", limit=None, rate=3000, train_minutes=0.1,
-                              online_every=400, bucket=200)
-    assert set(summary) == {"frozen", "online"}
-    assert summary["frozen"]["scored"] == summary["online"]["scored"] > 1000
-    with (tmp_path / "out" / "prequential.csv").open() as f:
+            "train.batch_size=32", "train.val_every=20", "stream.exclude_seen=false", "online.min_steps=20",
+            "online.max_steps=40", "online.events_per_step=5", "online.lr=0.01", "online.min_holdout=20"]
+    out = tmp_path / "out"
+    summary = run_prequential(base, str(data), out, limit=None, rate=35, train_minutes=0.15, online_every=100,
+                              bucket=300, retrain_every=600)  # 1200 replayed events: one retrain at 600
+    modes = summary["modes"]
+    assert list(modes) == ["frozen", "online", "retrain"]
+    assert modes["frozen"]["scored"] == modes["online"]["scored"] == modes["retrain"]["scored"] >= 1100
+    online = modes["online"]
+    assert online["rounds"] == online["published"] + sum(online["refused"].values())
+    assert modes["retrain"]["retrains"] == 1 and modes["retrain"]["train_seconds"] > 0
+    assert modes["retrain"]["versions"] == ["v000001", "v000002"] and modes["frozen"]["versions"] == ["v000001"]
+    assert json.loads((out / "summary.json").read_text()) == summary
+    with (out / "prequential.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert rows and {"hr10_frozen", "hr10_online", "ndcg10_frozen_cum", "ndcg10_online_cum"} <= set(rows[0])
-    assert (tmp_path / "out" / "prequential.png").stat().st_size > 10_000
+    assert {f"{m}_{mode}{cum}" for m in ("hr10", "ndcg10") for mode in modes for cum in ("", "_cum")} <= set(rows[0])
+    assert (out / "prequential.png").stat().st_size > 10_000
+
+    last = rows[-1]  # the last 300 scored events, long after the shift
+    hr_online, hr_frozen = float(last["hr10_online"]), float(last["hr10_frozen"])
+    print(f"\nafter the shift: HR@10 online {hr_online:.3f}, frozen {hr_frozen:.3f}; {online}")
+    assert hr_frozen < 0.25, "the frozen model keeps the old rule"
+    assert hr_online > 0.5 and hr_online > 2.5 * hr_frozen, "online learning follows the new rule"
+    rounds_file = next(out.glob("runs/online-*/models/rounds.jsonl"))
+    rounds = [json.loads(line) for line in rounds_file.read_text().splitlines()]
+    published_at = [r["buffer_events"] for r in rounds if r["published"]]
+    assert len(published_at) >= 3 and max(published_at) >= 0.6 * 1200, f"rounds stopped early: {published_at}"

@@ -1,170 +1,443 @@
-"""Online fine-tuning: training examples from the stream -> a bounded replay buffer -> periodic rounds of
-parallel-scan fine-tuning -> a validation gate -> a published version the workers hot-swap.
+"""Online fine-tuning: training examples from the stream -> an event buffer -> rounds of parallel-scan
+fine-tuning of a learner that carries its optimiser across rounds -> a gate judged on what came next ->
+a published version the workers hot-swap.
 
-Why a gate: a round trains on a few thousand recent windows; it can overfit or diverge. The candidate is
-scored against the serving version on held-out next items (the last item of the most recent windows, never
-trained on) and published only if finite and not worse than ``online.tolerance``.
+The contract of one round (``OnlineLearner.round``):
+
+1. **Data.** Every event the worker served is a next-item target. The buffer keeps each recently active user's
+   latest item window and a log of events in arrival order. Events after ``buffer.trained`` are *new*: the
+   serving model has not trained on them.
+2. **Holdout = what comes next.** The most recent new events (``holdout_fraction`` of them, at least
+   ``min_holdout``, at most ``max_holdout``) are held out. Training sees each user's window cut before that
+   user's first held-out event, so no held-out target, nor anything after it, is trained on.
+3. **Training.** Whole user windows (the last ``train_len`` items) through the parallel scan, full-softmax
+   cross-entropy at every position. A batch mixes users with new events with a replay of other users (recent
+   ones and a reservoir of evicted ones), so the model follows the stream without forgetting. The number of
+   steps follows the amount of new data (``events_per_step``, clamped), and training stops after
+   ``max_train_seconds`` whatever the count, so versions keep coming on a machine the trainer shares. The
+   learner starts from the serving weights (warm start), fine-tunes with ``online.dropout`` and keeps its
+   AdamW moments from round to round, resized when the vocabulary grows; it starts afresh only when the
+   serving version is not the one it last published (a rollback, a version from elsewhere).
+4. **Gate.** Candidate and serving model rank every held-out event (same inputs); the per-event NDCG@10
+   differences get a paired bootstrap confidence interval. The round publishes unless the weights are not
+   finite, the candidate is worse with confidence (the interval lies below zero), or its mean is worse than
+   ``tolerance``. A refused candidate is discarded: the learner goes back to the serving weights and moments,
+   and its new events stay new for the next round. Every refusal says why, with numbers.
+
+Each round is appended to ``<model store>/rounds.jsonl`` (the record :class:`RoundResult.record` writes).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import random
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from lrustream.config import Config, resolve_path
+from lrustream.config import Config, OnlineConfig, resolve_path
 from models.base import SeqRecModel
-from models.store import ModelStore
+from models.store import LoadedModel, ModelStore
 from models.vocab import Vocabulary
-from trainer.evaluate import left_pad, metrics_from_ranks, ranks_of
-from trainer.offline import make_optimizer, pick_device, sequence_loss, train_windows
+from trainer.evaluate import left_pad, ranks_of
+from trainer.offline import make_optimizer, pick_device, sequence_loss
 
 log = logging.getLogger("lrustream.trainer")
 
 
-class ReplayBuffer:
-    """The latest window of each recently active user (bounded, oldest user evicted first) plus a uniform
-    reservoir sample of evicted windows, so rounds see fresh behaviour without forgetting older users."""
+# ----- what the trainer knows of the stream --------------------------------------------------------------------
+@dataclass
+class UserWindow:
+    items: list[str]  # the user's latest items (external ids, oldest first), at most max_len
+    total: int  # events of this user seen so far: items[-1] is the user's event number total - 1
 
-    def __init__(self, recent: int, reservoir: int, seed: int = 0) -> None:
-        self.recent: OrderedDict[str, list[str]] = OrderedDict()
+
+@dataclass(frozen=True)
+class HeldEvent:
+    user: str
+    prefix: list[str]  # the user's items before the event
+    target: str
+
+
+class EventBuffer:
+    """Recently active users' windows (least recently active evicted first, into a uniform reservoir of
+    windows) and the log of the latest ``log_size`` events in arrival order, each numbered ``0, 1, ...``."""
+
+    def __init__(self, recent_users: int, reservoir_users: int, max_len: int, log_size: int = 200_000,
+                 seed: int = 0) -> None:
+        self.users: OrderedDict[str, UserWindow] = OrderedDict()
         self.reservoir: list[list[str]] = []
-        self.recent_cap, self.reservoir_cap = recent, reservoir
+        self.log: deque[tuple[int, str, int]] = deque(maxlen=log_size)  # (number, user, user's event number)
+        self.recent_cap, self.reservoir_cap, self.max_len = recent_users, reservoir_users, max_len
+        self.seen = 0  # events added so far: the next event's number
+        self.trained = 0  # events numbered below this are in the serving model's training data
         self.evicted = 0
         self.rng = random.Random(seed)
 
-    def add(self, user: str, items: list[str]) -> None:
-        self.recent.pop(user, None)
-        self.recent[user] = items
-        while len(self.recent) > self.recent_cap:
-            _, old = self.recent.popitem(last=False)
-            self._keep(old)
+    def add(self, user: str, items: list[str], new: int) -> None:
+        """A training example: ``user``'s window after the worker served it, the last ``new`` items new."""
+        new = max(0, new)  # may exceed the window: a micro-batch with more events of the user than max_len
+        known = self.users.pop(user, None)
+        total = (known.total if known else len(items) - min(new, len(items))) + new
+        self.users[user] = UserWindow(items[-self.max_len:], total)
+        for j in range(new):
+            self.log.append((self.seen, user, total - new + j))
+            self.seen += 1
+        while len(self.users) > self.recent_cap:
+            _, old = self.users.popitem(last=False)
+            self._keep(old.items)
 
     def _keep(self, window: list[str]) -> None:
         self.evicted += 1
         if len(self.reservoir) < self.reservoir_cap:
             self.reservoir.append(window)
-        else:
-            j = self.rng.randrange(self.evicted)
-            if j < self.reservoir_cap:
-                self.reservoir[j] = window
+        elif (j := self.rng.randrange(self.evicted)) < self.reservoir_cap:
+            self.reservoir[j] = window
+
+    @property
+    def new_events(self) -> int:
+        return self.seen - self.trained
 
     def __len__(self) -> int:
-        return len(self.recent) + len(self.reservoir)
+        return len(self.users) + len(self.reservoir)
 
-    def split(self, holdout_fraction: float, min_holdout: int = 0) -> tuple[list[list[str]], list[list[str]]]:
-        """(training windows, held-out windows): the most recent users' windows are held out (a fraction, but
-        at least ``min_holdout`` while that leaves half for training); their last item is the validation
-        target and is cut from the training copy."""
-        recent = list(self.recent.values())
-        n_hold = max(int(len(recent) * holdout_fraction), min(min_holdout, len(recent) // 2))
-        held = [w for w in recent[len(recent) - n_hold:] if len(w) >= 2]
-        train = recent[: len(recent) - n_hold] + [w[:-1] for w in held] + self.reservoir
-        return [w for w in train if len(w) >= 2], held
+    def _position(self, user: str, event: int) -> int | None:
+        """Index of a user's event in its current window (None when evicted or out of the window)."""
+        w = self.users.get(user)
+        if w is None:
+            return None
+        pos = event - (w.total - len(w.items))
+        return pos if 0 <= pos < len(w.items) else None
+
+    def holdout(self, n: int) -> tuple[list[HeldEvent], int]:
+        """The last ``n`` new events that can be judged (a prefix in the window), and the number of the first
+        of them: training data ends there."""
+        picked: list[tuple[int, HeldEvent]] = []
+        for number, user, event in reversed(self.log):
+            if number < self.trained or len(picked) >= n:
+                break
+            pos = self._position(user, event)
+            if pos:  # pos 0 has no prefix to judge from
+                items = self.users[user].items
+                picked.append((number, HeldEvent(user, items[:pos], items[pos])))
+        picked.reverse()
+        return [h for _, h in picked], (picked[0][0] if picked else self.seen)
+
+    def training_windows(self, until: int) -> tuple[list[list[str]], list[list[str]]]:
+        """(windows of users with new events before event number ``until``, windows of every other user),
+        each cut before the user's first event numbered ``until`` or later."""
+        first_held: dict[str, int] = {}
+        fresh: set[str] = set()
+        for number, user, event in self.log:
+            if number >= until:
+                first_held.setdefault(user, event)
+            elif number >= self.trained:
+                fresh.add(user)
+        with_new, others = [], []
+        for user, w in self.users.items():
+            items = w.items
+            if user in first_held:
+                cut = self._position(user, first_held[user])
+                items = items[:cut] if cut is not None else items
+            if len(items) >= 2:
+                (with_new if user in fresh else others).append(items)
+        others += [w for w in self.reservoir if len(w) >= 2]
+        return with_new, others
 
 
+# ----- one round's outcome -------------------------------------------------------------------------------------
 @dataclass
 class RoundResult:
-    published: str | None
-    reason: str
+    published: str | None = None
+    refused: str | None = None  # a short code: no-data | holdout | non-finite | gate
+    reason: str = ""
     candidate: dict[str, float] = field(default_factory=dict)
     serving: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
+    gate: dict[str, float] = field(default_factory=dict)
+    new_events: int = 0
+    trained_events: int = 0
+    steps: int = 0
+    loss: float = math.nan
     new_items: int = 0
+    seconds: float = 0.0
+    train_seconds: float = 0.0
+
+    def refuse(self, code: str, reason: str) -> RoundResult:
+        self.refused, self.reason = code, reason
+        return self
 
     def line(self) -> str:
-        c, s = self.candidate.get("NDCG@10", math.nan), self.serving.get("NDCG@10", math.nan)
-        cr, sr = self.candidate.get("Recall@10", math.nan), self.serving.get("Recall@10", math.nan)
-        what = f"published {self.published}" if self.published else f"kept serving ({self.reason})"
-        return (f"round: {what}; holdout NDCG@10 {c:.4f} vs {s:.4f}, Recall@10 {cr:.4f} vs {sr:.4f}; "
-                f"{self.new_items} new items; {self.seconds:.1f} s")
+        what = f"published {self.published}" if self.published else f"kept serving ({self.refused}: {self.reason})"
+        c, s = self.candidate, self.serving
+        gate = (f"; held-out HR@10 {c['HR@10']:.4f} vs {s['HR@10']:.4f}, NDCG@10 {c['NDCG@10']:.4f} vs "
+                f"{s['NDCG@10']:.4f} on {self.gate.get('heldout', 0):.0f} events" if c and s else "")
+        return (f"round: {what}{gate}; {self.new_events} new events, {self.steps} steps, {self.new_items} new items; "
+                f"{self.seconds:.1f} s")
+
+    def record(self, buffer: EventBuffer) -> dict[str, Any]:
+        return {"at": time.time(), "published": self.published, "refused": self.refused, "reason": self.reason,
+                "candidate": self.candidate, "serving": self.serving, "gate": self.gate,
+                "new_events": self.new_events, "trained_events": self.trained_events, "steps": self.steps,
+                "loss": self.loss, "new_items": self.new_items, "seconds": round(self.seconds, 3),
+                "train_seconds": round(self.train_seconds, 3), "buffer_users": len(buffer.users),
+                "buffer_events": buffer.seen}
 
 
-def holdout_metrics(model: SeqRecModel, vocab: Vocabulary, held: list[list[str]]) -> dict[str, float]:
-    """Next-item metrics on held-out windows; a target the model's vocabulary lacks counts as a miss."""
-    if not held:
-        return {}
+# ----- the gate ------------------------------------------------------------------------------------------------
+def _rows_of_runs(held: list[HeldEvent], per_row: int) -> list[list[int]]:
+    """Held-out events grouped into rows: each row a run of at most ``per_row`` consecutive events of one user
+    (a user's held-out events are consecutive in its history: every later event of the user is held out too)."""
+    rows: list[list[int]] = []
+    open_row: dict[str, list[int]] = {}
+    for e, h in enumerate(held):
+        row = open_row.get(h.user)
+        if row is None or len(row) >= per_row:
+            row = open_row[h.user] = []
+            rows.append(row)
+        row.append(e)
+    return rows
+
+
+def event_metrics(model: SeqRecModel, vocab: Vocabulary, held: list[HeldEvent], context: int,
+                  batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(hit@10, NDCG@10) per held-out event, in order. Each event is ranked from the user's items before it,
+    masking the last ``context`` of them as the worker masks its window; a target the vocabulary lacks is a
+    miss.
+
+    ONE forward pass over the window that ends before the last event of a run of a user's held-out events
+    gives the hidden state before each event of the run, so a few thousand held-out events cost a few hundred
+    rows. Runs are at most ``context // 2`` long, so every event is read with at least half the context."""
     oov = model.oov_index
-    inputs = left_pad([np.array([vocab.get(x) or oov for x in w[:-1]]) for w in held], model.max_len)
-    targets = torch.tensor([vocab.get(w[-1]) or 0 for w in held])
+    ids = [np.array([vocab.get(x) or oov for x in [*h.prefix[-context:], h.target]]) for h in held]
+    rows = _rows_of_runs(held, max(1, context // 2))
+    position = np.empty(len(held), dtype=np.int64)  # column of the hidden state that predicts each event
+    for row in rows:
+        for k, e in enumerate(row):
+            position[e] = context - len(row) + k
+    row_of = np.empty(len(held), dtype=np.int64)
+    for r, row in enumerate(rows):
+        row_of[row] = r
+    tokens = left_pad([ids[row[-1]][:-1] for row in rows], context)
     model.eval()
     with torch.no_grad():
-        scores = model.score(model.last_hidden(inputs)).float()
-    ranks = ranks_of(scores, inputs, targets.clamp(min=1))
-    ranks = torch.where(targets > 0, ranks, model.num_items + 1)
-    return metrics_from_ranks(ranks)
+        hidden = torch.cat([model(tokens[s: s + batch_size]) for s in range(0, len(rows), batch_size)])
+        h = hidden[torch.from_numpy(row_of), torch.from_numpy(position)]
+        inputs = left_pad([i[:-1] for i in ids], context)
+        targets = torch.tensor([vocab.get(x.target) or 0 for x in held])
+        r = ranks_of(model.score(h).float(), inputs, targets.clamp(min=1))
+        r = torch.where(targets > 0, r, model.num_items + 1).double().numpy()
+    hit = r <= 10
+    return hit.astype(float), np.where(hit, 1.0 / np.log2(r + 1), 0.0)
 
 
-def fine_tune(model: SeqRecModel, vocab: Vocabulary, windows: list[list[str]], cfg: Config,
-              device: torch.device) -> float:
-    """A few optimiser steps over the buffer with the parallel forward; returns the last loss."""
-    encoded = [np.array([vocab.id_of(x) for x in w]) for w in windows]
-    tokens, labels = train_windows(encoded, model.max_len)
-    model.to(device).train()
-    opt = make_optimizer(model, cfg.train, lr=cfg.online.lr)
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    loss = torch.tensor(math.nan)
-    for _ in range(cfg.online.steps_per_round):
-        idx = torch.randint(len(tokens), (min(cfg.train.batch_size, len(tokens)),), generator=g)
-        loss = sequence_loss(model, tokens[idx].to(device), labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-    model.to("cpu").eval()
-    return float(loss.detach())
+def paired_bootstrap(diff: np.ndarray, samples: int, confidence: float, seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the mean of paired differences, resampling events with replacement."""
+    rng = np.random.default_rng(seed)
+    means = np.empty(samples)
+    for s in range(0, samples, 100):
+        idx = rng.integers(0, len(diff), size=(min(100, samples - s), len(diff)))
+        means[s: s + len(idx)] = diff[idx].mean(1)
+    tail = (1 - confidence) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
-def run_round(cfg: Config, buffer: ReplayBuffer, store: ModelStore,
-              announce: Callable[[str], None] | None = None) -> RoundResult:
-    t0 = time.monotonic()
-    serving = store.load()
-    train, held = buffer.split(cfg.online.holdout_fraction, cfg.online.min_holdout)
-    if not train:
-        return RoundResult(None, "buffer empty")
-    if len(held) < cfg.online.min_holdout:
-        return RoundResult(None, f"only {len(held)} held-out windows (< online.min_holdout={cfg.online.min_holdout})")
-    vocab = Vocabulary(serving.vocab.items())
-    for w in train:
-        for x in w:
-            vocab.add(x)
-    candidate = store.load(serving.info.version).model
-    new_items = len(vocab) - len(serving.vocab)
-    candidate.grow_items(len(vocab))
-    try:
-        loss = fine_tune(candidate, vocab, train, cfg, pick_device(cfg.train.device))
-    except (RuntimeError, FloatingPointError) as exc:  # divergence can overflow inside the optimiser
-        log.warning("fine-tuning diverged: %s", exc)
-        loss = math.nan
-    cand_m = holdout_metrics(candidate, vocab, held)
-    serv_m = holdout_metrics(serving.model, serving.vocab, held)
-    result = RoundResult(None, "", cand_m, serv_m, new_items=new_items)
-    tol = cfg.online.tolerance
-    finite = math.isfinite(loss) and all(torch.isfinite(p).all() for p in candidate.parameters())
-    if not finite:
-        result.reason = "non-finite loss or weights"
-    elif cand_m and cand_m["NDCG@10"] < serv_m["NDCG@10"] - tol:
-        result.reason = f"holdout NDCG@10 {cand_m['NDCG@10']:.4f} < serving {serv_m['NDCG@10']:.4f} - {tol}"
-    else:
-        info = store.publish(candidate, vocab, metrics={f"holdout_{k}": v for k, v in cand_m.items()},
-                             parent=serving.info.version, notes={"source": "online", "windows": len(train),
-                                                                 "heldout": len(held), "loss": loss})
-        result.published = info.version
-        if announce:
-            announce(info.version)
-    result.seconds = time.monotonic() - t0
-    return result
+def judge(result: RoundResult, cand: tuple[np.ndarray, np.ndarray], serv: tuple[np.ndarray, np.ndarray],
+          o: OnlineConfig) -> bool:
+    """Fill the gate numbers; True when the candidate may be published."""
+    diff = cand[1] - serv[1]
+    low, high = paired_bootstrap(diff, o.bootstrap_samples, o.confidence)
+    result.candidate = {"HR@10": float(cand[0].mean()), "NDCG@10": float(cand[1].mean())}
+    result.serving = {"HR@10": float(serv[0].mean()), "NDCG@10": float(serv[1].mean())}
+    result.gate = {"heldout": len(diff), "diff": float(diff.mean()), "diff_low": low, "diff_high": high,
+                   "confidence": o.confidence}
+    worse = (f"held-out NDCG@10 {result.candidate['NDCG@10']:.4f} vs serving {result.serving['NDCG@10']:.4f} "
+             f"on {len(diff)} events, difference {diff.mean():+.4f}")
+    if high < 0:
+        result.refuse("gate", f"{worse}, {o.confidence:.0%} interval [{low:+.4f}, {high:+.4f}] below zero")
+    elif diff.mean() < -o.tolerance:
+        result.refuse("gate", f"{worse} < -online.tolerance={o.tolerance}")
+    return result.refused is None
 
 
+# ----- the learner ---------------------------------------------------------------------------------------------
+def _in_order(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Parameters in the order an optimiser's state dict numbers them (group after group)."""
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def grow_moments(opt_state: dict[str, Any], params: list[torch.Tensor], old_rows: dict[int, int]
+                 ) -> dict[str, Any]:
+    """An optimiser state dict for ``params`` (state-dict order) after ``grow_items``: the moments of a grown
+    table (index -> its old row count) keep their rows and get zeros for the new items' rows, inserted before
+    the OOV row as the table's were."""
+    for idx, st in opt_state["state"].items():
+        n_old = old_rows.get(idx)
+        if n_old is None:
+            continue
+        rows = params[idx].shape[0]
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = st[key]
+            zeros = t.new_zeros(rows - t.shape[0], *t.shape[1:])
+            st[key] = torch.cat([t[:n_old - 1], zeros, t[n_old - 1:]])
+    return opt_state
+
+
+class OnlineLearner:
+    """The trainer's copy of the serving model with its AdamW moments, carried from round to round."""
+
+    def __init__(self, cfg: Config, store: ModelStore) -> None:
+        self.cfg, self.o, self.store = cfg, cfg.online, store
+        self.device = pick_device(cfg.train.device)
+        self.version: str | None = None  # the serving version this learner stands for
+        self.model: SeqRecModel | None = None
+        self.vocab = Vocabulary()
+        self.opt: torch.optim.Optimizer | None = None
+        self.rng = torch.Generator().manual_seed(cfg.train.seed)
+        self.warm_starts = 0
+        self.context = cfg.online.train_len or cfg.model.max_len
+
+    def _sync(self, serving: LoadedModel) -> None:
+        """Warm start from the serving weights unless this learner already stands for the serving version."""
+        if self.version == serving.info.version and self.model is not None:
+            return
+        self.model = self._tuned(copy.deepcopy(serving.model)).to(self.device)
+        self.vocab = Vocabulary(serving.vocab.items())
+        self.opt = make_optimizer(self.model, self.cfg.train, lr=self.o.lr)
+        self.version = serving.info.version
+        self.warm_starts += 1
+
+    def _tuned(self, model: SeqRecModel) -> SeqRecModel:
+        """The learner's copy with ``online.dropout`` (a training-time setting: published weights are alike)."""
+        if self.o.dropout >= 0:
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = self.o.dropout
+        return model
+
+    def _grow(self, windows: Iterable[list[str]]) -> int:
+        assert self.model is not None and self.opt is not None
+        before = len(self.vocab)
+        for w in windows:
+            for x in w:
+                self.vocab.add(x)
+        if len(self.vocab) > before:
+            rows = [p.shape[0] if p.dim() else 0 for p in _in_order(self.opt)]
+            state = self.opt.state_dict()
+            self.model.grow_items(len(self.vocab))
+            self.opt = make_optimizer(self.model, self.cfg.train, lr=self.o.lr)
+            params = _in_order(self.opt)
+            grown = {i: n for i, (n, p) in enumerate(zip(rows, params, strict=True)) if p.dim() and p.shape[0] != n}
+            self.opt.load_state_dict(grow_moments(state, params, grown))
+        return len(self.vocab) - before
+
+    def _batches(self, with_new: list[list[str]], others: list[list[str]], steps: int
+                 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """``steps`` batches of whole windows (last ``train_len`` + 1 items -> tokens, next-item labels), users
+        drawn uniformly: a share ``replay_share`` of rows from users without new events, the rest from users
+        with new events (weighting users by their number of new events measured worse: fewer distinct users).
+        Only drawn windows are encoded."""
+        L, B = self.context, self.cfg.train.batch_size if self.o.batch_size <= 0 else self.o.batch_size
+        replay = (min(B - 1, round(B * self.o.replay_share)) if others else 0) if with_new else B
+        def draw(pool: list[list[str]], n: int) -> list[list[str]]:
+            return [pool[i] for i in torch.randint(len(pool), (n,), generator=self.rng).tolist()] if n else []
+
+        for _ in range(steps):
+            picks = draw(with_new, B - replay) + draw(others, replay)
+            rows = [np.array([self.vocab.id_of(x) for x in w[-(L + 1):]]) for w in picks]
+            yield left_pad([w[:-1] for w in rows], L), left_pad([w[1:] for w in rows], L)
+
+    def _train(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, float]:
+        """Optimiser steps until the batches or ``online.max_train_seconds`` run out."""
+        assert self.model is not None and self.opt is not None
+        self.model.train()
+        steps, loss = 0, torch.tensor(math.nan)
+        deadline = time.monotonic() + self.o.max_train_seconds
+        for tokens, labels in batches:
+            if steps and time.monotonic() > deadline:
+                break
+            loss = sequence_loss(self.model, tokens.to(self.device), labels.to(self.device))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            self.opt.step()
+            steps += 1
+        self.model.eval()
+        return steps, float(loss.detach())
+
+    def _steps_for(self, new_events: int) -> int:
+        o = self.o
+        return max(o.min_steps, min(o.max_steps, math.ceil(new_events / max(1, o.events_per_step))))
+
+    def round(self, buffer: EventBuffer, announce: Callable[[str], None] | None = None) -> RoundResult:
+        t0 = time.monotonic()
+        o = self.o
+        result = RoundResult(new_events=buffer.new_events)
+        if buffer.new_events == 0:
+            return self._done(result.refuse("no-data", "no new events since the last published round"), t0)
+        n_hold = min(o.max_holdout, max(o.min_holdout, int(buffer.new_events * o.holdout_fraction)))
+        held, until = buffer.holdout(n_hold)
+        trainable = until - buffer.trained
+        if len(held) < o.min_holdout or trainable < o.min_holdout:
+            return self._done(result.refuse(
+                "holdout", f"{buffer.new_events} new events: {len(held)} held out and {trainable} to train on, "
+                           f"each needs online.min_holdout={o.min_holdout}"), t0)
+        serving = self.store.load()
+        self._sync(serving)
+        assert self.model is not None and self.opt is not None
+        backup = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict()), len(self.vocab))
+        with_new, others = buffer.training_windows(until)
+        result.new_items = self._grow([*with_new, *[h.prefix for h in held]])
+        result.trained_events = trainable
+        t1 = time.monotonic()
+        try:
+            result.steps, result.loss = self._train(self._batches(with_new, others, self._steps_for(trainable)))
+        except (RuntimeError, FloatingPointError) as exc:  # divergence can overflow inside the optimiser
+            log.warning("fine-tuning diverged: %s", exc)
+        result.train_seconds = time.monotonic() - t1
+        self.model.to("cpu")
+        if not (math.isfinite(result.loss) and all(torch.isfinite(p).all() for p in self.model.parameters())):
+            result.refuse("non-finite", f"loss {result.loss} or weights not finite after {result.steps} steps")
+        else:
+            cand = event_metrics(self.model, self.vocab, held, self.context)
+            serv = event_metrics(serving.model, serving.vocab, held, self.context)
+            if judge(result, cand, serv, o):
+                info = self.store.publish(self.model, self.vocab, parent=serving.info.version,
+                                          metrics={f"holdout_{k}": v for k, v in result.candidate.items()},
+                                          notes={"source": "online", "trained_events": trainable,
+                                                 "heldout": len(held), "steps": result.steps, "loss": result.loss})
+                self.version, result.published = info.version, info.version
+                buffer.trained = until
+                if announce:
+                    announce(info.version)
+        if result.published is None:  # discard the candidate: back to the serving weights and moments
+            self._restore(*backup)
+        self.model.to(self.device)
+        return self._done(result, t0)
+
+    def _restore(self, weights: dict[str, torch.Tensor], opt_state: dict[str, Any], n_items: int) -> None:
+        assert self.model is not None
+        if len(self.vocab) != n_items:
+            self.vocab = Vocabulary(self.vocab.items()[:n_items])
+            self.model = self._tuned(self.store.load(self.version).model)
+        self.model.load_state_dict(weights)
+        self.opt = make_optimizer(self.model, self.cfg.train, lr=self.o.lr)
+        self.opt.load_state_dict(opt_state)
+
+    @staticmethod
+    def _done(result: RoundResult, t0: float) -> RoundResult:
+        result.seconds = time.monotonic() - t0
+        return result
+
+
+# ----- the service -------------------------------------------------------------------------------------------
 def resume_positions(consumer: Any, topic: str, timeout_s: float = 60.0) -> list[Any]:
     """Every partition of ``topic`` with the offset to resume at: the one committed under the consumer's
     group, or the beginning where none is.
@@ -198,69 +471,124 @@ def resume_positions(consumer: Any, topic: str, timeout_s: float = 60.0) -> list
 
 
 class TrainerLoop:
-    """``lrustream trainer``: consume training examples, run a round every N events / T seconds / on request."""
+    """``lrustream trainer``: consume training examples, run a round every N events / T seconds / on request;
+    ``GET /health`` and ``GET /metrics`` on ``http.host:online.http_port`` (trainer/service.py)."""
 
-    def __init__(self, cfg: Config, log_line: Callable[[str], None] = print) -> None:
+    LAG_EVERY_S = 5.0
+
+    def __init__(self, cfg: Config, log_line: Callable[[str], None] = print, serve_http: bool = True) -> None:
         from confluent_kafka import Consumer
 
         from stream.kafka import librdkafka_config
         from stream.updates import UpdateFollower
+        from trainer.service import TrainerHealth, TrainerHttp, TrainerMetrics
 
         self.cfg = cfg
         self.log = log_line
         self.store = ModelStore(resolve_path(cfg.model_store.dir))
         o = cfg.online
-        self.buffer = ReplayBuffer(o.recent_buffer, o.reservoir_buffer, cfg.train.seed)
+        if o.num_threads:
+            torch.set_num_threads(o.num_threads)
+        self.buffer = EventBuffer(o.recent_buffer, o.reservoir_buffer, cfg.model.max_len, seed=cfg.train.seed)
+        self.learner = OnlineLearner(cfg, self.store)
+        self.metrics, self.health = TrainerMetrics(), TrainerHealth(stall_after_s=cfg.stream.stall_after_s)
+        self.lag: int | None = None
+        self._lag_at = 0.0
         self.examples = Consumer(librdkafka_config(cfg, **{"group.id": o.group_id, "auto.offset.reset": "earliest",
                                                            "enable.auto.commit": True}))
         self.examples.assign(resume_positions(self.examples, cfg.topics.training_examples))
         self.requests = UpdateFollower(cfg)  # refresh requests from operators
-        self.events_since = 0
         self.last_round = time.monotonic()
+        self.seen_at_round = 0  # buffer.seen when the last round ran
         self.requested = False
+        self.http = TrainerHttp(cfg.http.host, o.http_port, cfg.http.token, self.health_report,
+                                self.metrics.render).start() if serve_http else None
+
+    @property
+    def events_since(self) -> int:
+        return self.buffer.new_events
+
+    def health_report(self) -> tuple[dict[str, Any], int]:
+        from trainer.service import health_body
+
+        status, reason = self.health.report(self.lag)
+        return health_body(status, reason, serving=self.learner.version, new_events=self.buffer.new_events,
+                           buffer_users=len(self.buffer.users), examples_lag=self.lag)
 
     def poll(self, timeout_s: float = 0.5) -> int:
-        n = 0
-        for msg in self.examples.consume(num_messages=2000, timeout=timeout_s):
+        from confluent_kafka import KafkaException
+
+        try:
+            messages = self.examples.consume(num_messages=2000, timeout=timeout_s)
+        except KafkaException as exc:
+            self.health.poll_failed(exc)
+            return 0
+        n, before = 0, self.buffer.seen
+        for msg in messages:
             if msg.error():
                 continue
             try:
                 ex = json.loads(msg.value())
-                self.buffer.add(str(ex["user_id"]), [str(x) for x in ex["items"]])
-                self.events_since += int(ex.get("new", 1))
+                self.buffer.add(str(ex["user_id"]), [str(x) for x in ex["items"]], int(ex.get("new", 1)))
                 n += 1
             except (ValueError, KeyError, TypeError):
                 log.warning("ignoring malformed training example at %s[%d]@%d", msg.topic(), msg.partition(),
                             msg.offset())
+        self.health.polled(examples=n)
+        self.metrics.observe_poll(n, self.buffer.seen - before)
+        self.metrics.observe_buffer(len(self.buffer.users), self.buffer.seen)
+        self._observe_lag()
         while (message := self.requests.next_message(0)) is not None:
             if message.get("request") == "refresh":
                 self.requested = True
         return n
 
+    def _observe_lag(self) -> None:
+        """Training examples in the topic not consumed yet (looked up every few seconds)."""
+        from confluent_kafka import KafkaException
+
+        if time.monotonic() - self._lag_at < self.LAG_EVERY_S:
+            return
+        self._lag_at = time.monotonic()
+        try:
+            lag = 0
+            for tp in self.examples.position(self.examples.assignment()):
+                _, high = self.examples.get_watermark_offsets(tp, timeout=2)
+                lag += max(0, high - tp.offset) if tp.offset >= 0 else high
+            self.lag = lag
+        except KafkaException:
+            self.lag = None
+        self.metrics.observe_lag(self.lag)
+
     def due(self) -> bool:
+        """A round when there are new events and: an operator asked, ``every_events`` arrived since the last
+        round (so a refused round is not retried at once on the same data), or ``every_seconds`` passed."""
         o = self.cfg.online
-        if len(self.buffer) == 0:
+        if self.buffer.new_events == 0:
             return False
-        return (self.requested or self.events_since >= o.every_events
+        return (self.requested or self.buffer.seen - self.seen_at_round >= o.every_events
                 or time.monotonic() - self.last_round >= o.every_seconds)
 
     def round(self) -> RoundResult:
+        """One round; a round that raises (store unreadable, disk full) is recorded, /health says so, and the
+        loop goes on."""
         from stream.updates import announce
 
-        result = run_round(self.cfg, self.buffer, self.store,
-                           announce=lambda v: announce(self.cfg, v, "fine-tune"))
-        self.events_since, self.requested, self.last_round = 0, False, time.monotonic()
+        self.health.round_started()
+        try:
+            result = self.learner.round(self.buffer, announce=lambda v: announce(self.cfg, v, "fine-tune"))
+            self.health.round_done()
+        except Exception as exc:  # the service outlives one bad round
+            log.exception("round failed")
+            self.health.round_failed(exc)
+            result = RoundResult(refused="error", reason=f"{type(exc).__name__}: {exc}")
+        self.requested, self.last_round, self.seen_at_round = False, time.monotonic(), self.buffer.seen
         self.log(result.line())
-        self._record(result)
-        return result
-
-    def _record(self, result: RoundResult) -> None:
-        """Every round's outcome, published or refused and why, in the model store's rounds.jsonl."""
-        entry = {"at": time.time(), "published": result.published, "reason": result.reason,
-                 "candidate": result.candidate, "serving": result.serving, "new_items": result.new_items,
-                 "seconds": round(result.seconds, 2), "buffer": len(self.buffer)}
+        record = result.record(self.buffer)
+        self.metrics.observe_round(record)
         with (self.store.root / "rounds.jsonl").open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+            f.write(json.dumps(record) + "\n")
+        return result
 
     def run(self, max_rounds: int | None = None) -> None:
         rounds = 0
@@ -271,6 +599,7 @@ class TrainerLoop:
                 rounds += 1
 
     def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
         self.examples.close()
         self.requests.close()
-

@@ -158,7 +158,7 @@ def _produce(cfg: Config, events: list[Event], rate: float, every: int = 0, paus
 
     from stream.events import encode_event
     from stream.kafka import producer_config
-    from stream.tools import Pacer
+    from stream.tools import Pacer, pace
 
     sent: Sent = {}
     producer = Producer(producer_config(cfg))
@@ -170,9 +170,7 @@ def _produce(cfg: Config, events: list[Event], rate: float, every: int = 0, paus
 
     for n, (user, item, ts) in enumerate(events, 1):
         key, value = encode_event(user, item, ts)
-        wait = pacer.wait_s()
-        if wait > 0:
-            producer.poll(wait)
+        pace(producer, pacer.wait_s())  # poll() returns at the first delivery report: wait out the schedule
         while True:
             try:
                 producer.produce(cfg.topics.interactions, value, key,

@@ -120,7 +120,7 @@ def _produce(producer: Producer, topic: str, key: bytes, value: bytes, on_delive
             producer.poll(0.1)
 
 
-def _pace(producer: Producer, wait_s: float) -> None:
+def pace(producer: Producer, wait_s: float) -> None:
     """Wait by polling the producer (deliveries keep flowing); under 1 ms is not worth a wakeup."""
     deadline = time.monotonic() + wait_s
     while (left := deadline - time.monotonic()) > 0.001:
@@ -186,7 +186,7 @@ def _publish(producer: Producer, topic: str, events: Iterator[tuple[str, str, in
         except BadEvent as exc:
             raise ToolError(f"event {n} of the data set breaks the event contract: {exc}") from None
         if pacer is not None:
-            _pace(producer, pacer.wait_s())
+            pace(producer, pacer.wait_s())
         _produce(producer, topic, key, value, deliveries)
         sent += 1
         if sent % POLL_EVERY == 0:

@@ -27,7 +27,7 @@ def test_broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice(kafka
     broker.start()
     overrides = [o for o in kafka_overrides if not o.startswith("kafka.bootstrap_servers=")]
     overrides.append(f"kafka.bootstrap_servers={broker.bootstrap}")
-    overrides += ["online.min_holdout=1", "online.tolerance=1.0", "online.steps_per_round=5",
+    overrides += ["online.min_holdout=1", "online.tolerance=1.0", "online.min_steps=5", "online.max_steps=5",
                   "online.every_seconds=1000000", "online.every_events=1000000000"]
     cfg = load_config(overrides=overrides)
     worker = WorkerProcess([*overrides, "stream.batch_size=32", "stream.stall_after_s=2"], tmp_path / "worker.log")

@@ -41,10 +41,10 @@ def test_broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice(kafka
         worker.wait_healthy()
         trainer = TrainerLoop(cfg, log_line=print)
         deadline = time.monotonic() + 60
-        while (worker.get_metric("lrustream_recommendations_total") < 300 or trainer.events_since == 0) \
+        while (worker.get_metric("lrustream_recommendations_total") < 300 or trainer.buffer.seen == 0) \
                 and time.monotonic() < deadline:
             trainer.poll(timeout_s=0.1)
-        served_before, trained_before = worker.get_metric("lrustream_recommendations_total"), trainer.events_since
+        served_before, trained_before = worker.get_metric("lrustream_recommendations_total"), trainer.buffer.seen
         broker.stop()
         during = []
         for _ in range(10):  # the worker keeps running without a broker, retrying, and says so
@@ -55,10 +55,10 @@ def test_broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice(kafka
         broker.start()
         recs = recommendations(cfg, expect=len(events), timeout_s=240)
         t0 = time.monotonic()
-        while trainer.events_since < len(events) and time.monotonic() < t0 + 120:  # and reconnects afterwards
+        while trainer.buffer.seen < len(events) and time.monotonic() < t0 + 120:  # and reconnects afterwards
             trainer.poll()
-        print(f"\ntrainer caught up {time.monotonic() - t0:.1f} s after the worker; {trainer.events_since} events")
-        assert trainer.events_since >= len(events), "every event reached the trainer as a training example"
+        print(f"\ntrainer caught up {time.monotonic() - t0:.1f} s after the worker; {trainer.buffer.seen} events")
+        assert trainer.buffer.seen >= len(events), "every event reached the trainer as a training example"
         result = trainer.round()
         assert result.published, result.line()
         wait_for_version(worker, result.published)  # the announcement reached the worker after the outage

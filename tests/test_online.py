@@ -245,20 +245,20 @@ def test_a_restarted_trainer_resumes_where_it_left_off(kafka_cfg: Config) -> Non
     produce_examples(kafka_cfg, range(0, 40))
     first = TrainerLoop(kafka_cfg, log_line=print, serve_http=False)
     deadline = time.monotonic() + 30
-    while first.events_since < 40 and time.monotonic() < deadline:
+    while first.buffer.seen < 40 and time.monotonic() < deadline:
         first.poll()
     first.close()  # commits what it consumed
     produce_examples(kafka_cfg, range(40, 50))
     second = TrainerLoop(kafka_cfg, log_line=print, serve_http=False)
     try:
         deadline = time.monotonic() + 30
-        while second.events_since < 10 and time.monotonic() < deadline:
+        while second.buffer.seen < 10 and time.monotonic() < deadline:
             second.poll()
         second.poll(timeout_s=2.0)
     finally:
         second.close()
-    assert first.events_since == 40
-    assert second.events_since == 10 and set(second.buffer.users) == {f"u{u}" for u in range(40, 50)}
+    assert first.buffer.seen == 40
+    assert second.buffer.seen == 10 and set(second.buffer.users) == {f"u{u}" for u in range(40, 50)}
 
 
 def _get(url: str) -> tuple[int, str]:

@@ -504,10 +504,6 @@ class TrainerLoop:
         self.http = TrainerHttp(cfg.http.host, o.http_port, cfg.http.token, self.health_report,
                                 self.metrics.render).start() if serve_http else None
 
-    @property
-    def events_since(self) -> int:
-        return self.buffer.new_events
-
     def health_report(self) -> tuple[dict[str, Any], int]:
         from trainer.service import health_body
 

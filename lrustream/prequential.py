@@ -350,7 +350,8 @@ def _mean(values: list[float]) -> float:
 def summarise(runs: dict[str, ModeRun]) -> dict[str, Any]:
     """``{"modes": {mode: {"HR@10", "NDCG@10", "scored", "versions"} plus, for online, "rounds", "published",
     "refused" {code: n}, "round_seconds", "train_seconds"; for retrain, "retrains", "train_seconds"},
-    "ratios": {"online/frozen": HR@10 ratio, "online/retrain": ...}}`` (a ratio only where both modes ran and the denominator is not 0)."""
+    "ratios": {"online/frozen": HR@10 ratio, "online/retrain": ...}}`` (a ratio only where both modes ran and
+    the denominator is not 0)."""
     modes: dict[str, dict[str, Any]] = {}
     for mode, run in runs.items():
         m: dict[str, Any] = {"HR@10": _mean([h for h, _ in run.scores]), "NDCG@10": _mean([g for _, g in run.scores]),

@@ -34,6 +34,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,8 @@ class ModeRun:
     versions: list[str]  # model versions the recommendations came from
     rounds: list[dict[str, Any]] = field(default_factory=list)  # online: the trainer's rounds.jsonl
     retrain_seconds: list[float] = field(default_factory=list)  # retrain: training time of each retrain
+    replayed: int = 0  # events replayed
+    version_starts: list[int] = field(default_factory=list)  # replayed event number where each version began
 
 
 def parse_modes(text: str) -> tuple[str, ...]:
@@ -283,6 +286,27 @@ def score(recs: list[dict], sent: Sent, k: int = 10) -> Scores:
     return out
 
 
+def version_starts(recs: list[dict], sent: Sent) -> list[int]:
+    """For each served version, in order of appearance: the number (production order, from 0) of the first
+    replayed event it answered."""
+    version_of: dict[tuple[int, int], str] = {}
+    for r in recs:
+        version_of.setdefault((r["source"]["partition"], r["source"]["offset"]), r["model_version"])
+    starts, seen = [], set()
+    for n, source in enumerate(sent):  # delivery-report order: the order the events were produced in
+        version = version_of.get(source)
+        if version is not None and version not in seen:
+            seen.add(version)
+            starts.append(n)
+    return starts
+
+
+def longest_without_new_version(starts: list[int], replayed: int) -> int:
+    """The most replayed events in a row during which no new version began serving (start and end included)."""
+    edges = [0, *starts[1:], replayed]
+    return max(b - a for a, b in pairwise(edges))
+
+
 def read_rounds(path: Path) -> list[dict[str, Any]]:
     """The trainer's round records (one JSON object a line); a line cut short by the stop is skipped."""
     if not path.exists():
@@ -330,7 +354,8 @@ def run_mode(mode: str, plan: Replay) -> ModeRun:
     plan.log(f"{mode}: {len(sent)} events replayed, {len(recs.records)} recommendations in "
              f"{time.monotonic() - t0:.0f} s; {_versions_text(versions)}")
     rounds = read_rounds(Path(cfg.model_store.dir) / "rounds.jsonl") if mode == "online" else []
-    return ModeRun(score(recs.records, sent), versions, rounds, retrainer.seconds if retrainer else [])
+    return ModeRun(score(recs.records, sent), versions, rounds, retrainer.seconds if retrainer else [], len(sent),
+                   version_starts(recs.records, sent))
 
 
 def round_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -348,7 +373,8 @@ def _mean(values: list[float]) -> float:
 
 
 def summarise(runs: dict[str, ModeRun]) -> dict[str, Any]:
-    """``{"modes": {mode: {"HR@10", "NDCG@10", "scored", "versions"} plus, for online, "rounds", "published",
+    """``{"modes": {mode: {"HR@10", "NDCG@10", "scored", "versions", "longest_without_new_version" (replayed
+    events in a row that no new version began in)} plus, for online, "rounds", "published",
     "refused" {code: n}, "round_seconds", "train_seconds"; for retrain, "retrains", "train_seconds"},
     "ratios": {"online/frozen": HR@10 ratio, "online/retrain": ...}}`` (a ratio only where both modes ran and
     the denominator is not 0)."""
@@ -356,6 +382,8 @@ def summarise(runs: dict[str, ModeRun]) -> dict[str, Any]:
     for mode, run in runs.items():
         m: dict[str, Any] = {"HR@10": _mean([h for h, _ in run.scores]), "NDCG@10": _mean([g for _, g in run.scores]),
                              "scored": len(run.scores), "versions": run.versions}
+        if run.replayed:
+            m["longest_without_new_version"] = longest_without_new_version(run.version_starts, run.replayed)
         if mode == "online":
             m |= round_stats(run.rounds)
         if mode == "retrain":
@@ -385,7 +413,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         if "rounds" in m:
             refused = ", ".join(f"{code} {n}" for code, n in m["refused"].items()) or "none"
             lines.append(f"        {_plural(m['rounds'], 'round')}: {m['published']} published, refused: {refused}; "
-                         f"{m['round_seconds']:.0f} s of rounds ({m['train_seconds']:.0f} s training)")
+                         f"{m['round_seconds']:.0f} s ({m['train_seconds']:.0f} s training); a new version within "
+                         f"every {m.get('longest_without_new_version', '?')} events")
         if "retrains" in m:
             lines.append(f"        {_plural(m['retrains'], 'retrain')}: {m['train_seconds']:.0f} s of training")
     if summary["ratios"]:

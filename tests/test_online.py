@@ -16,13 +16,24 @@ import pytest
 import torch
 
 from lrustream.config import Config, load_config
+from models import build_model
 from models.store import ModelStore
 from stream.topics import create_topics
 from stream.updates import request_refresh
 from tests.streamkit import WorkerProcess, publish_model, read_topic, recommendations
 from tests.test_hot_swap import wait_for_version
 from tests.test_worker import produce_events
-from trainer.online import EventBuffer, HeldEvent, OnlineLearner, TrainerLoop, event_metrics, paired_bootstrap
+from trainer.evaluate import left_pad
+from trainer.offline import sequence_loss
+from trainer.online import (
+    EventBuffer,
+    HeldEvent,
+    OnlineLearner,
+    TrainerLoop,
+    event_metrics,
+    length_groups,
+    paired_bootstrap,
+)
 
 
 def ring_stream(users: int, events: int, items: int = 40, step: int = 1, seed: int = 0,
@@ -126,7 +137,7 @@ def test_paired_bootstrap_interval_covers_the_mean_and_shrinks_with_evidence() -
 def _cfg(tmp_path: Path, *extra: str) -> Config:
     return load_config(overrides=[f"model_store.dir={tmp_path / 'models'}", "online.min_steps=30",
                                   "online.max_steps=30", "online.lr=0.005", "online.batch_size=32",
-                                  "model.max_len=20", "online.min_holdout=20", *extra])
+                                  "model.max_len=20", "online.min_holdout=20", "online.max_train_seconds=60", *extra])
 
 
 @dataclass
@@ -181,8 +192,53 @@ def test_a_round_learns_the_stream_publishes_a_grown_vocabulary_and_the_next_rou
             "old rows keep their (updated) second moments"
 
 
-@pytest.mark.parametrize(("lr", "refused"), [("10", "non-finite"), ("1", "gate")])
-def test_a_broken_candidate_is_refused_with_numbers_and_the_learner_goes_back(tmp_path: Path, lr: str,
+@pytest.mark.parametrize("name", ["lrurec", "sasrec", "linrec"])
+def test_length_groups_give_the_step_of_one_padded_batch(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, num_items=30, d_model=16, num_layers=2, dropout=0.0, attn_dropout=0.0, max_len=24)
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(1, 31, size=n) for n in (2, 25, 7, 3, 13, 25, 5, 9, 17, 4)]
+
+    def grads(groups: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        labelled = sum(int((lab > 0).sum()) for _, lab in groups)
+        total = 0.0
+        for tok, lab in groups:
+            part = sequence_loss(model, tok, lab) * (int((lab > 0).sum()) / labelled)
+            part.backward()
+            total += float(part)
+        return total, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    one = [(left_pad([w[:-1] for w in rows], 24), left_pad([w[1:] for w in rows], 24))]
+    grouped = length_groups(rows, 4)
+    assert len(grouped) == 4 and [g[0].shape[1] for g in grouped] == [3, 8, 24, 24], "each group padded to its own"
+    loss_one, grads_one = grads(one)
+    loss_grouped, grads_grouped = grads(grouped)
+    assert loss_grouped == pytest.approx(loss_one, rel=1e-5)
+    for a, b in zip(grads_one, grads_grouped, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_fresh_optimiser_warms_up_once_and_the_ramp_survives_rounds_and_refusals(tmp_path: Path) -> None:
+    s = Setting.make(tmp_path, ring_stream(30, 1500), "online.min_steps=5", "online.max_steps=5",
+                     "online.warmup_steps=10", "online.max_train_seconds=1000")
+    learner = OnlineLearner(s.cfg, s.store)
+    assert learner.round(s.buf).published, "first round"
+    lr = s.cfg.online.lr
+    assert learner.opt.param_groups[0]["lr"] == pytest.approx(lr * 5 / 10), "5 of the 10 warm-up steps"
+    fill(s.buf, ring_stream(30, 600, seed=1), s.history)
+    assert learner.round(s.buf).published, "second round"
+    assert learner.opt.param_groups[0]["lr"] == pytest.approx(lr), "the ramp went on from step 6, not from 1"
+    s.store.set_current(s.v1)  # an operator rolls back
+    fill(s.buf, ring_stream(30, 600, seed=2), s.history)
+    assert learner.round(s.buf).published, "round after the rollback"
+    assert learner.warm_starts == 2 and learner.opt.param_groups[0]["lr"] == pytest.approx(lr * 5 / 10), \
+        "a rollback means a fresh optimiser, so a fresh ramp"
+
+
+@pytest.mark.parametrize(("broken", "refused"), [(["online.lr=10", "online.warmup_steps=0"], "non-finite"),
+                                                 (["online.lr=1"], "gate")])
+def test_a_broken_candidate_is_refused_with_numbers_and_the_learner_goes_back(tmp_path: Path, broken: list[str],
                                                                               refused: str) -> None:
     s = Setting.make(tmp_path, ring_stream(30, 1500))
     store, buf, history = s.store, s.buf, s.history
@@ -190,7 +246,7 @@ def test_a_broken_candidate_is_refused_with_numbers_and_the_learner_goes_back(tm
     assert v2
     fill(buf, ring_stream(30, 600, seed=2), history)
     trained = buf.trained
-    learner = OnlineLearner(_cfg(tmp_path, f"online.lr={lr}"), store)  # a deliberately broken fine-tuning
+    learner = OnlineLearner(_cfg(tmp_path, *broken), store)  # a deliberately broken fine-tuning
     result = learner.round(buf)
     assert result.published is None and result.refused == refused, result.line()
     if refused == "gate":

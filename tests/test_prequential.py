@@ -18,11 +18,13 @@ from lrustream.prequential import (
     ModeRun,
     OnlinePublishedNothing,
     finish,
+    longest_without_new_version,
     parse_modes,
     round_stats,
     run_prequential,
     score,
     summary_lines,
+    version_starts,
 )
 
 
@@ -34,6 +36,18 @@ def test_score_uses_the_recommendation_served_before_each_event() -> None:
             {"source": {"partition": 0, "offset": 2}, "items": ["a"]},
             {"source": {"partition": 1, "offset": 0}, "items": ["a"]}]
     assert score(recs, sent) == [(1.0, 1.0), (0.0, 0.0)]  # b hit at rank 1; c missed; first events unscored
+
+
+def test_version_starts_follow_production_order_and_the_longest_stretch_counts_both_ends() -> None:
+    sent = {(1, 0): ("u", "a"), (0, 0): ("v", "a"), (1, 1): ("u", "b"), (0, 1): ("v", "b"), (1, 2): ("u", "c")}
+    recs = [{"source": {"partition": p, "offset": o}, "model_version": v}
+            for (p, o), v in [((1, 0), "v1"), ((0, 0), "v1"), ((1, 1), "v2"), ((1, 1), "v3"), ((0, 1), "v1"),
+                              ((1, 2), "v3")]]
+    # (1, 1) answered twice (a repeat after a crash): its first answer counts, so v3 begins at event 4
+    assert version_starts(recs, sent) == [0, 2, 4]
+    assert longest_without_new_version([0, 2, 4], 5) == 2
+    assert longest_without_new_version([0, 30_000, 40_000], 100_000) == 60_000  # the tail after the last
+    assert longest_without_new_version([0], 7) == 7  # one version served throughout
 
 
 def test_round_stats_counts_rounds_published_and_refusals_by_code() -> None:
@@ -58,7 +72,8 @@ def test_parse_modes_keeps_the_canonical_order_and_rejects_unknown_ones() -> Non
 
 def _runs(online_rounds: list[dict]) -> dict[str, ModeRun]:
     return {"frozen": ModeRun([(1.0, 1.0), (0.0, 0.0)] * 10, ["v000001"]),
-            "online": ModeRun([(1.0, 0.5)] * 15 + [(0.0, 0.0)] * 5, ["v000001"], rounds=online_rounds),
+            "online": ModeRun([(1.0, 0.5)] * 15 + [(0.0, 0.0)] * 5, ["v000001"], rounds=online_rounds, replayed=30,
+                              version_starts=[0, 12]),
             "retrain": ModeRun([(1.0, 1.0)] * 20, ["v000001", "v000002"], retrain_seconds=[3.0, 4.5])}
 
 
@@ -68,11 +83,12 @@ def test_summary_has_every_mode_and_the_ratios(tmp_path: Path) -> None:
     modes = summary["modes"]
     assert modes["frozen"] == {"HR@10": 0.5, "NDCG@10": 0.5, "scored": 20, "versions": ["v000001"]}
     assert modes["online"]["HR@10"] == 0.75 and modes["online"]["published"] == 1
+    assert modes["online"]["longest_without_new_version"] == 18
     assert modes["retrain"]["retrains"] == 2 and modes["retrain"]["train_seconds"] == 7.5
     assert summary["ratios"] == {"online/frozen": 1.5, "online/retrain": 0.75}
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert lines[:-1] == summary_lines(summary) and lines[-1].startswith("wrote ")
-    assert len(lines) <= 7 and all(len(line) <= 100 for line in lines[:-1])
+    assert len(lines) <= 7 and all(len(line) <= 110 for line in lines[:-1])
 
 
 def test_online_publishing_nothing_raises_after_writing_the_outputs(tmp_path: Path) -> None:
@@ -139,6 +155,8 @@ def test_online_follows_a_shift_in_the_stream_and_frozen_does_not(kafka_bootstra
     assert online["rounds"] == online["published"] + sum(online["refused"].values())
     assert modes["retrain"]["retrains"] == 1 and modes["retrain"]["train_seconds"] > 0
     assert modes["retrain"]["versions"] == ["v000001", "v000002"] and modes["frozen"]["versions"] == ["v000001"]
+    assert modes["frozen"]["longest_without_new_version"] == 1200, "one version for the whole replay"
+    assert online["longest_without_new_version"] < 0.75 * 1200, "new versions keep coming"
     assert json.loads((out / "summary.json").read_text()) == summary
     with (out / "prequential.csv").open() as f:
         rows = list(csv.DictReader(f))

@@ -17,7 +17,10 @@ The contract of one round (``OnlineLearner.round``):
    ``max_train_seconds`` whatever the count, so versions keep coming on a machine the trainer shares. The
    learner starts from the serving weights (warm start), fine-tunes with ``online.dropout`` and keeps its
    AdamW moments from round to round, resized when the vocabulary grows; it starts afresh only when the
-   serving version is not the one it last published (a rollback, a version from elsewhere).
+   serving version is not the one it last published (a rollback, a version from elsewhere). A fresh optimiser
+   ramps its learning rate up over ``warmup_steps`` (Adam's first updates are full-size in every weight, which
+   made first rounds worse than the serving model). A step's windows go through the model in groups of similar
+   length (``length_groups``), each padded only to its longest: the same gradient as one padded batch.
 4. **Gate.** Candidate and serving model rank every held-out event (same inputs); the per-event NDCG@10
    differences get a paired bootstrap confidence interval. The round publishes unless the weights are not
    finite, the candidate is worse with confidence (the interval lies below zero), or its mean is worse than
@@ -268,6 +271,23 @@ def judge(result: RoundResult, cand: tuple[np.ndarray, np.ndarray], serv: tuple[
 
 
 # ----- the learner ---------------------------------------------------------------------------------------------
+Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens, next-item labels), left-padded, 0 = padding / no label
+
+
+def length_groups(rows: list[np.ndarray], groups: int) -> list[Batch]:
+    """A batch of windows (item ids, oldest first; each gives tokens ``w[:-1]`` and labels ``w[1:]``) as at most
+    ``groups`` groups of similar length, each left-padded only to its own longest window. Every model here is
+    causal and reads no padding, so a row's outputs do not depend on how far it is padded."""
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
+    size = max(1, math.ceil(len(rows) / max(1, groups)))
+    out = []
+    for s in range(0, len(order), size):
+        part = [rows[r] for r in order[s: s + size]]
+        width = max(1, max(len(w) for w in part) - 1)
+        out.append((left_pad([w[:-1] for w in part], width), left_pad([w[1:] for w in part], width)))
+    return out
+
+
 def _in_order(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Parameters in the order an optimiser's state dict numbers them (group after group)."""
     return [p for group in opt.param_groups for p in group["params"]]
@@ -338,12 +358,11 @@ class OnlineLearner:
             self.opt.load_state_dict(grow_moments(state, params, grown))
         return len(self.vocab) - before
 
-    def _batches(self, with_new: list[list[str]], others: list[list[str]], steps: int
-                 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, with_new: list[list[str]], others: list[list[str]], steps: int) -> Iterable[list[Batch]]:
         """``steps`` batches of whole windows (last ``train_len`` + 1 items -> tokens, next-item labels), users
         drawn uniformly: a share ``replay_share`` of rows from users without new events, the rest from users
         with new events (weighting users by their number of new events measured worse: fewer distinct users).
-        Only drawn windows are encoded."""
+        Only drawn windows are encoded; each batch comes as its ``length_groups`` (:func:`length_groups`)."""
         L, B = self.context, self.cfg.train.batch_size if self.o.batch_size <= 0 else self.o.batch_size
         replay = (min(B - 1, round(B * self.o.replay_share)) if others else 0) if with_new else B
         def draw(pool: list[list[str]], n: int) -> list[list[str]]:
@@ -352,25 +371,40 @@ class OnlineLearner:
         for _ in range(steps):
             picks = draw(with_new, B - replay) + draw(others, replay)
             rows = [np.array([self.vocab.id_of(x) for x in w[-(L + 1):]]) for w in picks]
-            yield left_pad([w[:-1] for w in rows], L), left_pad([w[1:] for w in rows], L)
+            yield length_groups(rows, self.o.length_groups)
 
-    def _train(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, float]:
-        """Optimiser steps until the batches or ``online.max_train_seconds`` run out."""
+    def _train(self, batches: Iterable[list[Batch]]) -> tuple[int, float]:
+        """Optimiser steps until the batches or ``online.max_train_seconds`` run out. A step's loss is the mean
+        over every labelled position of its batch, whatever the grouping."""
         assert self.model is not None and self.opt is not None
         self.model.train()
-        steps, loss = 0, torch.tensor(math.nan)
+        steps, loss = 0, math.nan
         deadline = time.monotonic() + self.o.max_train_seconds
-        for tokens, labels in batches:
+        for groups in batches:
             if steps and time.monotonic() > deadline:
                 break
-            loss = sequence_loss(self.model, tokens.to(self.device), labels.to(self.device))
+            self._warm_up()
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            labelled = sum(int((labels > 0).sum()) for _, labels in groups)
+            loss = 0.0
+            for tokens, labels in groups:
+                share = int((labels > 0).sum()) / labelled
+                part = sequence_loss(self.model, tokens.to(self.device), labels.to(self.device)) * share
+                part.backward()
+                loss += float(part.detach())
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
             self.opt.step()
             steps += 1
         self.model.eval()
-        return steps, float(loss.detach())
+        return steps, loss
+
+    def _warm_up(self) -> None:
+        """The learning rate for the optimiser's next step: ramped over its first ``warmup_steps``."""
+        assert self.opt is not None
+        done = next((int(s["step"]) for s in self.opt.state.values() if "step" in s), 0)
+        scale = min(1.0, (done + 1) / self.o.warmup_steps) if self.o.warmup_steps > 0 else 1.0
+        for group in self.opt.param_groups:
+            group["lr"] = self.o.lr * scale
 
     def _steps_for(self, new_events: int) -> int:
         o = self.o

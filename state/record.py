@@ -107,3 +107,15 @@ def push_item(window: np.ndarray, unknown: list[str], item: int | str, max_len: 
             window = np.array([c if c >= 0 else -remap[-int(c) - 1] - 1 for c in window], dtype=np.int32)
             unknown = [unknown[i] for i in used]
     return window.astype(np.int32), unknown
+
+
+def fold_items(items: list[int | str], max_len: int) -> tuple[np.ndarray, list[str]]:
+    """The window and unknown ids that :func:`push_item` gives, applied to each of ``items`` in turn from an empty
+    window. One pass when every item is an internal id (a re-derived state after a swap, nearly always): pushing
+    200 items one by one costs about 1 ms a user, paid by every active user after every model swap."""
+    if not any(isinstance(x, str) for x in items):
+        return np.asarray(items[-max_len:], dtype=np.int32), []
+    window, unknown = np.zeros(0, dtype=np.int32), []
+    for x in items:
+        window, unknown = push_item(window, unknown, x, max_len)
+    return window, unknown

@@ -34,7 +34,7 @@ import torch
 
 from models.base import padded_steps
 from models.vocab import Vocabulary
-from state.record import UserRecord, push_item
+from state.record import UserRecord, fold_items, push_item
 from state.store import StateStore
 from stream.events import BadEvent, Event, parse_event
 from stream.metrics import WorkerMetrics
@@ -213,11 +213,8 @@ class Processor:
         items = torch.zeros(len(stale), L, dtype=torch.long)
         for row, record in enumerate(stale):
             ext = record.external_window(self._vocab_for(record.version).item_of)
-            window, unknown = np.zeros(0, dtype=np.int32), []
-            for x in ext:
-                idx = serving.vocab.get(x)
-                window, unknown = push_item(window, unknown, idx if idx and idx <= serving.num_items else x,
-                                            model.max_len)
+            window, unknown = fold_items([idx if (idx := serving.vocab.get(x)) and idx <= serving.num_items else x
+                                          for x in ext], model.max_len)
             if len(window):
                 items[row, L - len(window):] = serving.internal_ids(ext[-len(window):])
             record.window, record.unknown = window, unknown

@@ -286,6 +286,9 @@ def evaluate_stream_cmd(
     modes: Annotated[str, typer.Option(help="Comma-separated subset of frozen,online,retrain to run.")
                      ] = "frozen,online,retrain",
     bucket: Annotated[int, typer.Option(help="Scored events per point of the curves.")] = 1000,
+    start_model: Annotated[Path | None, typer.Option(
+        help="Model store of the starting model: used when it holds one, else the trained one is kept there "
+             "(runs comparing settings then share a starting point).")] = None,
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:
@@ -305,7 +308,7 @@ def evaluate_stream_cmd(
     cfg_of(None, overrides)
     try:
         run_prequential(overrides or [], data, out, limit, rate, train_minutes, online_every, bucket, modes=chosen,
-                        retrain_every=retrain_every, log=echo)
+                        retrain_every=retrain_every, log=echo, start_model=start_model)
     except OnlinePublishedNothing as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -3,8 +3,9 @@
 Contract:
 
 * The data set's events are split in global time order: the first half ("warm") trains the starting model
-  offline, the second half is replayed through Kafka into a real worker, once per mode, every mode from the same
-  starting model and in its own topics, state and model store (``OUT/runs/<mode>-<id>/``).
+  offline (or ``--start-model`` gives a stored one, to compare settings from one starting point), the second
+  half is replayed through Kafka into a real worker, once per mode, every mode from the same starting model and
+  in its own topics, state and model store (``OUT/runs/<mode>-<id>/``).
 * Each event is scored against the recommendation served to that user BEFORE it (the one emitted for the user's
   previous event): HR@10 and NDCG@10 over time.
 * Modes (:data:`MODES`, any subset):
@@ -129,6 +130,23 @@ def train_start_model(cfg: Config, warm: list[Event], minutes: float, log: Calla
     log(f"{label}: {cfg.model.name} on {len(warm)} events, {len(vocab)} items, {hist.steps_done} steps "
         f"({hist.seconds:.0f} s); offline test NDCG@10 {hist.test.get('NDCG@10', math.nan):.4f}")
     return model.cpu().eval(), vocab
+
+
+def starting_model(cfg: Config, warm: list[Event], minutes: float, log: Callable[[str], None],
+                   keep: Path | None = None):
+    """The starting model: the serving version of the model store ``keep`` when it has one (runs that compare
+    settings then start from the same model), else :func:`train_start_model`'s, published there when ``keep``
+    is given."""
+    from models.store import ModelStore
+
+    if keep is not None and ModelStore(keep).current() is not None:
+        loaded = ModelStore(keep).load()
+        log(f"starting model: {loaded.info.version} of {keep} ({len(loaded.vocab)} items), not retrained")
+        return loaded.model.eval(), loaded.vocab
+    model, vocab = train_start_model(cfg, warm, minutes, log)
+    if keep is not None:
+        ModelStore(keep).publish(model, vocab, notes={"source": "prequential start", "warm_events": len(warm)})
+    return model, vocab
 
 
 def _overrides(base: list[str], tag: str, root: Path, online_every: int) -> list[str]:
@@ -476,13 +494,13 @@ def finish(runs: dict[str, ModeRun], out: Path, bucket: int, log: Callable[[str]
 
 def run_prequential(base: list[str], data: str, out: Path, limit: int | None, rate: float, train_minutes: float,
                     online_every: int, bucket: int, modes: Sequence[str] = MODES, retrain_every: int = 50_000,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
+                    log: Callable[[str], None] = print, start_model: Path | None = None) -> dict[str, Any]:
     """Run ``modes`` from one starting model, write the outputs, return the summary (see :func:`summarise`)."""
     if "retrain" in modes and retrain_every < 1:
         raise ValueError(f"retrain_every must be >= 1, got {retrain_every}")
     cfg = load_config(overrides=base)
     warm, events = split_events(data, limit)
-    model, vocab = train_start_model(cfg, warm, train_minutes, log)
+    model, vocab = starting_model(cfg, warm, train_minutes, log, keep=start_model)
     plan = Replay(base, out / "runs", warm, events, model, vocab, rate, online_every, retrain_every,
                   train_minutes, log)
     runs = {mode: run_mode(mode, plan) for mode in MODES if mode in modes}

@@ -10,10 +10,12 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from lrustream import prequential
 from lrustream.cli import UsageError, app
+from lrustream.config import load_config
 from lrustream.prequential import (
     ModeRun,
     OnlinePublishedNothing,
@@ -23,6 +25,7 @@ from lrustream.prequential import (
     round_stats,
     run_prequential,
     score,
+    starting_model,
     summary_lines,
     version_starts,
 )
@@ -48,6 +51,19 @@ def test_version_starts_follow_production_order_and_the_longest_stretch_counts_b
     assert longest_without_new_version([0, 2, 4], 5) == 2
     assert longest_without_new_version([0, 30_000, 40_000], 100_000) == 60_000  # the tail after the last
     assert longest_without_new_version([0], 7) == 7  # one version served throughout
+
+
+def test_a_kept_starting_model_is_trained_once_and_then_reused(tmp_path: Path) -> None:
+    cfg = load_config(overrides=["model.max_len=20", "model.d_model=16", "train.batch_size=8", "train.val_every=5"])
+    rng = random.Random(0)
+    warm = [(f"u{rng.randrange(20)}", f"i{rng.randrange(30)}", t) for t in range(600)]
+    keep, lines = tmp_path / "start", []
+    first, vocab = starting_model(cfg, warm, 0.01, lines.append, keep=keep)
+    again, vocab_again = starting_model(cfg, warm, 0.01, lines.append, keep=keep)
+    assert "not retrained" not in lines[0] and "not retrained" in lines[1]
+    assert vocab_again.items() == vocab.items()
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values(),
+                                                 strict=True))
 
 
 def test_round_stats_counts_rounds_published_and_refusals_by_code() -> None:

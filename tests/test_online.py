@@ -206,7 +206,7 @@ def test_length_groups_give_the_step_of_one_padded_batch(name: str) -> None:
         for tok, lab in groups:
             part = sequence_loss(model, tok, lab) * (int((lab > 0).sum()) / labelled)
             part.backward()
-            total += float(part)
+            total += float(part.detach())
         return total, [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     one = [(left_pad([w[:-1] for w in rows], 24), left_pad([w[1:] for w in rows], 24))]

@@ -34,7 +34,7 @@ import torch
 
 from models.base import padded_steps
 from models.vocab import Vocabulary
-from state.record import UserRecord, fold_items, push_item
+from state.record import UserRecord, push_items
 from state.store import StateStore
 from stream.events import BadEvent, Event, parse_event
 from stream.metrics import WorkerMetrics
@@ -213,8 +213,8 @@ class Processor:
         items = torch.zeros(len(stale), L, dtype=torch.long)
         for row, record in enumerate(stale):
             ext = record.external_window(self._vocab_for(record.version).item_of)
-            window, unknown = fold_items([idx if (idx := serving.vocab.get(x)) and idx <= serving.num_items else x
-                                          for x in ext], model.max_len)
+            known = [idx if (idx := serving.vocab.get(x)) and idx <= serving.num_items else x for x in ext]
+            window, unknown = push_items(np.zeros(0, dtype=np.int32), [], known, model.max_len)
             if len(window):
                 items[row, L - len(window):] = serving.internal_ids(ext[-len(window):])
             record.window, record.unknown = window, unknown
@@ -301,15 +301,9 @@ class Processor:
         return outputs
 
     def _pushed(self, record: UserRecord, evs: list[_Served]) -> tuple[np.ndarray, list[str]]:
-        """The record's window after this batch's events (fast path when no unknown item is involved)."""
-        L = self.serving.model.max_len
-        if not record.unknown and all(s.unknown is None for s in evs):
-            new = np.array([s.item for s in evs], dtype=np.int32)
-            return np.concatenate([record.window.astype(np.int32), new])[-L:], []
-        window, unknown = record.window, record.unknown
-        for s in evs:
-            window, unknown = push_item(window, unknown, s.unknown if s.unknown is not None else s.item, L)
-        return window, unknown
+        """The record's window after this batch's events."""
+        return push_items(record.window, record.unknown, [s.unknown if s.unknown is not None else s.item for s in evs],
+                          self.serving.model.max_len)
 
     def _examples(self, records: dict[tuple[int, str], UserRecord], outputs: list[dict[str, Any]]) -> None:
         """Each served user's window (external ids) for the trainer's replay buffer: one record per user per

@@ -24,12 +24,12 @@ from tests.streamkit import WorkerProcess, publish_model, read_topic, recommenda
 from tests.test_hot_swap import wait_for_version
 from tests.test_worker import produce_events
 from trainer.evaluate import left_pad
-from trainer.offline import sequence_loss
 from trainer.online import (
     EventBuffer,
     HeldEvent,
     OnlineLearner,
     TrainerLoop,
+    backward_groups,
     event_metrics,
     length_groups,
     paired_bootstrap,
@@ -201,12 +201,7 @@ def test_length_groups_give_the_step_of_one_padded_batch(name: str) -> None:
 
     def grads(groups: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, list[torch.Tensor]]:
         model.zero_grad()
-        labelled = sum(int((lab > 0).sum()) for _, lab in groups)
-        total = 0.0
-        for tok, lab in groups:
-            part = sequence_loss(model, tok, lab) * (int((lab > 0).sum()) / labelled)
-            part.backward()
-            total += float(part.detach())
+        total = backward_groups(model, groups, torch.device("cpu"))
         return total, [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     one = [(left_pad([w[:-1] for w in rows], 24), left_pad([w[1:] for w in rows], 24))]

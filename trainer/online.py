@@ -288,6 +288,19 @@ def length_groups(rows: list[np.ndarray], groups: int) -> list[Batch]:
     return out
 
 
+def backward_groups(model: SeqRecModel, groups: list[Batch], device: torch.device) -> float:
+    """Back-propagate one batch given as length groups: each group's loss weighted by its share of the batch's
+    labelled positions, so the gradients add up to those of the mean over every labelled position. Returns that
+    mean loss."""
+    counts = [int((labels > 0).sum()) for _, labels in groups]
+    total, loss = sum(counts), 0.0
+    for (tokens, labels), n in zip(groups, counts, strict=True):
+        part = sequence_loss(model, tokens.to(device), labels.to(device)) * (n / total)
+        part.backward()
+        loss += float(part.detach())
+    return loss
+
+
 def _in_order(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Parameters in the order an optimiser's state dict numbers them (group after group)."""
     return [p for group in opt.param_groups for p in group["params"]]
@@ -385,13 +398,7 @@ class OnlineLearner:
                 break
             self._warm_up()
             self.opt.zero_grad(set_to_none=True)
-            labelled = sum(int((labels > 0).sum()) for _, labels in groups)
-            loss = 0.0
-            for tokens, labels in groups:
-                share = int((labels > 0).sum()) / labelled
-                part = sequence_loss(self.model, tokens.to(self.device), labels.to(self.device)) * share
-                part.backward()
-                loss += float(part.detach())
+            loss = backward_groups(self.model, groups, self.device)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
             self.opt.step()
             steps += 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import logging
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from faust.web import Request, Response, View
 from lrustream.config import Config, resolve_path
 from models.store import ModelStore
 from state.store import Changelog, StateStore
-from stream.health import Liveness
+from stream.health import Liveness, bearer_authorised
 from stream.kafka import faust_broker_settings, librdkafka_config, producer_config
 from stream.metrics import WorkerMetrics
 from stream.serving import Serving
@@ -229,11 +228,7 @@ class Worker:
 
     # ----- operator HTTP ------------------------------------------------------------------------------------
     def authorised(self, request: Request) -> bool:
-        token = self.cfg.http.token
-        if not token:
-            return True
-        given = request.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+        return bearer_authorised(self.cfg.http.token, request.headers.get("Authorization"))
 
     def _add_views(self, app: faust.App) -> None:
         worker = self

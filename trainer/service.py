@@ -8,17 +8,15 @@ topic is failing, the last round raised, or examples are waiting and none has be
 
 :class:`TrainerHttp` serves both on a daemon thread (stdlib ``ThreadingHTTPServer``, no extra dependency):
 ``GET /health`` (200 ok / 503 degraded, never needs a token: probes), ``GET /metrics`` (needs
-``Authorization: Bearer TOKEN`` when a token is set, 401 otherwise; checked as the worker's ``authorised``
-does: the whole header against ``Bearer TOKEN`` with ``hmac.compare_digest``; an empty token guards nothing),
-any other path 404, any other method 405. Note the worker itself leaves its read-only ``/metrics`` open and
-guards only ``POST /refresh``; :attr:`TrainerHttp.GUARDED` is the one place to change that choice.
-Binding beyond loopback without a token is allowed here; warning the operator is the caller's job
-(``stream.app.open_http_warning``). Requests are not logged, so the token never reaches a log.
+``Authorization: Bearer TOKEN`` when a token is set, 401 otherwise; the worker's check,
+``stream.health.bearer_authorised``), any other path 404, any other method 405. Note the worker itself leaves
+its read-only ``/metrics`` open and guards only ``POST /refresh``; :attr:`TrainerHttp.GUARDED` is the one place
+to change that choice. Binding beyond loopback without a token is allowed here; warning the operator is the
+caller's job (``stream.app.open_http_warning``). Requests are not logged, so the token never reaches a log.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import math
@@ -32,6 +30,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from stream.health import bearer_authorised
 
 log = logging.getLogger("lrustream.trainer")
 
@@ -204,9 +204,7 @@ class TrainerHttp:
         self._thread: threading.Thread | None = None
 
     def authorised(self, header: str | None) -> bool:
-        if not self.token:
-            return True
-        return hmac.compare_digest((header or "").encode(), f"Bearer {self.token}".encode())
+        return bearer_authorised(self.token, header)
 
     def start(self) -> TrainerHttp:
         self._server = _Server(self.host, self.port, self._handler())

@@ -285,11 +285,18 @@ class Retrainer:
         wait_serving(self.cfg, info.version)
 
 
-def score(recs: list[dict], sent: Sent, k: int = 10) -> Scores:
-    """(hit, ndcg) per scored event, in stream order: each event against the user's previous recommendation."""
+def first_answers(recs: list[dict]) -> dict[tuple[int, int], dict]:
+    """The first recommendation emitted for each (partition, offset) of the input: a repeat after a crash or a
+    retried batch does not count."""
     first: dict[tuple[int, int], dict] = {}
     for r in recs:
-        first.setdefault((r["source"]["partition"], r["source"]["offset"]), r)  # de-duplicate repeats
+        first.setdefault((r["source"]["partition"], r["source"]["offset"]), r)
+    return first
+
+
+def score(recs: list[dict], sent: Sent, k: int = 10) -> Scores:
+    """(hit, ndcg) per scored event, in stream order: each event against the user's previous recommendation."""
+    first = first_answers(recs)
     previous: dict[str, list[str]] = {}
     out: Scores = []
     for source in sorted(sent, key=lambda s: (s[1], s[0])):
@@ -307,12 +314,10 @@ def score(recs: list[dict], sent: Sent, k: int = 10) -> Scores:
 def version_starts(recs: list[dict], sent: Sent) -> list[int]:
     """For each served version, in order of appearance: the number (production order, from 0) of the first
     replayed event it answered."""
-    version_of: dict[tuple[int, int], str] = {}
-    for r in recs:
-        version_of.setdefault((r["source"]["partition"], r["source"]["offset"]), r["model_version"])
+    first = first_answers(recs)
     starts, seen = [], set()
     for n, source in enumerate(sent):  # delivery-report order: the order the events were produced in
-        version = version_of.get(source)
+        version = first[source]["model_version"] if source in first else None
         if version is not None and version not in seen:
             seen.add(version)
             starts.append(n)

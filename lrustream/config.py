@@ -142,8 +142,10 @@ class OnlineConfig:
     length_groups: int = 4
     """A step's windows, sorted by length, go through the model in this many groups, each padded only to its
     longest window (gradients summed: the same step as one padded batch, for less work on padding)."""
-    replay_share: float = 0.1
-    """Share of each batch drawn from users without new events (recent and reservoir)."""
+    replay_share: float = 0.5
+    """Share of each batch drawn from users without new events (recent and reservoir). On the 2-core ML-1M replay
+    from one starting model, online/frozen HR@10 was 1.121 at 0, 1.132 at 0.1, 1.134 at 0.25, 1.152 and 1.148 at
+    0.5, 1.139 at 0.7, 1.136 at 0.9: the starting model is far from converged, and old windows keep teaching it."""
     events_per_step: int = 300
     """Steps per round = new events / this, clamped to [min_steps, max_steps]. Rounds keep up with a stream of
     R events/s while a step costs less than events_per_step / R seconds."""

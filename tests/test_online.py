@@ -30,6 +30,7 @@ from trainer.online import (
     OnlineLearner,
     TrainerLoop,
     backward_groups,
+    covering_draws,
     event_metrics,
     length_groups,
     paired_bootstrap,
@@ -212,6 +213,16 @@ def test_length_groups_give_the_step_of_one_padded_batch(name: str) -> None:
     assert loss_grouped == pytest.approx(loss_one, rel=1e-5)
     for a, b in zip(grads_one, grads_grouped, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_covering_draws_give_every_user_with_new_events_a_turn_before_any_repeats() -> None:
+    draws = covering_draws(10, 4, torch.Generator().manual_seed(0))
+    first = [next(draws) for _ in range(5)]  # 20 draws: two full passes over the 10 users
+    flat = [i for batch in first for i in batch]
+    assert all(len(b) == 4 for b in first)
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10)), "each pass covers all"
+    assert flat[:10] != list(range(10)), "in a shuffled order"
+    assert next(covering_draws(3, 7, torch.Generator().manual_seed(0))).count(0) >= 2, "fewer users than rows"
 
 
 def test_a_fresh_optimiser_warms_up_once_and_the_ramp_survives_rounds_and_refusals(tmp_path: Path) -> None:

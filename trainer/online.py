@@ -39,7 +39,7 @@ import math
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -288,6 +288,19 @@ def length_groups(rows: list[np.ndarray], groups: int) -> list[Batch]:
     return out
 
 
+def covering_draws(n: int, k: int, rng: torch.Generator) -> Iterator[list[int]]:
+    """Endless draws of ``k`` indices into ``range(n)`` (n > 0): every index once, in a shuffled order, before
+    any comes again. Draws with replacement leave users out: 160 draws from 200 users miss about 45% of them.
+    On the 2-core ML-1M replay (one starting model, replay_share 0.5) online/frozen HR@10 went from 1.150 (mean
+    of two runs with replacement) to 1.164."""
+    order: list[int] = []
+    while True:
+        while len(order) < k:
+            order += torch.randperm(n, generator=rng).tolist()
+        yield order[:k]
+        del order[:k]
+
+
 def backward_groups(model: SeqRecModel, groups: list[Batch], device: torch.device) -> float:
     """Back-propagate one batch given as length groups: each group's loss weighted by its share of the batch's
     labelled positions, so the gradients add up to those of the mean over every labelled position. Returns that
@@ -372,17 +385,17 @@ class OnlineLearner:
         return len(self.vocab) - before
 
     def _batches(self, with_new: list[list[str]], others: list[list[str]], steps: int) -> Iterable[list[Batch]]:
-        """``steps`` batches of whole windows (last ``train_len`` + 1 items -> tokens, next-item labels), users
-        drawn uniformly: a share ``replay_share`` of rows from users without new events, the rest from users
-        with new events (weighting users by their number of new events measured worse: fewer distinct users).
-        Only drawn windows are encoded; each batch comes as its ``length_groups`` (:func:`length_groups`)."""
+        """``steps`` batches of whole windows (last ``train_len`` + 1 items -> tokens, next-item labels): a share
+        ``replay_share`` of rows drawn uniformly from users without new events, the rest from users with new
+        events, each of them once (in a shuffled order) before any is drawn again (:func:`covering_draws`), so a
+        round trains every new event it has time for. Only drawn windows are encoded; each batch comes as its
+        ``length_groups`` (:func:`length_groups`)."""
         L, B = self.context, self.cfg.train.batch_size if self.o.batch_size <= 0 else self.o.batch_size
         replay = (min(B - 1, round(B * self.o.replay_share)) if others else 0) if with_new else B
-        def draw(pool: list[list[str]], n: int) -> list[list[str]]:
-            return [pool[i] for i in torch.randint(len(pool), (n,), generator=self.rng).tolist()] if n else []
-
+        fresh = covering_draws(len(with_new), B - replay, self.rng)
         for _ in range(steps):
-            picks = draw(with_new, B - replay) + draw(others, replay)
+            picks = [with_new[i] for i in next(fresh)] if with_new else []
+            picks += [others[i] for i in torch.randint(len(others), (replay,), generator=self.rng).tolist()]
             rows = [np.array([self.vocab.id_of(x) for x in w[-(L + 1):]]) for w in picks]
             yield length_groups(rows, self.o.length_groups)
 

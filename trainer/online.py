@@ -395,7 +395,8 @@ class OnlineLearner:
         fresh = covering_draws(len(with_new), B - replay, self.rng)
         for _ in range(steps):
             picks = [with_new[i] for i in next(fresh)] if with_new else []
-            picks += [others[i] for i in torch.randint(len(others), (replay,), generator=self.rng).tolist()]
+            if replay:
+                picks += [others[i] for i in torch.randint(len(others), (replay,), generator=self.rng).tolist()]
             rows = [np.array([self.vocab.id_of(x) for x in w[-(L + 1):]]) for w in picks]
             yield length_groups(rows, self.o.length_groups)
 

@@ -276,6 +276,11 @@ def test_a_round_without_enough_evidence_or_with_non_finite_training_publishes_n
     assert result.refused == "non-finite", result.line()
     assert s.store.current() == s.v1
 
+    learner = OnlineLearner(s.cfg, s.store)
+    learner._train = lambda batches: (_ for _ in ()).throw(RuntimeError("kernel said no"))  # type: ignore[method-assign]
+    result = learner.round(s.buf)
+    assert result.refused == "non-finite" and "raised RuntimeError: kernel said no" in result.reason, result.line()
+
 
 def test_a_rollback_makes_the_learner_start_again_from_the_serving_version(tmp_path: Path) -> None:
     s = Setting.make(tmp_path, ring_stream(30, 1500))

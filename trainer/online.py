@@ -452,14 +452,17 @@ class OnlineLearner:
         result.new_items = self._grow([*with_new, *[h.prefix for h in held]])
         result.trained_events = trainable
         t1 = time.monotonic()
+        raised = ""
         try:
             result.steps, result.loss = self._train(self._batches(with_new, others, self._steps_for(trainable)))
         except (RuntimeError, FloatingPointError) as exc:  # divergence can overflow inside the optimiser
             log.warning("fine-tuning diverged: %s", exc)
+            raised = f" (fine-tuning raised {type(exc).__name__}: {exc})"
         result.train_seconds = time.monotonic() - t1
         self.model.to("cpu")
         if not (math.isfinite(result.loss) and all(torch.isfinite(p).all() for p in self.model.parameters())):
-            result.refuse("non-finite", f"loss {result.loss} or weights not finite after {result.steps} steps")
+            result.refuse("non-finite",
+                          f"loss {result.loss} or weights not finite after {result.steps} steps{raised}")
         else:
             cand = event_metrics(self.model, self.vocab, held, self.context)
             serv = event_metrics(serving.model, serving.vocab, held, self.context)

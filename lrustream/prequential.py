@@ -139,13 +139,14 @@ def starting_model(cfg: Config, warm: list[Event], minutes: float, log: Callable
     is given."""
     from models.store import ModelStore
 
-    if keep is not None and ModelStore(keep).current() is not None:
-        loaded = ModelStore(keep).load()
+    store = ModelStore(keep) if keep is not None else None
+    if store is not None and store.current() is not None:
+        loaded = store.load()
         log(f"starting model: {loaded.info.version} of {keep} ({len(loaded.vocab)} items), not retrained")
         return loaded.model.eval(), loaded.vocab
     model, vocab = train_start_model(cfg, warm, minutes, log)
-    if keep is not None:
-        ModelStore(keep).publish(model, vocab, notes={"source": "prequential start", "warm_events": len(warm)})
+    if store is not None:
+        store.publish(model, vocab, notes={"source": "prequential start", "warm_events": len(warm)})
     return model, vocab
 
 

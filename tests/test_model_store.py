@@ -111,6 +111,7 @@ from models import build_model
 from models.store import ModelStore
 from models.vocab import Vocabulary
 store = ModelStore(sys.argv[1])
+print("ready", flush=True)
 while True:
     model = build_model("lrurec", 300, d_model=64, num_layers=2, max_len=50)
     store.publish(model, Vocabulary.identity(300), parent=store.current())
@@ -130,8 +131,10 @@ def test_trainer_killed_while_publishing_leaves_only_complete_versions(tmp_path:
     root = tmp_path / "models"
     rng = random.Random(5)
     for _ in range(6):
-        proc = subprocess.Popen([sys.executable, "-c", PUBLISH_LOOP, str(root)], cwd=REPO)
-        time.sleep(rng.uniform(2.0, 4.0))  # imports take ~1.5 s, then a publish every few tens of ms
+        proc = subprocess.Popen([sys.executable, "-c", PUBLISH_LOOP, str(root)], cwd=REPO, stdout=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"  # imports done (~1.5 s idle)
+        time.sleep(rng.uniform(0.5, 2.5))  # then a publish every few tens of ms
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         store = ModelStore(root)

@@ -31,12 +31,12 @@ kcat:
 	  mkdir -p $(KCAT_DIR)/debs && cd $(KCAT_DIR)/debs && apt-get download kcat librdkafka1 libyajl2 && \
 	  for f in *.deb; do dpkg -x $$f ..; done ) || echo "kcat: not installed (apt-get download failed)"
 
-# pytest exits 5 when it collects no tests: that is a pass, not a failure.
+# pytest exits 5 when it collects no tests: a failure like any other (a suite that runs nothing proves nothing).
 test: jars kcat
-	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -q
 
 test-slow: jars
-	$(BIN)/python -m pytest -q -m slow --run-slow; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -q -m slow --run-slow
 
 lint: venv
 	$(BIN)/ruff check .

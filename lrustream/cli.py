@@ -170,7 +170,9 @@ def models_list(config: ConfigOpt = None, overrides: Overrides = None) -> None:
     from models.store import ModelStore
 
     store = ModelStore(cfg_of(config, overrides).model_store.dir)
-    current = store.current()
+    current, pinned = store.current(), store.pinned()
+    if pinned:
+        echo(f"serving is pinned to {pinned} (lrustream models unpin releases it)")
     for info in store.list():
         mark = "*" if info.version == current else " "
         metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(info.metrics.items()) if "10" in k)
@@ -185,16 +187,40 @@ def models_rollback(
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:
-    """Point CURRENT at an earlier version (verified first) and tell running workers to follow."""
+    """Serve an earlier version (verified first) and pin it: the trainer's next versions are published but not
+    served until `lrustream models unpin`. Running workers are told to follow."""
+    _pin(version, "rollback", config, overrides)
+
+
+@models_app.command("pin")
+def models_pin(
+    version: Annotated[str, typer.Argument(help="Version to serve and keep serving, e.g. the one served now.")],
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Serve a version and keep serving it while the trainer goes on publishing."""
+    _pin(version, "pin", config, overrides)
+
+
+@models_app.command("unpin")
+def models_unpin(config: ConfigOpt = None, overrides: Overrides = None) -> None:
+    """Release the pin: the trainer's next published version is served again."""
+    from models.store import ModelStore
+
+    was = ModelStore(cfg_of(config, overrides).model_store.dir).unpin()
+    echo(f"unpinned {was}; the next published version will be served" if was else "nothing was pinned")
+
+
+def _pin(version: str, reason: str, config: Path | None, overrides: list[str] | None) -> None:
     from models.store import ModelStore
     from stream.updates import announce
 
     cfg = cfg_of(config, overrides)
     store = ModelStore(cfg.model_store.dir)
-    store.load(version)  # refuse to roll back onto a broken checkpoint
-    store.set_current(version)
-    announce(cfg, version, "rollback")
-    echo(f"serving version is now {version}; workers were notified on {cfg.topics.model_updates}")
+    store.set_current(version, pin=True)  # verified first: refuses a broken checkpoint or a bad name
+    announce(cfg, version, reason)
+    echo(f"serving version is now {version}, pinned (lrustream models unpin releases it); workers were notified "
+         f"on {cfg.topics.model_updates}")
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print numbers.")

@@ -119,6 +119,7 @@ class StreamConfig:
     min_step_rows: int = 16  # pad every batched step to at least this many rows (batch-invariant maths)
     emit_training_examples: bool = True
     stall_after_s: float = 60.0  # /health says "degraded" when a micro-batch or the input stalls this long
+    stop_timeout_s: float = 5.0  # after SIGTERM/SIGINT, exit anyway this long later (a crash is safe: see kill tests)
 
 
 @dataclass

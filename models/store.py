@@ -7,11 +7,17 @@ Layout::
                            /meta.json            model name + hyper-parameters, metrics, parent, created,
                                                  sha256 of the two files above
     <root>/CURRENT                               the version workers should serve (rollback rewrites it)
+    <root>/PINNED                                present while an operator pins CURRENT (rollback, pin)
+    <root>/LAST                                  the highest number ever published (never reused)
 
 Publishing is atomic: files are written into a temporary directory, fsynced, and the directory is renamed into
 ``versions/``; a reader therefore sees a version completely or not at all. Loading re-checks everything it can
 (checksums, JSON shape, tensor names and shapes, finiteness) and raises :class:`ModelStoreError` with a one-line
 reason instead of serving a corrupt model.
+
+Version names are ``v`` and six or more digits; any other name (``../x``, an absolute path) is refused before
+it touches the filesystem. Numbers only grow, even after versions are deleted. While PINNED exists a publish
+writes its version but leaves CURRENT alone, so an operator's rollback is not undone by the trainer's next round.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -41,9 +48,25 @@ FORMAT = 1
 
 
 class ModelStoreError(RuntimeError):
-    """A version that cannot be served; the message says which and why, in one line."""
+    """A version that cannot be served; the message says which and why, in one line. ``transient``: it may load
+    later (a file missing or unreadable now), as opposed to a version that is corrupt for good."""
 
     user_facing = True
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+VERSION_NAME = re.compile(r"v[0-9]{6,12}")
+
+
+def check_version_name(version: str) -> str:
+    """``version`` if it is a well-formed name, else ModelStoreError (never a path outside the store)."""
+    if not isinstance(version, str) or not VERSION_NAME.fullmatch(version):
+        raise ModelStoreError(f"invalid model version name {str(version)[:80]!r}: expected v and 6 digits, "
+                              "e.g. v000003")
+    return version
 
 
 @dataclass
@@ -125,6 +148,8 @@ class ModelStore:
 
     def _next_version(self) -> str:
         numbers = [int(p.name[1:]) for p in self.versions_dir.glob("v*") if p.name[1:].isdigit()]
+        with contextlib.suppress(OSError, ValueError):  # absent in stores written before LAST existed
+            numbers.append(int((self.root / "LAST").read_text()))
         return f"v{max(numbers, default=0) + 1:06d}"
 
     def publish(self, model: SeqRecModel, vocab: Vocabulary, metrics: dict[str, float] | None = None,
@@ -155,21 +180,43 @@ class ModelStore:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            if make_current:
-                self._write_current(version)
+            self._write_small("LAST", version[1:])
+            if make_current and self.pinned() is None:
+                self._write_small("CURRENT", version)
         return info
 
-    def _write_current(self, version: str) -> None:
-        tmp = self.root / f".CURRENT.{os.getpid()}"
-        tmp.write_text(version + "\n")
-        replace_durably(tmp, self.root / "CURRENT")
+    def _write_small(self, name: str, text: str) -> None:
+        tmp = self.root / f".{name}.{os.getpid()}"
+        tmp.write_text(text + "\n")
+        replace_durably(tmp, self.root / name)
 
-    def set_current(self, version: str) -> VersionInfo:
-        """Point workers at ``version`` (rollback); refuses versions that would not load."""
+    def set_current(self, version: str, pin: bool = False) -> VersionInfo:
+        """Point workers at ``version``, verified first; ``pin`` keeps it there until :meth:`unpin` (rollback).
+        Refused while another version is pinned, unless this call pins."""
         loaded = self.load(version)
         with self._lock():
-            self._write_current(version)
+            pinned = self.pinned()
+            if pinned is not None and not pin and pinned != version:
+                raise ModelStoreError(f"serving is pinned to {pinned}: unpin first (lrustream models unpin)")
+            self._write_small("CURRENT", version)
+            if pin:
+                self._write_small("PINNED", version)
         return loaded.info
+
+    def unpin(self) -> str | None:
+        """Release the pin (CURRENT stays until the next publish); returns the version that was pinned."""
+        with self._lock():
+            pinned = self.pinned()
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / "PINNED").unlink()
+                _fsync(self.root)
+        return pinned
+
+    def pinned(self) -> str | None:
+        try:
+            return (self.root / "PINNED").read_text().strip() or None
+        except OSError:
+            return None
 
     # ----- reading -----------------------------------------------------------------------------------------
     def current(self) -> str | None:
@@ -185,13 +232,15 @@ class ModelStore:
         return sorted(p.name for p in self.versions_dir.iterdir() if p.is_dir() and p.name.startswith("v"))
 
     def info(self, version: str) -> VersionInfo:
-        where = f"model version {version}"
+        where = f"model version {check_version_name(version)}"
         path = self.versions_dir / version / META
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ModelStoreError(f"{where} does not exist in {self.root}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelStoreError(f"{where} does not exist in {self.root}", transient=True) from None
+        except OSError as exc:
+            raise ModelStoreError(f"{where}: meta.json unreadable ({exc})", transient=True) from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelStoreError(f"{where}: meta.json unreadable ({exc})") from None
         return VersionInfo.from_json(data, where)
 
@@ -206,14 +255,15 @@ class ModelStore:
         try:
             digest = _sha256(folder / name)
         except OSError as exc:
-            raise ModelStoreError(f"model version {info.version}: {name} unreadable ({exc.strerror})") from None
+            raise ModelStoreError(f"model version {info.version}: {name} unreadable ({exc.strerror})",
+                                  transient=True) from None
         if digest != info.files.get(name):
             raise ModelStoreError(f"model version {info.version}: {name} checksum mismatch (truncated or altered file)")
 
     def vocabulary(self, version: str, info: VersionInfo | None = None) -> Vocabulary:
         """A version's item vocabulary alone (verified), e.g. to read ids stored under an older version."""
         info = info or self.info(version)
-        folder = self.versions_dir / version
+        folder = self.versions_dir / check_version_name(version)
         self._verify(folder, info, VOCAB)
         try:
             return Vocabulary.from_json(json.loads((folder / VOCAB).read_text()))

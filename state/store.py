@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,7 @@ class Changelog:
         self.conf = conf
         self.topic = topic
         self.flush_timeout_s = flush_timeout_s
+        self.stopping = threading.Event()  # set on shutdown: stop waiting for acknowledgements (nothing is lost)
         self.producer = Producer({**conf, "enable.idempotence": True, "acks": "all", "linger.ms": 2,
                                   "compression.type": "lz4"})
 
@@ -128,12 +130,19 @@ class Changelog:
                         self.producer.produce(self.topic, value, key, partition=partition, on_delivery=done)
                         break
                     except BufferError:
+                        self._check_stopping()
                         self.producer.poll(0.05)
-        remaining = self.producer.flush(self.flush_timeout_s)
+        deadline = time.monotonic() + self.flush_timeout_s
+        while (remaining := self.producer.flush(0.5)) and time.monotonic() < deadline:
+            self._check_stopping()
         if remaining or errors:
             raise StateError(f"changelog {self.topic} not acknowledged: "
                              f"{errors[0] if errors else f'{remaining} records pending'}")
         return last
+
+    def _check_stopping(self) -> None:
+        if self.stopping.is_set():
+            raise StateError(f"stopping before changelog {self.topic} acknowledged the batch (not committed)")
 
     def read(self, partition: int, start: int, timeout_s: float = 30.0) -> Iterator[tuple[int, bytes, bytes]]:
         """(offset, key, value) from ``start`` (or the beginning when < 0) to the end seen when called."""
@@ -161,7 +170,9 @@ class Changelog:
             consumer.close()
 
     def close(self) -> None:
-        self.producer.flush(self.flush_timeout_s)
+        """Deliver what is pending (records of a batch that was not committed may go or not: both are safe,
+        because a batch's recommendations are acknowledged before its changelog records are produced)."""
+        self.producer.flush(0 if self.stopping.is_set() else self.flush_timeout_s)
 
 
 class StateStore:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,9 @@ from stream.topics import create_topics
 from stream.worker import Input, Processor
 
 log = logging.getLogger("lrustream.worker")
+
+RETRY_LOAD_AFTER_S = 10.0  # a version that failed to load for a transient reason (file missing, I/O) is tried again
+MAX_SWAPS_KEPT = 100  # what /model remembers of swaps and refusals
 
 
 def fetch_range(cfg: Config):  # type: ignore[no-untyped-def]
@@ -107,7 +112,8 @@ class Worker:
         async def serve(stream: faust.StreamT) -> None:
             async for events in stream.take_events(cfg.stream.batch_size, within=within):
                 batch = [Input(e.message.partition, e.message.offset, e.message.key, e.message.value,
-                               int(e.message.timestamp * 1000) if e.message.timestamp else None) for e in events]
+                               int(e.message.timestamp * 1000) if e.message.timestamp else None,
+                               _header_list(e.message.headers)) for e in events]
                 async with self.swap_lock:
                     await self._process(batch)
                 self._observe_lag(batch)
@@ -131,15 +137,16 @@ class Worker:
 
     # ----- hot swap ---------------------------------------------------------------------------------------------
     async def _follow_model_updates(self) -> None:
-        """Every worker reads every announcement (own consumer, no group) and swaps between micro-batches."""
+        """Every worker reads every announcement (own consumer, no group) and swaps between micro-batches to the
+        store's CURRENT: an announcement only wakes the worker up, so a version published while an operator pins
+        serving (models/store.py) is never served, and a missed announcement is caught by the next poll."""
         from stream.updates import UpdateFollower
 
         follower = UpdateFollower(self.cfg)
         try:
             while True:
-                version = await asyncio.to_thread(follower.next_version, 0.5)
-                if version is None:
-                    version = self.model_store.current()  # also follow CURRENT (a missed message, a restart)
+                await asyncio.to_thread(follower.next_version, 0.5)
+                version = self.model_store.current()
                 if version and version != self.processor.serving.version:
                     await self.swap_to(version)
         finally:
@@ -150,14 +157,18 @@ class Worker:
         from models.store import ModelStoreError
 
         t0 = time.monotonic()
-        if any(s["version"] == version and not s["ok"] for s in self.swaps):
-            return False  # refused before: do not retry a broken checkpoint on every poll
+        refused = [s for s in self.swaps if s["version"] == version and not s["ok"]]
+        if refused and not (refused[-1]["retry"] and time.time() - refused[-1]["at"] > RETRY_LOAD_AFTER_S):
+            return False  # a corrupt version stays refused; a transient failure is retried now and then
         try:
             serving = await asyncio.to_thread(Serving.load, self.model_store, version)
         except (ModelStoreError, OSError, ValueError) as exc:
-            log.error("refused model version %s: %s; still serving %s", version, exc,
-                      self.processor.serving.version)
-            self.swaps.append({"version": version, "ok": False, "reason": str(exc), "at": time.time()})
+            retry = isinstance(exc, OSError) or getattr(exc, "transient", False)
+            log.error("refused model version %s: %s; still serving %s%s", version, exc,
+                      self.processor.serving.version, f"; retrying in {RETRY_LOAD_AFTER_S:.0f} s" if retry else "")
+            self.swaps.append({"version": version, "ok": False, "reason": str(exc), "retry": retry,
+                               "at": time.time()})
+            del self.swaps[:-MAX_SWAPS_KEPT]
             return False
         async with self.swap_lock:
             old = self.processor.serving.version
@@ -166,10 +177,13 @@ class Worker:
         log.warning("now serving model version %s (was %s); swap took %.3f s", version, old, took)
         self.swaps.append({"version": version, "ok": True, "previous": old, "seconds": round(took, 3),
                            "at": time.time()})
+        del self.swaps[:-MAX_SWAPS_KEPT]
         return True
 
     async def _process(self, batch: list[Input]) -> None:
-        """Apply a batch; on infrastructure errors retry it (never drop, never acknowledge unapplied events)."""
+        """Apply a batch; on infrastructure faults retry it with bounded back-off (never drop, never acknowledge
+        unapplied events; poison records are dead-lettered inside ``process``). Once the worker is stopping the
+        batch is abandoned unacknowledged: the agent is cancelled, so Faust does not commit its offsets."""
         delay = 0.2
         self.liveness.started()
         while True:
@@ -179,7 +193,10 @@ class Worker:
                 self.liveness.finished()
                 return
             except Exception as exc:
+                if self.processor.stopping.is_set():
+                    raise asyncio.CancelledError from exc
                 self.liveness.failed(exc)
+                self.metrics.batch_retries.inc()
                 log.error("micro-batch of %d events failed (%s); retrying in %.1f s", len(batch), exc, delay,
                           exc_info=delay == 0.2)
                 self.store.mark_stale()
@@ -269,11 +286,54 @@ class Worker:
         create_topics(self.cfg)
         if warning := open_http_warning(self.cfg):
             log.warning(warning)
-        worker = faust.Worker(self.app, loglevel=loglevel, override_logging=True)
+        worker = _StopSignalWorker(self.app, loglevel=loglevel, override_logging=True,
+                                   on_stop_signal=self.stop_processing)
         try:
             worker.execute_from_commandline()
         finally:
             self.store.close()
+
+
+    def stop_processing(self) -> None:
+        """On SIGTERM/SIGINT: a batch blocked on acknowledgements or a full producer queue gives up now (see
+        Processor), and the process exits ``stream.stop_timeout_s`` later if Faust's own stop has not finished
+        (with the broker gone, its consumer waits on requests for minutes). Exiting then is a crash, which the
+        durability contract covers: nothing uncommitted is lost, it is redelivered."""
+        self.processor.stopping.set()
+        if self.store.changelog is not None:
+            self.store.changelog.stopping.set()
+        timeout_s = self.cfg.stream.stop_timeout_s
+        watchdog = threading.Timer(timeout_s, _exit_now, [f"still stopping {timeout_s:.0f} s after the signal"])
+        watchdog.daemon = True
+        watchdog.start()
+
+
+class _StopSignalWorker(faust.Worker):
+    """faust.Worker that reports SIGTERM/SIGINT before stopping. Faust cancels the agent, but the batch runs in
+    a thread that a cancel cannot reach: a batch waiting for a dead broker would keep the process alive for a
+    minute (issue 14). ``_schedule_shutdown`` is mode's one entry point for both signals."""
+
+    def __init__(self, *args: Any, on_stop_signal: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_stop_signal = on_stop_signal
+
+    def _schedule_shutdown(self, signal: Any) -> None:
+        self._on_stop_signal()
+        super()._schedule_shutdown(signal)
+
+
+def _exit_now(why: str) -> None:
+    log.error("%s (broker unreachable?): exiting without a clean stop; uncommitted events will be redelivered",
+              why)
+    logging.shutdown()
+    os._exit(1)
+
+
+def _header_list(headers: Any) -> list[tuple[str, bytes]] | None:
+    """Faust gives a record's headers as a list of pairs or a mapping; the processor keeps pairs."""
+    if not headers:
+        return None
+    return list(headers.items()) if hasattr(headers, "items") else list(headers)
 
 
 def open_http_warning(cfg: Config) -> str | None:

@@ -114,8 +114,13 @@ def parse_event(value: bytes | None, key: bytes | None, kafka_ts_ms: int | None,
     obj = _decode(value, max_value_bytes)
     user_id = _required_id(obj, "user_id")
     item_id = _required_id(obj, "item_id")
-    if key is not None and key.decode("utf-8", "replace") != user_id:
-        raise BadEvent("key does not match user_id")
+    if key is not None:
+        try:
+            key_text = key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadEvent("key is not UTF-8") from None
+        if key_text != user_id:
+            raise BadEvent("key does not match user_id")
     ts = _event_ts(obj, kafka_ts_ms)
     raw_event_id = obj.get("event_id")
     event_id = None if raw_event_id is None else _check_id(raw_event_id, "event_id")

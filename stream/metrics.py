@@ -17,6 +17,8 @@ class WorkerMetrics:
                               registry=r)
         self.recommendations = Counter("lrustream_recommendations", "Recommendation records emitted", registry=r)
         self.dlq = Counter("lrustream_dlq", "Events sent to the dead-letter topic", ["reason"], registry=r)
+        self.batch_retries = Counter("lrustream_batch_retries",
+                                     "Micro-batches retried after an infrastructure fault (broker, disk)", registry=r)
         self.skipped = Counter("lrustream_skipped_events", "Events skipped because already applied", registry=r)
         self.gap_filled = Counter("lrustream_gap_filled_events",
                                   "Events fetched directly because the consumer skipped offsets", registry=r)

@@ -18,12 +18,30 @@ For one micro-batch of raw input records (any users, any partitions) :meth:`Proc
 So after any crash every event yields at least one recommendation, and every state has applied every event
 exactly once. A consumer that must not see repeats de-duplicates recommendations by
 (``source.partition``, ``source.offset``), which is unique per input event.
+
+Faults are of two kinds, and ``process`` tells them apart so that one record can never stall a partition:
+
+- **A poison record** costs only itself. A record that cannot be parsed, mapped or scored is dead-lettered with
+  its reason; when the batched model work raises, the batch's events are applied one at a time and only those
+  that still raise are dead-lettered ("processing failed: ..."). A dead-letter copy keeps the original key,
+  value, timestamp and headers; one too big for the dead-letter topic is written truncated, with headers that
+  say so (``lrustream.truncated``, ``lrustream.original.size``, ``lrustream.original.sha256``).
+- **An infrastructure fault** (outputs or changelog not acknowledged, disk errors) raises out of ``process``
+  with nothing committed; the caller retries the whole batch (stream/app.py: bounded back-off, ``/health``
+  degraded, ``lrustream_batch_retries_total``). A retried batch emits its recommendations again: a consumer
+  sees repeats only for the events of that batch, with the same ``source`` (de-duplicated as above).
+
+``stopping`` (set on SIGTERM) makes a batch that waits for acknowledgements give up within half a second
+(:class:`Stopping`); nothing of it is committed, so it is redelivered to whoever owns the partition next.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,16 +49,32 @@ from typing import Any
 
 import numpy as np
 import torch
+from confluent_kafka import KafkaError, KafkaException
 
 from models.base import padded_steps
 from models.vocab import Vocabulary
 from state.record import UserRecord, push_items
-from state.store import StateStore
+from state.store import StateError, StateStore
 from stream.events import BadEvent, Event, parse_event
 from stream.metrics import WorkerMetrics
 from stream.serving import Serving
 
 log = logging.getLogger("lrustream.worker")
+
+DLQ_MAX_RECORD_BYTES = 990_000  # a dead-letter copy larger than this is truncated (the producer's limit: 1 MB)
+DLQ_TRUNCATED_VALUE_BYTES = 65_536  # what a truncated copy keeps of the original value
+DLQ_STUB_MAX_KEY_BYTES = 1_024  # a copy refused even truncated is sent again as headers only (and a short key)
+
+
+class OutputError(RuntimeError):
+    """Recommendations or dead letters were not acknowledged: an infrastructure fault, the batch is retried."""
+
+
+class Stopping(RuntimeError):
+    """The worker is stopping: the batch was abandoned before anything of it was committed."""
+
+
+INFRASTRUCTURE_FAULTS = (OutputError, Stopping, StateError, OSError, MemoryError)
 
 
 @dataclass(slots=True)
@@ -52,6 +86,7 @@ class Input:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int | None
+    headers: list[tuple[str, bytes]] | None = None
 
 
 @dataclass(slots=True)
@@ -99,7 +134,9 @@ class Processor:
         self.training_examples = training_examples
         self.vocab_of = vocab_of  # a version's vocabulary: ids in windows stored under it mean its items
         self.metrics.set_version(serving.version)
+        self.stopping = threading.Event()  # set from another thread: abandon the batch in hand (see Stopping)
         self._errors: list[str] = []
+        self._refused_too_large: list[tuple[Input, str]] = []  # dead letters the DLQ topic refused as too big
 
     # ----- model swap -------------------------------------------------------------------------------------------
     def swap(self, serving: Serving) -> None:
@@ -124,7 +161,7 @@ class Processor:
             todo += fresh
         dead: list[tuple[Input, str]] = []
         served = self._parse(todo, dead)
-        records, outputs = self._apply(served, result)
+        records, outputs = self._apply_isolating(served, result, dead)
         self._errors = []
         if self.training_examples:
             self._examples(records, outputs)
@@ -155,10 +192,13 @@ class Processor:
         for inp in inputs:
             try:
                 event = parse_event(inp.value, inp.key, inp.timestamp_ms, self.max_value_bytes)
+                idx = vocab.get(event.item_id)
             except BadEvent as exc:
                 dead.append((inp, str(exc)))
                 continue
-            idx = vocab.get(event.item_id)
+            except Exception as exc:  # parse_event promises BadEvent only; a record must never fail its batch
+                dead.append((inp, _failure("unreadable record", exc)))
+                continue
             if idx is not None and idx <= n:
                 served.append(_Served(inp, event, idx, None))
             elif self.unknown_items == "oov":
@@ -168,12 +208,42 @@ class Processor:
         return served
 
     # ----- the model work -----------------------------------------------------------------------------------
-    def _apply(self, served: list[_Served], result: BatchResult) -> tuple[dict[tuple[int, str], UserRecord],
-                                                                            list[dict[str, Any]]]:
+    def _apply_isolating(self, served: list[_Served], result: BatchResult, dead: list[tuple[Input, str]]
+                         ) -> tuple[dict[tuple[int, str], UserRecord], list[dict[str, Any]]]:
+        """``_apply`` on the whole batch; if its model work raises (not an infrastructure fault), the events one
+        at a time in offset order, each from the state the previous ones left, dead-lettering those that raise.
+        Padded steps make a user's numbers the same either way."""
+        counts = (result.skipped, result.rederived)
+        try:
+            return self._apply(served, result)
+        except INFRASTRUCTURE_FAULTS:
+            raise
+        except Exception as exc:
+            log.error("model work of a micro-batch failed (%s: %s); applying its %d events one by one",
+                      type(exc).__name__, exc, len(served))
+        result.skipped, result.rederived = counts
+        records: dict[tuple[int, str], UserRecord] = {}
+        outputs: list[dict[str, Any]] = []
+        for s in served:
+            try:
+                advanced, out = self._apply([s], result, records)
+            except INFRASTRUCTURE_FAULTS:
+                raise
+            except Exception as exc:
+                dead.append((s.inp, _failure("processing failed", exc)))
+                continue
+            records.update(advanced)
+            outputs += out
+        return records, outputs
+
+    def _apply(self, served: list[_Served], result: BatchResult,
+               known: dict[tuple[int, str], UserRecord] | None = None
+               ) -> tuple[dict[tuple[int, str], UserRecord], list[dict[str, Any]]]:
+        """Advance and score; ``known`` holds records already advanced in this batch (else the store's)."""
         per_user: dict[tuple[int, str], list[_Served]] = {}
         for s in served:
             per_user.setdefault((s.inp.partition, s.event.user_id), []).append(s)
-        records = self._load(per_user, result)
+        records = self._load(per_user, result, known or {})
         for u, evs in list(per_user.items()):  # per-user guard: an offset at or below the record's is never re-applied
             fresh = [s for s in evs if s.inp.offset > records[u].offset]
             result.skipped += len(evs) - len(fresh)
@@ -186,14 +256,14 @@ class Processor:
         with torch.inference_mode():
             return self._advance(per_user, records)
 
-    def _load(self, per_user: dict[tuple[int, str], list[_Served]], result: BatchResult
-              ) -> dict[tuple[int, str], UserRecord]:
+    def _load(self, per_user: dict[tuple[int, str], list[_Served]], result: BatchResult,
+              known: dict[tuple[int, str], UserRecord]) -> dict[tuple[int, str], UserRecord]:
         """Current records of the batch's users: stored, fresh (new user) or re-derived (other version)."""
         model, version = self.serving.model, self.serving.version
         records: dict[tuple[int, str], UserRecord] = {}
         stale: list[tuple[int, str]] = []
         for (p, user) in per_user:
-            record = self.store.get(p, user)
+            record = known[(p, user)] if (p, user) in known else self.store.get(p, user)
             if record is None:
                 blob = model.state_to_bytes(model.init_state(1), self.state_dtype)[0]
                 record = UserRecord(blob, version)
@@ -327,33 +397,60 @@ class Processor:
             self._produce(self.topics.recommendations, out["user_id"].encode(),
                           json.dumps(out, separators=(",", ":")).encode(), None)
         for inp, reason in dead:
-            headers = [("lrustream.reason", reason.encode()),
-                       ("lrustream.source.topic", self.topics.interactions.encode()),
-                       ("lrustream.source.partition", str(inp.partition).encode()),
-                       ("lrustream.source.offset", str(inp.offset).encode())]
-            self._produce(self.topics.dlq, inp.key, inp.value, headers)
+            self._dead_letter(inp, reason, DLQ_MAX_RECORD_BYTES)
             self.metrics.dlq.labels(reason=reason.split(":")[0]).inc()
-        errors = self._flush()
-        if errors:
-            raise RuntimeError(f"output not acknowledged ({errors[0]}); the batch will be redelivered")
+        self._await_acks()
+        refused, self._refused_too_large = self._refused_too_large, []
+        for inp, reason in refused:  # the topic's own limit is lower than ours: headers only
+            self._dead_letter(inp, reason, 0)
+        if refused:
+            self._await_acks()
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Any) -> None:
+    def _dead_letter(self, inp: Input, reason: str, max_bytes: int) -> None:
+        """Send a refused record's copy; one refused by the producer or the topic as too large is sent again with
+        ``max_bytes=0`` (headers only)."""
+        key, value, headers = dead_letter_copy(inp, reason, self.topics.interactions, max_bytes)
+        on_delivery = functools.partial(self._dead_letter_delivered, inp, reason, max_bytes > 0)
+        try:
+            self._produce(self.topics.dlq, key, value, headers, inp.timestamp_ms, on_delivery)
+        except KafkaException as exc:
+            if max_bytes == 0 or exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                raise OutputError(f"dead letter not produced: {exc}") from exc
+            self._dead_letter(inp, reason, 0)
+
+    def _dead_letter_delivered(self, inp: Input, reason: str, may_shrink: bool, err: Any, msg: Any) -> None:
+        if err is not None and may_shrink and err.code() in (KafkaError.MSG_SIZE_TOO_LARGE,
+                                                             KafkaError.RECORD_LIST_TOO_LARGE):
+            self._refused_too_large.append((inp, reason))
+        else:
+            self._delivered(err, msg)
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Any,
+                 timestamp_ms: int | None = None, on_delivery: Callable[[Any, Any], None] | None = None) -> None:
         while True:
             try:
-                self.producer.produce(topic, value, key, headers=headers, on_delivery=self._delivered)
+                self.producer.produce(topic, value, key, headers=headers, timestamp=timestamp_ms or 0,
+                                      on_delivery=on_delivery or self._delivered)
                 return
             except BufferError:
+                if self.stopping.is_set():
+                    raise Stopping("stopping while the producer queue was full") from None
                 self.producer.poll(0.05)
 
     def _delivered(self, err: Any, msg: Any) -> None:
         if err is not None:
             self._errors.append(str(err))
 
-    def _flush(self, timeout_s: float = 60.0) -> list[str]:
-        remaining = self.producer.flush(timeout_s)
+    def _await_acks(self, timeout_s: float = 60.0) -> None:
+        """Wait (in half-second slices, so a stop is seen) until every record produced so far is acknowledged."""
+        deadline = time.monotonic() + timeout_s
+        while (remaining := self.producer.flush(0.5)) and time.monotonic() < deadline:
+            if self.stopping.is_set():
+                raise Stopping(f"stopping with {remaining} records not acknowledged")
         if remaining:
             self._errors.append(f"{remaining} records still pending after {timeout_s:.0f} s")
-        return self._errors
+        if self._errors:
+            raise OutputError(f"output not acknowledged ({self._errors[0]}); the batch will be retried")
 
     def _observe(self, batch: list[Input], result: BatchResult, outputs: list[dict[str, Any]]) -> None:
         m = self.metrics
@@ -367,3 +464,28 @@ class Processor:
         for out in outputs:
             if out["kafka_ts"]:
                 m.e2r_latency.observe(max(0.0, (out["emitted_ts"] - out["kafka_ts"]) / 1000))
+
+
+def _failure(prefix: str, exc: BaseException) -> str:
+    """A one-line dead-letter reason for an exception raised by one record."""
+    return f"{prefix}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
+def dead_letter_copy(inp: Input, reason: str, source_topic: str, max_bytes: int
+                     ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """(key, value, headers) of a refused record's dead-letter copy: the original key, value and headers plus
+    ours. A copy over ``max_bytes`` keeps the first DLQ_TRUNCATED_VALUE_BYTES of its value (none when
+    ``max_bytes`` is 0, and only the original key when short) and says so with the original's size and sha256."""
+    ours = [("lrustream.reason", reason.encode()), ("lrustream.source.topic", source_topic.encode()),
+            ("lrustream.source.partition", str(inp.partition).encode()),
+            ("lrustream.source.offset", str(inp.offset).encode())]
+    key, value, original = inp.key, inp.value, list(inp.headers or [])
+    size = len(key or b"") + len(value or b"") + sum(len(k) + len(v or b"") for k, v in original)
+    if size <= max_bytes:
+        return key, value, original + ours
+    ours += [("lrustream.truncated", b"true"), ("lrustream.original.size", str(len(value or b"")).encode()),
+             ("lrustream.original.sha256", hashlib.sha256(value or b"").hexdigest().encode())]
+    if max_bytes == 0:
+        short_key = key if key is not None and len(key) <= DLQ_STUB_MAX_KEY_BYTES else None
+        return short_key, None, ours
+    return key, (value or b"")[:DLQ_TRUNCATED_VALUE_BYTES], original + ours

@@ -47,14 +47,15 @@ def event_value(user: str, item: str, ts: int) -> bytes:
     return json.dumps({"user_id": user, "item_id": item, "ts": ts}).encode()
 
 
-def produce(cfg: Config, records: Iterable[tuple[bytes | None, bytes | None]]) -> int:
-    """Produce (key, value) pairs to the interactions topic with the project's partitioner; wait for acks."""
-    producer = Producer(producer_config(cfg))
+def produce(cfg: Config, records: Iterable[tuple[bytes | None, ...]]) -> int:
+    """Produce (key, value) or (key, value, headers) records to the interactions topic with the project's
+    partitioner, up to the broker's record limit; wait for acks."""
+    producer = Producer(producer_config(cfg, **{"message.max.bytes": 1_048_576}))
     n = 0
-    for key, value in records:
+    for key, value, *headers in records:
         while True:
             try:
-                producer.produce(cfg.topics.interactions, value, key)
+                producer.produce(cfg.topics.interactions, value, key, headers=headers[0] if headers else None)
                 break
             except BufferError:
                 producer.poll(0.1)

@@ -3,6 +3,9 @@ continue, with no lost and no twice-applied event. Uses a broker of its own (the
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -79,3 +82,39 @@ def test_broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice(kafka
     for user, (state, _) in stored_states(cfg, set(ref)).items():
         np.testing.assert_allclose(np.frombuffer(state, np.float32), np.frombuffer(ref[user]["state"], np.float32),
                                    atol=1e-5, err_msg=user)
+
+
+def test_sigterm_stops_a_worker_within_seconds_while_its_batch_waits_for_a_dead_broker(kafka_overrides: list[str],
+                                                                                      tmp_path: Path) -> None:
+    """Faust cancels the agent on SIGTERM, but the batch runs in a thread that waits up to a minute for
+    acknowledgements from a broker that is gone; the stop signal must reach that thread (issue 14)."""
+    broker = LocalBroker(tmp_path / "kafka", JARS_DIR, port=free_port(), controller_port=free_port())
+    broker.start()
+    overrides = [o for o in kafka_overrides if not o.startswith("kafka.bootstrap_servers=")]
+    overrides.append(f"kafka.bootstrap_servers={broker.bootstrap}")
+    cfg = load_config(overrides=overrides)
+    worker = WorkerProcess([*overrides, "stream.batch_size=32", "stream.stall_after_s=1"], tmp_path / "worker.log")
+    try:
+        create_topics(cfg)
+        publish_model(cfg)
+        produce_events(cfg, synthetic_events(20_000, users=50, seed=10))
+        worker.start()
+        worker.wait_healthy()
+        deadline = time.monotonic() + 60
+        while worker.get_metric("lrustream_recommendations_total") < 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        broker.stop()
+        time.sleep(3)
+        during = worker.health()
+        assert worker.proc is not None
+        t0 = time.monotonic()
+        worker.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.proc.wait(30)
+        took = time.monotonic() - t0
+    finally:
+        worker.stop()
+        broker.stop()
+    print(f"\nstopped {took:.1f} s after SIGTERM, mid-outage; /health had said: {during}")
+    assert during["status"] == "degraded", "the stalled batch showed on /health"
+    assert took < 10, f"still running {took:.0f} s after SIGTERM:\n{worker.tail()}"

@@ -138,3 +138,32 @@ def test_worker_swaps_versions_rederives_states_and_refuses_broken_ones(kafka_cf
     for user, (state, _) in stored_states(kafka_cfg, set(ref)).items():
         np.testing.assert_allclose(np.frombuffer(state, np.float32), np.frombuffer(ref[user]["state"], np.float32),
                                    atol=1e-5, err_msg=user)
+
+
+def test_a_version_that_failed_to_load_for_a_transient_reason_is_tried_again_a_corrupt_one_is_not(
+        kafka_cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import stream.app
+    from stream.app import Worker
+
+    monkeypatch.setattr(stream.app, "RETRY_LOAD_AFTER_S", 0.0)
+    store = ModelStore(kafka_cfg.model_store.dir)
+    v1 = publish_model(kafka_cfg, seed=0)
+    worker = Worker(kafka_cfg)
+    v2 = publish_model(kafka_cfg, seed=1)
+    weights = store.versions_dir / v2 / WEIGHTS
+    weights.rename(weights.with_suffix(".away"))  # e.g. a shared volume that has not caught up yet
+    assert not asyncio.run(worker.swap_to(v2))
+    assert worker.swaps[-1]["retry"] is True and "unreadable" in worker.swaps[-1]["reason"]
+    weights.with_suffix(".away").rename(weights)
+    assert asyncio.run(worker.swap_to(v2)) and worker.processor.serving.version == v2, "tried again, served"
+
+    v3 = publish_model(kafka_cfg, seed=2)
+    corrupt_truncated(store, v3)
+    assert not asyncio.run(worker.swap_to(v3))
+    assert worker.swaps[-1]["retry"] is False and "checksum mismatch" in worker.swaps[-1]["reason"]
+    refusals = len(worker.swaps)
+    assert not asyncio.run(worker.swap_to(v3)) and len(worker.swaps) == refusals, "a corrupt version stays refused"
+    assert worker.processor.serving.version == v2 and v1 != v2
+    worker.store.close()

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer
@@ -66,35 +63,13 @@ def test_produce_consume_round_trip_keeps_keys_values_and_per_key_order(kafka_cf
         assert len(partition_of[user]) == 1  # one key, one partition
 
 
-KCAT_DIR = Path(__file__).resolve().parents[1] / ".lrustream" / "kcat"  # where `make kcat` unpacks Debian's
-
-
-def find_kcat() -> tuple[str, dict[str, str]] | None:
-    """kcat on PATH, else the one `make kcat` unpacked (with its libraries), with the environment to run it."""
-    on_path = shutil.which("kcat") or shutil.which("kafkacat")
-    if on_path:
-        return on_path, dict(os.environ)
-    local = KCAT_DIR / "usr" / "bin" / "kcat"
-    if not local.is_file():
-        return None
-    libs = [str(p.parent) for p in KCAT_DIR.glob("usr/lib/*/librdkafka.so.1")]
-    libs.append(os.environ.get("LD_LIBRARY_PATH", ""))
-    return str(local), {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(libs)}
-
-
-def test_kcat_can_produce_and_consume(kafka_cfg: Config) -> None:
+def test_kcat_can_produce_and_consume(kafka_cfg: Config, kcat: tuple[str, dict[str, str]]) -> None:
     """A client nobody here wrote talks to the broker (Debian's kcat: `make kcat`, or `apt-get install kcat`)."""
-    found = find_kcat()
-    if found is None:
-        missing = "kcat is not installed: run `make kcat` (Debian's packages) or `apt-get install kcat`"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"{missing}; CI must run this test, not skip it")
-        pytest.skip(missing)
-    kcat, env = found
+    path, env = kcat
     topic = f"{kafka_cfg.topics.interactions}-kcat"
     bootstrap = kafka_cfg.kafka.bootstrap_servers
-    subprocess.run([kcat, "-b", bootstrap, "-t", topic, "-K:", "-P"], input="u1:hello\nu2:world\n",
+    subprocess.run([path, "-b", bootstrap, "-t", topic, "-K:", "-P"], input="u1:hello\nu2:world\n",
                    text=True, check=True, timeout=60, env=env)
-    out = subprocess.run([kcat, "-b", bootstrap, "-t", topic, "-C", "-e", "-o", "beginning",
+    out = subprocess.run([path, "-b", bootstrap, "-t", topic, "-C", "-e", "-o", "beginning",
                           "-f", "%k=%s\n"], capture_output=True, text=True, check=True, timeout=60, env=env)
     assert sorted(out.stdout.split()) == ["u1=hello", "u2=world"]

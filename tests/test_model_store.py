@@ -7,6 +7,7 @@ import hashlib
 import json
 import pickle
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -146,3 +147,39 @@ def test_trainer_killed_while_publishing_leaves_only_complete_versions(tmp_path:
     info = ModelStore(root).publish(build_model("lrurec", 300, d_model=64, num_layers=2, max_len=50),
                                     Vocabulary.identity(300))
     assert ModelStore(root).current() == info.version
+
+
+def test_a_version_name_that_is_not_v_and_digits_is_refused_before_it_touches_the_filesystem(tmp_path: Path) -> None:
+    """`models rollback ../evil/v999999` used to load (and serve) a version from outside the store."""
+    store, v1, _ = _store(tmp_path)
+    evil = store.root / "evil" / "v999999"  # where versions/../evil/v999999 leads
+    evil.parent.mkdir()
+    shutil.copytree(store.versions_dir / v1, evil)  # a complete, valid version, but outside versions/
+    for name in ("../evil/v999999", str(evil), "v1", "v000001/../v000002", "V000001", "v000001 "):
+        with pytest.raises(ModelStoreError, match="invalid model version name"):
+            store.load(name)
+        with pytest.raises(ModelStoreError, match="invalid model version name"):
+            store.set_current(name, pin=True)
+    assert store.current() == store.versions()[-1]
+
+
+def test_version_numbers_are_never_reused_after_a_version_is_deleted(tmp_path: Path) -> None:
+    store, _, v2 = _store(tmp_path)
+    shutil.rmtree(store.versions_dir / v2)
+    model = build_model("lrurec", 8, d_model=8, num_layers=1, max_len=5)
+    v3 = store.publish(model, Vocabulary(f"i{k}" for k in range(1, 9))).version
+    assert int(v3[1:]) == int(v2[1:]) + 1
+
+
+def test_a_pin_keeps_serving_while_new_versions_are_published_until_unpinned(tmp_path: Path) -> None:
+    store, v1, _ = _store(tmp_path)
+    model = build_model("lrurec", 8, d_model=8, num_layers=1, max_len=5)
+    vocab = Vocabulary(f"i{k}" for k in range(1, 9))
+    store.set_current(v1, pin=True)  # an operator's rollback
+    v3 = store.publish(model, vocab).version
+    assert (store.current(), store.pinned()) == (v1, v1), "the trainer's publish did not undo the rollback"
+    with pytest.raises(ModelStoreError, match="pinned to"):
+        store.set_current(v3)
+    assert store.unpin() == v1 and store.pinned() is None and store.current() == v1
+    v4 = store.publish(model, vocab).version
+    assert store.current() == v4

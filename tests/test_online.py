@@ -292,6 +292,14 @@ def test_a_rollback_makes_the_learner_start_again_from_the_serving_version(tmp_p
     assert learner.warm_starts == 2 and result.published and s.store.info(result.published).parent == s.v1
 
 
+def test_while_serving_is_pinned_the_learner_publishes_but_neither_serves_nor_announces(tmp_path: Path) -> None:
+    s = Setting.make(tmp_path, ring_stream(30, 1500))
+    s.store.set_current(s.v1, pin=True)  # an operator's rollback pins serving
+    announced: list[str] = []
+    result = OnlineLearner(s.cfg, s.store).round(s.buf, announce=announced.append)
+    assert result.published and s.store.current() == s.v1 and announced == []
+
+
 # ----- on the real broker ------------------------------------------------------------------------------------
 def produce_examples(cfg: Config, users: range) -> None:
     from confluent_kafka import Producer

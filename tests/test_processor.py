@@ -4,10 +4,15 @@ to reach through a running worker."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import threading
+import time
 from pathlib import Path
 
+import pytest
 import torch
+from confluent_kafka import KafkaError
 
 from lrustream.config import load_config
 from models import build_model
@@ -15,20 +20,37 @@ from models.store import ModelStore
 from models.vocab import Vocabulary
 from state.store import StateStore
 from stream.serving import Serving
-from stream.worker import Input, Processor
+from stream.worker import DLQ_TRUNCATED_VALUE_BYTES, Input, OutputError, Processor, Stopping
 
 
 class RecordingProducer:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes | None]] = []
+    """Records what is produced; delivery reports come on flush, with the error ``fail`` gives a record (if any).
+    ``pending`` makes flush report records outstanding for ever (a broker that does not answer)."""
 
-    def produce(self, topic, value, key, headers=None, on_delivery=None) -> None:
+    def __init__(self, fail=None, pending: bool = False) -> None:
+        self.sent: list[tuple[str, bytes | None]] = []
+        self.records: list[dict] = []
+        self.fail = fail or (lambda record: None)
+        self.pending = pending
+        self._reports: list = []
+
+    def produce(self, topic, value, key, headers=None, timestamp=0, on_delivery=None) -> None:
+        record = {"topic": topic, "key": key, "value": value, "headers": headers, "timestamp": timestamp}
         self.sent.append((topic, value))
+        self.records.append(record)
+        if on_delivery is not None:
+            self._reports.append((on_delivery, self.fail(record)))
 
     def poll(self, timeout: float = 0) -> int:
         return 0
 
     def flush(self, timeout: float = 0) -> int:
+        if self.pending:
+            time.sleep(timeout)
+            return len(self._reports)
+        reports, self._reports = self._reports, []
+        for on_delivery, err in reports:
+            on_delivery(err, None)
         return 0
 
 
@@ -60,3 +82,106 @@ def test_rollback_to_a_smaller_vocabulary_rederives_states_holding_newer_items(t
     assert [int(i) for i in record.window] == [3, -1, 5]
     recs = [json.loads(v) for t, v in producer.sent if t == cfg.topics.recommendations]
     assert [r["model_version"] for r in recs] == [v2, v2, v1]
+
+
+def _processor(tmp_path: Path, producer: RecordingProducer, name: str = "state") -> tuple[Processor, object]:
+    cfg = load_config(overrides=[f"model_store.dir={tmp_path / 'models'}"])
+    store = ModelStore(cfg.model_store.dir)
+    if store.current() is None:
+        torch.manual_seed(0)
+        store.publish(build_model("lrurec", 40, d_model=16, num_layers=1, max_len=20),
+                      Vocabulary(f"i{k}" for k in range(1, 41)))
+    return Processor(Serving.load(store), StateStore(tmp_path / name), producer, topics=cfg.topics), cfg.topics
+
+
+def _sent(producer: RecordingProducer, topic: str) -> list[dict]:
+    return [r for r in producer.records if r["topic"] == topic]
+
+
+def test_an_event_whose_model_work_raises_is_dead_lettered_and_the_others_are_served_as_without_it(
+        tmp_path: Path) -> None:
+    events = [_event("u1", "i3", 0), _event("u2", "i7", 1), _event("u1", "i4", 2), _event("u3", "i5", 3),
+              _event("u2", "i6", 4)]
+    clean, _ = _processor(tmp_path, RecordingProducer(), "clean")
+    clean.process([e for e in events if e.offset != 1])
+    producer = RecordingProducer()
+    processor, topics = _processor(tmp_path, producer)
+    model, steps = processor.serving.model, processor.serving.model.steps
+
+    def poisoned_steps(state, items):  # item i7 makes the model raise, as a poison event would
+        if (items == 7).any():
+            raise RuntimeError("poison")
+        return steps(state, items)
+
+    model.steps = poisoned_steps
+    result = processor.process(events)
+    assert (result.served, result.dead_lettered) == (4, 1)
+    [dead] = _sent(producer, topics.dlq)
+    assert dict(dead["headers"])["lrustream.reason"] == b"processing failed: RuntimeError: poison"
+    assert dict(dead["headers"])["lrustream.source.offset"] == b"1"
+    got = [json.loads(r["value"]) for r in _sent(producer, topics.recommendations)]
+    want = [json.loads(v) for t, v in clean.producer.sent if t == topics.recommendations]
+    assert [(r["source"], r["items"], r["scores"]) for r in got] == [(r["source"], r["items"], r["scores"])
+                                                                      for r in want]
+    for user in ("u1", "u2", "u3"):  # the states, too, are what they would be without the poison event
+        assert processor.store.get(0, user).state == clean.store.get(0, user).state
+    assert processor.store.applied_offset(0) == 4
+
+
+def test_a_dead_letter_keeps_the_original_timestamp_and_headers_and_a_huge_one_is_truncated(
+        tmp_path: Path) -> None:
+    producer = RecordingProducer()
+    processor, topics = _processor(tmp_path, producer)
+    huge = b'{"user_id": "u1", "pad": "' + b"x" * 1_100_000 + b'"}'
+    small = Input(0, 0, b"u1", b"{not json", 1234, [("trace", b"t-1")])
+    big = Input(0, 1, b"u1", huge, 5678, [("trace", b"t-2")])
+    result = processor.process([small, big])
+    assert result.dead_lettered == 2
+    first, second = _sent(producer, topics.dlq)
+    assert (first["key"], first["value"], first["timestamp"]) == (b"u1", b"{not json", 1234)
+    assert first["headers"][0] == ("trace", b"t-1") and "lrustream.truncated" not in dict(first["headers"])
+    headers = dict(second["headers"])
+    assert second["timestamp"] == 5678 and headers["trace"] == b"t-2"
+    assert second["value"] == huge[:DLQ_TRUNCATED_VALUE_BYTES]
+    assert headers["lrustream.truncated"] == b"true" and int(headers["lrustream.original.size"]) == len(huge)
+    assert headers["lrustream.original.sha256"] == hashlib.sha256(huge).hexdigest().encode()
+    assert headers["lrustream.reason"].startswith(b"oversized value")
+
+
+def test_a_dead_letter_the_topic_refuses_as_too_large_goes_again_as_headers_only(tmp_path: Path) -> None:
+    """The dead-letter topic's own record limit may be lower than ours: the refused copy is sent again with no
+    value, the batch is not failed and the events around it are served."""
+    def refuse_big_dead_letters(record: dict) -> KafkaError | None:
+        too_big = record["topic"].endswith(".dlq") and len(record["value"] or b"") > 100
+        return KafkaError(KafkaError.MSG_SIZE_TOO_LARGE) if too_big else None
+
+    producer = RecordingProducer(fail=refuse_big_dead_letters)
+    processor, topics = _processor(tmp_path, producer)
+    result = processor.process([_event("u1", "i3", 0), Input(0, 1, b"u1", b"[" + b"1," * 5000 + b"1]", 9),
+                                _event("u1", "i4", 2)])
+    assert (result.served, result.dead_lettered) == (2, 1)
+    refused, stub = _sent(producer, topics.dlq)
+    assert refused["value"] is not None and stub["value"] is None
+    assert dict(stub["headers"])["lrustream.truncated"] == b"true"
+    assert dict(stub["headers"])["lrustream.reason"] == b"not a JSON object: list"
+    assert processor.store.applied_offset(0) == 2
+
+
+def test_a_recommendation_not_acknowledged_fails_the_batch_and_commits_nothing(tmp_path: Path) -> None:
+    def refuse_recommendations(record: dict) -> KafkaError | None:
+        return KafkaError(KafkaError._MSG_TIMED_OUT) if record["topic"].endswith("recommendations") else None
+
+    processor, _ = _processor(tmp_path, RecordingProducer(fail=refuse_recommendations))
+    with pytest.raises(OutputError, match="not acknowledged"):
+        processor.process([_event("u1", "i3", 0), _event("u2", "i4", 1)])
+    assert processor.store.applied_offset(0) == -1 and processor.store.get(0, "u1") is None
+
+
+def test_stopping_abandons_a_batch_that_waits_for_acknowledgements(tmp_path: Path) -> None:
+    processor, _ = _processor(tmp_path, RecordingProducer(pending=True))
+    threading.Timer(0.5, processor.stopping.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(Stopping):
+        processor.process([_event("u1", "i3", 0)])
+    assert time.monotonic() - t0 < 2.0, "the stop was seen within a flush slice"
+    assert processor.store.applied_offset(0) == -1

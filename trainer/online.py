@@ -473,7 +473,7 @@ class OnlineLearner:
                                                  "heldout": len(held), "steps": result.steps, "loss": result.loss})
                 self.version, result.published = info.version, info.version
                 buffer.trained = until
-                if announce:
+                if announce and self.store.current() == info.version:  # not while an operator pins serving
                     announce(info.version)
         if result.published is None:  # discard the candidate: back to the serving weights and moments
             self._restore(*backup)

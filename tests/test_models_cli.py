@@ -1,0 +1,41 @@
+"""`lrustream models` on the real broker: rollback pins and announces, bad names are refused, unpin releases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lrustream.cli import app
+from lrustream.config import Config
+from models.store import ModelStore, ModelStoreError
+from stream.topics import create_topics
+from tests.streamkit import publish_model, read_topic
+
+pytestmark = pytest.mark.kafka
+
+
+def test_rollback_pins_the_version_announces_it_and_refuses_a_path(kafka_cfg: Config,
+                                                                   kafka_overrides: list[str]) -> None:
+    create_topics(kafka_cfg)
+    store = ModelStore(kafka_cfg.model_store.dir)
+    v1, _ = publish_model(kafka_cfg, seed=0), publish_model(kafka_cfg, seed=1)
+    runner = CliRunner()
+    out = runner.invoke(app, ["models", "rollback", v1, *kafka_overrides])
+    assert out.exit_code == 0, out.output
+    assert (store.current(), store.pinned()) == (v1, v1)
+    [announced] = read_topic(kafka_cfg, kafka_cfg.topics.model_updates, expect=1)
+    assert json.loads(announced.value())["version"] == v1 and json.loads(announced.value())["reason"] == "rollback"
+    v3 = publish_model(kafka_cfg, seed=2)  # the trainer goes on publishing
+    listed = runner.invoke(app, ["models", "list", *kafka_overrides]).output
+    assert store.current() == v1 and f"pinned to {v1}" in listed and f"* {v1}" in listed and f"  {v3}" in listed
+
+    bad = runner.invoke(app, ["models", "rollback", "../evil/v999999", *kafka_overrides])
+    assert isinstance(bad.exception, ModelStoreError) and "invalid model version name" in str(bad.exception)
+    assert store.current() == v1
+
+    out = runner.invoke(app, ["models", "unpin", *kafka_overrides])
+    assert out.exit_code == 0 and f"unpinned {v1}" in out.output and store.pinned() is None
+    v4 = publish_model(kafka_cfg, seed=3)
+    assert store.current() == v4, "after unpin the trainer's versions are served again"

@@ -1,13 +1,17 @@
 """Typed configuration: one schema (dataclasses), one default file, overrides from the command line.
 
 Every command loads the same way: the dataclass schema, then ``configs/default.yaml`` (or ``--config FILE``),
-then ``key=value`` overrides. OmegaConf checks keys and types against the schema, so a typo or a wrong type is
-refused before anything starts; :class:`ConfigError` carries the one-line reason the CLI prints.
+then ``key=value`` overrides. OmegaConf checks keys and types against the schema and :data:`RULES` the values
+(ranges, choices, Kafka security), so a typo, a wrong type or a value out of range is refused before anything
+starts; :class:`ConfigError` carries the one-line reason the CLI prints, naming the key.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,9 @@ class KafkaSecurity:
     """Passed through unchanged to every Kafka client (librdkafka and aiokafka names are mapped in stream)."""
 
     protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
-    sasl_mechanism: str | None = None  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
+    sasl_mechanism: str | None = None
+    """PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512; required, with username and password, when the protocol is SASL_*
+    (every client gets the same one: :func:`sasl_mechanism`)."""
     sasl_username: str | None = None
     sasl_password: str | None = None
     ssl_cafile: str | None = None
@@ -185,6 +191,10 @@ class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 6066
     token: str | None = None
+    allow_open: bool = False
+    """Listening beyond loopback without ``http.token`` is refused unless this is true (an operator's explicit
+    opt-in, e.g. in a container whose port is published on the host's loopback only): see
+    :func:`check_http_exposure`."""
 
 
 @dataclass
@@ -235,29 +245,163 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What a key's value must be: ``ok(value)``, and ``text`` that says so in the error message."""
+
+    ok: Callable[[Any], bool]
+    text: str
+
+
+def _at_least(low: float) -> Rule:
+    return Rule(lambda v: v >= low, f"must be >= {low}")
+
+
+def _above(low: float) -> Rule:
+    return Rule(lambda v: v > low, f"must be > {low}")
+
+
+def _within(low: float, high: float) -> Rule:
+    return Rule(lambda v: low <= v <= high, f"must be in [{low}, {high}]")
+
+
+def _one_of(*choices: str) -> Rule:
+    return Rule(lambda v: v in choices, f"must be one of {', '.join(choices)}")
+
+
+PORT, PORT_OR_0 = _within(1, 65535), _within(0, 65535)
+PROBABILITY = Rule(lambda v: 0 <= v < 1, "must be in [0, 1)")
+FRACTION = Rule(lambda v: 0 < v < 1, "must be in (0, 1)")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+"""Username/password mechanisms both librdkafka and aiokafka (Faust's ``SASLCredentials``) speak."""
+
+RULES: dict[str, Rule] = {
+    "kafka.security.protocol": _one_of(*SECURITY_PROTOCOLS),
+    "kafka.security.sasl_mechanism": _one_of(*SASL_MECHANISMS),
+    "topics.partitions": _at_least(1),
+    "topics.replication_factor": Rule(lambda v: v >= 1 or v == -1, "must be >= 1 (or -1: the broker's default)"),
+    "broker.port": PORT,
+    "broker.controller_port": PORT_OR_0,
+    "broker.start_timeout_s": _above(0),
+    "state.dtype": _one_of("float32", "float16"),
+    "model.name": _one_of("lrurec", "linrec", "sasrec"),
+    "model.d_model": _at_least(1),
+    "model.num_layers": _at_least(1),
+    "model.num_heads": _at_least(1),
+    "model.dropout": PROBABILITY,
+    "model.attn_dropout": PROBABILITY,
+    "model.max_len": _at_least(1),
+    "train.lr": _above(0),
+    "train.weight_decay": _at_least(0),
+    "train.adam_eps": _at_least(0),
+    "train.grad_clip": _above(0),
+    "train.batch_size": _at_least(1),
+    "train.eval_batch_size": _at_least(1),
+    "train.max_steps": _at_least(1),
+    "train.val_every": _at_least(1),
+    "train.patience": _at_least(1),
+    "train.device": _one_of("auto", "cpu", "cuda"),
+    "train.num_threads": _at_least(0),
+    "stream.batch_size": _at_least(1),
+    "stream.linger_ms": _at_least(0),
+    "stream.top_k": _at_least(1),
+    "stream.unknown_items": _one_of("dlq", "oov"),
+    "stream.max_value_bytes": _at_least(1),
+    "stream.min_step_rows": _at_least(1),
+    "stream.stall_after_s": _above(0),
+    "stream.stop_timeout_s": _at_least(0),
+    "online.every_events": _at_least(1),
+    "online.every_seconds": _at_least(0),
+    "online.recent_buffer": _at_least(1),
+    "online.reservoir_buffer": _at_least(0),
+    "online.train_len": _at_least(0),
+    "online.batch_size": _at_least(0),
+    "online.length_groups": _at_least(1),
+    "online.replay_share": _within(0, 1),
+    "online.events_per_step": _at_least(1),
+    "online.min_steps": _at_least(0),
+    "online.max_steps": _at_least(1),
+    "online.max_train_seconds": _above(0),
+    "online.num_threads": _at_least(0),
+    "online.lr": _above(0),
+    "online.warmup_steps": _at_least(0),
+    "online.dropout": Rule(lambda v: v == -1 or 0 <= v < 1, "must be in [0, 1) (or -1: the model's own)"),
+    "online.holdout_fraction": FRACTION,
+    "online.min_holdout": _at_least(1),
+    "online.max_holdout": _at_least(1),
+    "online.tolerance": _at_least(0),
+    "online.confidence": FRACTION,
+    "online.bootstrap_samples": _at_least(1),
+    "online.http_port": PORT_OR_0,  # 0 = any free port
+    "http.port": PORT,
+}
+"""Value checks the type system cannot express, by dotted key; a key left at None (optional) is not checked."""
+
+ORDERED = [("online.min_steps", "online.max_steps"), ("online.min_holdout", "online.max_holdout")]
+"""Pairs of keys whose first must not exceed the second."""
+
+
+def _get(cfg: Config, key: str) -> Any:
+    return reduce(getattr, key.split("."), cfg)
+
+
+def _enforce(cfg: Config, key: str) -> None:
+    value, rule = _get(cfg, key), RULES[key]
+    if value is not None and not rule.ok(value):
+        raise ConfigError(f"{key} {rule.text} (got {value!r})")
+
+
 def _check(cfg: Config) -> None:
-    """Value checks the type system cannot express."""
-    choices = {
-        "model.name": (cfg.model.name, {"lrurec", "linrec", "sasrec"}),
-        "state.dtype": (cfg.state.dtype, {"float32", "float16"}),
-        "stream.unknown_items": (cfg.stream.unknown_items, {"dlq", "oov"}),
-        "train.device": (cfg.train.device, {"auto", "cpu", "cuda"}),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {sorted(allowed)}")
-    positive = {
-        "topics.partitions": cfg.topics.partitions,
-        "stream.batch_size": cfg.stream.batch_size,
-        "stream.top_k": cfg.stream.top_k,
-        "model.max_len": cfg.model.max_len,
-        "model.d_model": cfg.model.d_model,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    if not 0 < cfg.broker.port < 65536:
-        raise ConfigError(f"broker.port must be a TCP port, got {cfg.broker.port}")
+    for key in RULES:
+        _enforce(cfg, key)
+    for low, high in ORDERED:
+        if _get(cfg, low) > _get(cfg, high):
+            raise ConfigError(f"{low} must be <= {high} (got {_get(cfg, low)!r} > {_get(cfg, high)!r})")
+    sasl_mechanism(cfg)
+
+
+def sasl_mechanism(cfg: Config) -> str | None:
+    """The SASL mechanism every Kafka client gets (librdkafka and Faust alike; stream/kafka.py): None unless
+    ``kafka.security.protocol`` is SASL_*, then ``kafka.security.sasl_mechanism``, which is required, as are the
+    username and password it authenticates with (no client default applies: librdkafka's is GSSAPI, aiokafka's
+    PLAIN). Raises :class:`ConfigError` naming the key; runs at load time and again for every client mapping."""
+    _enforce(cfg, "kafka.security.protocol")
+    _enforce(cfg, "kafka.security.sasl_mechanism")
+    sec = cfg.kafka.security
+    if not sec.protocol.startswith("SASL_"):
+        return None
+    if not sec.sasl_mechanism:
+        raise ConfigError(f"kafka.security.sasl_mechanism is required with kafka.security.protocol={sec.protocol} "
+                          f"(one of {', '.join(SASL_MECHANISMS)})")
+    for key, value in (("sasl_username", sec.sasl_username), ("sasl_password", sec.sasl_password)):
+        if not value:
+            raise ConfigError(f"kafka.security.{key} is required with kafka.security.sasl_mechanism="
+                              f"{sec.sasl_mechanism}" + (" (LRUSTREAM_KAFKA_SASL_PASSWORD sets it)"
+                                                          if key == "sasl_password" else ""))
+    return sec.sasl_mechanism
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address; any other name (or "" = every interface) may reach the network."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_http_exposure(cfg: Config, port: int | None = None) -> str | None:
+    """Before an HTTP API listens on ``http.host`` (port ``port``, default ``http.port``): None when it stays on
+    loopback or ``http.token`` guards it; a warning line for the log when it is open by the operator's choice
+    (``http.allow_open``); otherwise :class:`ConfigError`, so an unguarded API never starts by accident."""
+    host, port = cfg.http.host, cfg.http.port if port is None else port
+    if is_loopback(host) or cfg.http.token:
+        return None
+    if not cfg.http.allow_open:
+        raise ConfigError(f"http.host={host} listens beyond loopback without http.token: set http.token "
+                          "(LRUSTREAM_HTTP_TOKEN), listen on 127.0.0.1, or set http.allow_open=true to serve it open")
+    return (f"HTTP API on {host}:{port} without http.token (http.allow_open=true): anyone who reaches this port "
+            "can use it (the worker's POST /refresh included); set LRUSTREAM_HTTP_TOKEN or keep the port private")
 
 
 def to_yaml(cfg: Config) -> str:
@@ -275,4 +419,5 @@ def resolve_path(path: str) -> Path:
     return Path(path).expanduser().resolve()
 
 
-__all__ = ["Config", "ConfigError", "DictConfig", "as_dict", "load_config", "resolve_path", "to_yaml"]
+__all__ = ["Config", "ConfigError", "DictConfig", "as_dict", "check_http_exposure", "load_config",
+           "resolve_path", "sasl_mechanism", "to_yaml"]

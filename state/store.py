@@ -15,6 +15,11 @@ Contract (what is durable when, what an offset means):
   takes over a partition from another sees that worker's last committed states.
 - An input offset is applied at most once: each record carries the offset of the last event applied to it,
   and the partition marker carries the highest applied offset; callers skip events at or below them.
+- Offsets only mean something within one life of the input topic. The marker also stores the topic's identity
+  (``input_identity``: Kafka's topic id); when ``ensure_ready`` finds a marker written for another identity
+  (the topic was deleted and re-created, offsets start at 0 again), it logs an error and resets the partition:
+  every state of it is deleted, locally and in the changelog (tombstones), and serving starts from scratch.
+  A marker written before identities were stored is adopted by the next commit.
   Input offsets are committed to Kafka only after ``commit`` returns, so every event is applied at least
   once: together, exactly once per user state.
 
@@ -27,7 +32,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,21 +73,31 @@ class PartitionStore:
 
     def _meta(self, key: bytes) -> int:
         blob = self.db.get(key)
-        return -1 if blob is None else _I64.unpack(blob)[0]
+        return -1 if blob is None else _I64.unpack_from(blob)[0]
 
     @property
     def applied_offset(self) -> int:
         return self._meta(APPLIED_KEY)
 
     @property
+    def applied_identity(self) -> bytes | None:
+        """The input topic identity the applied marker was written for (None: not recorded)."""
+        blob = self.db.get(APPLIED_KEY)
+        return None if blob is None or len(blob) <= _I64.size else blob[_I64.size:]
+
+    @property
     def changelog_offset(self) -> int:
         return self._meta(CHANGELOG_KEY)
 
-    def write(self, entries: dict[bytes, bytes], changelog_offset: int) -> None:
-        """Atomically write raw entries (user records and/or the applied marker) and the changelog position."""
+    def write(self, entries: dict[bytes, bytes | None], changelog_offset: int) -> None:
+        """Atomically write raw entries (user records and/or the applied marker; None deletes) and the changelog
+        position."""
         batch = WriteBatch(raw_mode=True)
         for key, value in entries.items():
-            batch.put(key, value)
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
         batch.put(CHANGELOG_KEY, _I64.pack(changelog_offset))
         self.db.write(batch)
 
@@ -93,7 +108,12 @@ class PartitionStore:
             yield key[len(USER_PREFIX):].decode(), UserRecord.decode(value)
 
     def count(self) -> int:
-        return sum(1 for _ in self.db.keys(from_key=USER_PREFIX) if _.startswith(USER_PREFIX))
+        """User records, from RocksDB's key estimate (constant time: /metrics calls it on the event loop, and a
+        scan of every key would stall the worker on a large store); the applied and changelog markers are
+        subtracted once written."""
+        keys = self.db.property_int_value("rocksdb.estimate-num-keys") or 0
+        markers = sum(self.db.get(k) is not None for k in (APPLIED_KEY, CHANGELOG_KEY))
+        return max(0, keys - markers)
 
     def close(self) -> None:
         self.db.close()
@@ -112,7 +132,7 @@ class Changelog:
         self.producer = Producer({**conf, "enable.idempotence": True, "acks": "all", "linger.ms": 2,
                                   "compression.type": "lz4"})
 
-    def publish(self, entries: dict[int, dict[bytes, bytes]]) -> dict[int, int]:
+    def publish(self, entries: dict[int, dict[bytes, bytes | None]]) -> dict[int, int]:
         """Send each partition's entries and wait until all are acknowledged; return each last offset."""
         errors: list[str] = []
         last = dict.fromkeys(entries, -1)
@@ -144,7 +164,8 @@ class Changelog:
         if self.stopping.is_set():
             raise StateError(f"stopping before changelog {self.topic} acknowledged the batch (not committed)")
 
-    def read(self, partition: int, start: int, timeout_s: float = 30.0) -> Iterator[tuple[int, bytes, bytes]]:
+    def read(self, partition: int, start: int, timeout_s: float = 30.0
+             ) -> Iterator[tuple[int, bytes, bytes | None]]:
         """(offset, key, value) from ``start`` (or the beginning when < 0) to the end seen when called."""
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
@@ -178,9 +199,12 @@ class Changelog:
 class StateStore:
     """All partitions this process serves, plus the changelog that makes them durable and movable."""
 
-    def __init__(self, root: str | Path, changelog: Changelog | None = None) -> None:
+    def __init__(self, root: str | Path, changelog: Changelog | None = None,
+                 input_identity: Callable[[], bytes | None] | None = None) -> None:
         self.root = Path(root)
         self.changelog = changelog
+        self.input_identity = input_identity  # the input topic's identity now (None: unknown)
+        self._identity = b""  # as last read; written with every applied marker
         self._parts: dict[int, PartitionStore] = {}
         self._ready: set[int] = set()
         self._lock = threading.Lock()
@@ -201,15 +225,39 @@ class StateStore:
             if p in self._ready:
                 return 0
             n = self.restore(p)
+            self._check_identity(p)
             self._ready.add(p)
             return n
+
+    def _check_identity(self, p: int) -> None:
+        if self.input_identity is None or (current := self.input_identity()) is None:
+            return
+        self._identity = current
+        part = self.partition(p)
+        stored = part.applied_identity
+        if stored is not None and stored != current and part.applied_offset >= 0:
+            log.error("partition %d: the input topic was re-created (identity %s, the states were made under %s); "
+                      "its offsets start again, so this partition's %d states are deleted and serving starts from "
+                      "scratch", p, current.hex(), stored.hex(), part.count())
+            self.reset(p)
+
+    def reset(self, p: int) -> None:
+        """Delete every state of partition ``p`` and its applied marker, in the changelog (tombstones) first."""
+        part = self.partition(p)
+        entries: dict[bytes, bytes | None] = {key: None for key in part.db.keys(from_key=USER_PREFIX)
+                                              if key.startswith(USER_PREFIX)}
+        entries[APPLIED_KEY] = None
+        position = part.changelog_offset
+        if self.changelog is not None:
+            position = self.changelog.publish({p: entries})[p]
+        part.write(entries, position)
 
     def restore(self, p: int) -> int:
         """Apply the changelog of partition ``p`` past the local copy's position; return records applied."""
         part = self.partition(p)
         if self.changelog is None:
             return 0
-        entries: dict[bytes, bytes] = {}
+        entries: dict[bytes, bytes | None] = {}
         start = last = part.changelog_offset
         applied = 0
         for offset, key, value in self.changelog.read(p, start + 1):
@@ -243,13 +291,13 @@ class StateStore:
         for p, part_entries in entries.items():
             self.partition(p).write(part_entries, positions[p])
 
-    @staticmethod
-    def _entries(records: dict[str, UserRecord], applied: int) -> dict[bytes, bytes]:
-        entries = {user_key(u): r.encode() for u, r in records.items()}
-        entries[APPLIED_KEY] = _I64.pack(applied)
+    def _entries(self, records: dict[str, UserRecord], applied: int) -> dict[bytes, bytes | None]:
+        entries: dict[bytes, bytes | None] = {user_key(u): r.encode() for u, r in records.items()}
+        entries[APPLIED_KEY] = _I64.pack(applied) + self._identity
         return entries
 
     def count(self) -> int:
+        """User records in the local partitions (an estimate: see PartitionStore.count)."""
         return sum(part.count() for part in self._parts.values())
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,15 @@ import faust
 from faust.types import TP
 from faust.web import Request, Response, View
 
-from lrustream.config import Config, resolve_path
+from lrustream.config import Config, check_http_exposure, resolve_path
 from models.store import ModelStore
 from state.store import Changelog, StateStore
 from stream.health import Liveness, bearer_authorised
 from stream.kafka import faust_broker_settings, librdkafka_config, producer_config
 from stream.metrics import WorkerMetrics
 from stream.serving import Serving
-from stream.topics import create_topics
-from stream.worker import Input, Processor
+from stream.topics import create_topics, topic_id
+from stream.worker import Fetch, GapFillError, Input, Processor
 
 log = logging.getLogger("lrustream.worker")
 
@@ -38,29 +39,43 @@ RETRY_LOAD_AFTER_S = 10.0  # a version that failed to load for a transient reaso
 MAX_SWAPS_KEPT = 100  # what /model remembers of swaps and refusals
 
 
-def fetch_range(cfg: Config):  # type: ignore[no-untyped-def]
-    """A direct reader of input offsets [first, last] of one partition (the guard against consumer skips)."""
+def fetch_range(cfg: Config, chunk_size: int = 1000, stall_s: float = 30.0) -> Fetch:
+    """A direct reader of input offsets [first, last] of one partition (the guard against consumer skips): yields
+    them in chunks of at most ``chunk_size`` and raises GapFillError on a fetch error, or when nothing moves for
+    ``stall_s`` before ``last`` is passed. Offsets without a record (transaction markers, compaction) are holes
+    the consumer's position moves past, not losses."""
     from confluent_kafka import Consumer, TopicPartition
 
-    def fetch(partition: int, first: int, last: int) -> list[Input]:
+    def fetch(partition: int, first: int, last: int) -> Iterator[list[Input]]:
         consumer = Consumer(librdkafka_config(cfg, **{"group.id": f"{cfg.stream.app_id}-gapfill",
                                                       "enable.auto.commit": False}))
-        out: list[Input] = []
+        tp = TopicPartition(cfg.topics.interactions, partition, first)
         try:
-            consumer.assign([TopicPartition(cfg.topics.interactions, partition, first)])
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                for msg in consumer.consume(num_messages=1000, timeout=1.0):
+            consumer.assign([tp])
+            position, moved_at = first, time.monotonic()
+            while position <= last:
+                chunk, before = [], position
+                for msg in consumer.consume(num_messages=chunk_size, timeout=1.0):
                     if msg.error():
-                        continue
+                        raise GapFillError(f"partition {partition}: fetching offsets {first}..{last} failed at "
+                                           f"{position}: {msg.error()}")
                     if msg.offset() <= last:
                         _, ts = msg.timestamp()
-                        out.append(Input(partition, msg.offset(), msg.key(), msg.value(), ts if ts > 0 else None))
-                    if msg.offset() >= last:
-                        return out
+                        chunk.append(Input(partition, msg.offset(), msg.key(), msg.value(), ts if ts > 0 else None,
+                                           msg.headers()))
+                    position = max(position, msg.offset() + 1)
+                position = max(position, consumer.position([tp])[0].offset)
+                if chunk:
+                    yield chunk
+                if position > last:
+                    return
+                if position > before:
+                    moved_at = time.monotonic()
+                elif time.monotonic() - moved_at > stall_s:
+                    raise GapFillError(f"partition {partition}: offsets {position}..{last} not fetched within "
+                                       f"{stall_s:.0f} s (of {first}..{last})")
         finally:
             consumer.close()
-        return out
 
     return fetch
 
@@ -72,11 +87,13 @@ class Worker:
         from confluent_kafka import Producer
 
         self.cfg = cfg
+        self.http_warning = check_http_exposure(cfg)  # refuses an unguarded API before anything is opened
         self.model_store = ModelStore(resolve_path(cfg.model_store.dir))
         self.serving = serving or Serving.load(self.model_store)
         self.metrics = WorkerMetrics()
         changelog = Changelog(librdkafka_config(cfg), cfg.topics.state_changelog)
-        self.store = StateStore(state_dir(cfg), changelog)
+        self.store = StateStore(state_dir(cfg), changelog,
+                                input_identity=functools.partial(topic_id, cfg, cfg.topics.interactions))
         self.producer = Producer(producer_config(cfg, **{"linger.ms": 2, "acks": "all"}))
         s = cfg.stream
         self.processor = Processor(self.serving, self.store, self.producer, topics=cfg.topics, top_k=s.top_k,
@@ -284,15 +301,14 @@ class Worker:
     def run(self, loglevel: str = "info") -> None:
         """Blocks until SIGINT/SIGTERM; Faust commits acknowledged offsets on a clean stop."""
         create_topics(self.cfg)
-        if warning := open_http_warning(self.cfg):
-            log.warning(warning)
+        if self.http_warning:
+            log.warning(self.http_warning)
         worker = _StopSignalWorker(self.app, loglevel=loglevel, override_logging=True,
                                    on_stop_signal=self.stop_processing)
         try:
             worker.execute_from_commandline()
         finally:
             self.store.close()
-
 
     def stop_processing(self) -> None:
         """On SIGTERM/SIGINT: a batch blocked on acknowledgements or a full producer queue gives up now (see
@@ -334,21 +350,6 @@ def _header_list(headers: Any) -> list[tuple[str, bytes]] | None:
     if not headers:
         return None
     return list(headers.items()) if hasattr(headers, "items") else list(headers)
-
-
-def open_http_warning(cfg: Config) -> str | None:
-    """A line for the operator when the HTTP API listens beyond this machine with no token to guard it."""
-    import ipaddress
-
-    host = cfg.http.host
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if loopback or cfg.http.token:
-        return None
-    return (f"HTTP API on {host}:{cfg.http.port} without http.token: anyone who reaches this port can POST "
-            "/refresh; set LRUSTREAM_HTTP_TOKEN or keep the port private")
 
 
 def state_dir(cfg: Config) -> Path:

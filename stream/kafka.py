@@ -11,7 +11,7 @@ import ssl
 import time
 from typing import Any
 
-from lrustream.config import Config
+from lrustream.config import Config, sasl_mechanism
 
 SECRET_KEYS = ("sasl.password", "ssl.key.password", "sasl_plain_password", "password")
 
@@ -28,12 +28,9 @@ def librdkafka_config(cfg: Config, **extra: Any) -> dict[str, Any]:
         "client.id": cfg.kafka.client_id,
         "security.protocol": sec.protocol,
     }
-    if sec.sasl_mechanism:
-        conf["sasl.mechanism"] = sec.sasl_mechanism
-    if sec.sasl_username is not None:
-        conf["sasl.username"] = sec.sasl_username
-    if sec.sasl_password is not None:
-        conf["sasl.password"] = sec.sasl_password
+    if mechanism := sasl_mechanism(cfg):  # the one Faust gets too; never librdkafka's own default (GSSAPI)
+        conf.update({"sasl.mechanism": mechanism, "sasl.username": sec.sasl_username,
+                     "sasl.password": sec.sasl_password})
     if sec.ssl_cafile:
         conf["ssl.ca.location"] = sec.ssl_cafile
     if sec.ssl_certfile:
@@ -58,6 +55,7 @@ def faust_broker_settings(cfg: Config) -> dict[str, Any]:
     sec = cfg.kafka.security
     servers = [f"kafka://{s.strip()}" for s in cfg.kafka.bootstrap_servers.split(",") if s.strip()]
     settings: dict[str, Any] = {"broker": servers}
+    mechanism = sasl_mechanism(cfg)  # validated, and the one librdkafka gets: no client default applies
     if sec.protocol == "PLAINTEXT":
         return settings
     import faust
@@ -68,10 +66,9 @@ def faust_broker_settings(cfg: Config) -> dict[str, Any]:
         context.check_hostname = sec.ssl_check_hostname
         if sec.ssl_certfile:
             context.load_cert_chain(sec.ssl_certfile, sec.ssl_keyfile)
-    if sec.protocol.startswith("SASL"):
+    if mechanism:
         settings["broker_credentials"] = faust.SASLCredentials(
-            username=sec.sasl_username, password=sec.sasl_password,
-            mechanism=sec.sasl_mechanism or "PLAIN", ssl_context=context)
+            username=sec.sasl_username, password=sec.sasl_password, mechanism=mechanism, ssl_context=context)
     else:
         settings["broker_credentials"] = faust.SSLCredentials(context)
     return settings

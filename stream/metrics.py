@@ -33,7 +33,8 @@ class WorkerMetrics:
                                      buckets=LATENCY_BUCKETS)
         self.lag = Gauge("lrustream_consumer_lag", "Input events not yet consumed, per partition", ["partition"],
                          registry=r)
-        self.states = Gauge("lrustream_states", "User states in this worker's local store", registry=r)
+        self.states = Gauge("lrustream_states", "User states in this worker's local store (RocksDB's estimate)",
+                            registry=r)
         self.events_per_s = Gauge("lrustream_events_per_second", "Input events/s over the last 10 s", registry=r)
         self.model_version = Gauge("lrustream_model_info", "Serving model version", ["version"], registry=r)
         self._window: deque[tuple[float, int]] = deque()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaException, TopicCollection
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from lrustream.config import Config
@@ -61,3 +61,15 @@ def partition_counts(cfg: Config, timeout_s: float = 10.0) -> dict[str, int]:
     admin = AdminClient(librdkafka_config(cfg, logger=quiet_logger()))
     md = admin.list_topics(timeout=timeout_s)
     return {name: len(t.partitions) for name, t in md.topics.items() if not name.startswith("__")}
+
+
+def topic_id(cfg: Config, name: str, timeout_s: float = 10.0) -> bytes | None:
+    """Kafka's id of topic ``name`` (16 bytes; a re-created topic gets a new one), None when it cannot be read."""
+    admin = AdminClient(librdkafka_config(cfg, logger=quiet_logger()))
+    try:
+        described = admin.describe_topics(TopicCollection([name]), request_timeout=timeout_s)[name].result()
+    except KafkaException:
+        return None
+    uid = described.topic_id
+    return ((uid.get_most_significant_bits() & (2**64 - 1)).to_bytes(8, "big")
+            + (uid.get_least_significant_bits() & (2**64 - 1)).to_bytes(8, "big"))

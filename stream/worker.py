@@ -4,7 +4,8 @@ For one micro-batch of raw input records (any users, any partitions) :meth:`Proc
 
 1. restores a partition's states from the changelog the first time it is seen since a rebalance;
 2. guards against consumer skips (faust-streaming #596): if a partition's first offset is past the last
-   applied offset + 1, the missing records are fetched directly from Kafka and processed first;
+   applied offset + 1, the missing records are fetched directly from Kafka, in bounded chunks, and applied
+   and committed first, chunk by chunk (all of them, or the batch fails);
 3. skips records at or below the offset already applied (redelivery after a crash: never applied twice);
 4. parses and validates each record; bad ones go to the dead-letter topic with a reason;
 5. advances every user's state by all of its events in the batch with ONE batched ``model.steps`` call
@@ -43,7 +44,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,11 +71,15 @@ class OutputError(RuntimeError):
     """Recommendations or dead letters were not acknowledged: an infrastructure fault, the batch is retried."""
 
 
+class GapFillError(RuntimeError):
+    """Skipped offsets could not all be fetched: an infrastructure fault, the batch is retried."""
+
+
 class Stopping(RuntimeError):
     """The worker is stopping: the batch was abandoned before anything of it was committed."""
 
 
-INFRASTRUCTURE_FAULTS = (OutputError, Stopping, StateError, OSError, MemoryError)
+INFRASTRUCTURE_FAULTS = (OutputError, GapFillError, Stopping, StateError, OSError, MemoryError)
 
 
 @dataclass(slots=True)
@@ -108,7 +113,9 @@ class BatchResult:
     rederived: int = 0
 
 
-Fetch = Callable[[int, int, int], list[Input]]  # (partition, first, last) offsets inclusive -> records
+Fetch = Callable[[int, int, int], Iterable[list[Input]]]
+"""(partition, first, last), offsets inclusive -> the records in that range, in order, in bounded chunks; it
+raises :class:`GapFillError` rather than yield less than the whole range."""
 
 
 class Processor:
@@ -147,18 +154,35 @@ class Processor:
     # ----- one micro-batch --------------------------------------------------------------------------------------
     def process(self, batch: list[Input]) -> BatchResult:
         result = BatchResult()
+        for p in sorted({i.partition for i in batch}):
+            self.store.ensure_ready(p)
+            self._fill_gap(p, min(i.offset for i in batch if i.partition == p), result)
+        outputs = self._apply_batch(batch, result)
+        self._observe(batch, result, outputs)
+        return result
+
+    def _fill_gap(self, p: int, first: int, result: BatchResult) -> None:
+        """Apply the offsets the consumer skipped (faust-streaming #596) between partition ``p``'s applied marker
+        and ``first``: fetched directly, in bounded chunks, each applied and committed like a micro-batch. ``fetch``
+        yields the whole range or raises (GapFillError), so the marker never passes an offset not applied."""
+        applied = self.store.applied_offset(p)
+        if applied < 0 or first <= applied + 1 or self.fetch is None:
+            return
+        log.warning("partition %d: consumer skipped offsets %d..%d; fetching them directly", p, applied + 1,
+                    first - 1)
+        for chunk in self.fetch(p, applied + 1, first - 1):
+            result.gap_filled += len(chunk)
+            self._apply_batch(chunk, result)
+
+    def _apply_batch(self, batch: list[Input], result: BatchResult) -> list[dict[str, Any]]:
+        """Steps 3-7 for records whose partitions are ready and gap-free; returns the recommendations emitted."""
         by_part: dict[int, list[Input]] = {}
         for inp in batch:
             by_part.setdefault(inp.partition, []).append(inp)
-        applied: dict[int, int] = {}
-        todo: list[Input] = []
-        for p, inputs in sorted(by_part.items()):
-            self.store.ensure_ready(p)
-            applied[p] = self.store.applied_offset(p)
-            inputs = self._fill_gap(p, applied[p], sorted(inputs, key=lambda i: i.offset), result)
-            fresh = [i for i in inputs if i.offset > applied[p]]
-            result.skipped += len(inputs) - len(fresh)
-            todo += fresh
+        applied = {p: self.store.applied_offset(p) for p in by_part}
+        todo = [i for p, inputs in sorted(by_part.items()) for i in sorted(inputs, key=lambda i: i.offset)
+                if i.offset > applied[p]]
+        result.skipped += len(batch) - len(todo)
         dead: list[tuple[Input, str]] = []
         served = self._parse(todo, dead)
         records, outputs = self._apply_isolating(served, result, dead)
@@ -170,20 +194,9 @@ class Processor:
         for (p, user), record in records.items():
             commits[p][0][user] = record
         self.store.commit(commits)
-        result.served, result.dead_lettered = len(outputs), len(dead)
-        self._observe(batch, result, outputs)
-        return result
-
-    def _fill_gap(self, p: int, applied: int, inputs: list[Input], result: BatchResult) -> list[Input]:
-        first = inputs[0].offset
-        if applied < 0 or first <= applied + 1 or self.fetch is None:
-            return inputs
-        missing = [i for i in self.fetch(p, applied + 1, first - 1) if applied < i.offset < first]
-        if missing:
-            log.warning("partition %d: consumer skipped offsets %d..%d; fetched %d records directly",
-                        p, applied + 1, first - 1, len(missing))
-        result.gap_filled += len(missing)
-        return missing + inputs
+        result.served += len(outputs)
+        result.dead_lettered += len(dead)
+        return outputs
 
     def _parse(self, inputs: list[Input], dead: list[tuple[Input, str]]) -> list[_Served]:
         vocab, n = self.serving.vocab, self.serving.num_items

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from lrustream.config import ConfigError, load_config
+from lrustream.config import ConfigError, check_http_exposure, load_config
 from tests.conftest import REPO
 
 
@@ -38,15 +39,101 @@ def test_file_then_overrides_merge_in_order(tmp_path: Path) -> None:
     [
         (["broker.port=abc"], "broker.port"),
         (["stream.nope=1"], "unknown config key 'stream.nope'"),
-        (["model.name=gru4rec"], "model.name='gru4rec' is not one of"),
-        (["stream.batch_size=0"], "stream.batch_size must be positive"),
+        (["model.name=gru4rec"], "model.name must be one of lrurec, linrec, sasrec (got 'gru4rec')"),
+        (["stream.batch_size=0"], "stream.batch_size must be >= 1 (got 0)"),
         (["justakey"], "not of the form key=value"),
-        (["broker.port=70000"], "broker.port must be a TCP port"),
+        (["broker.port=70000"], "broker.port must be in [1, 65535] (got 70000)"),
     ],
 )
 def test_bad_overrides_are_config_errors(overrides: list[str], message: str) -> None:
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    ("key", "edge", "beyond", "message"),
+    [
+        ("stream.batch_size", "1", "0", "stream.batch_size must be >= 1 (got 0)"),
+        ("stream.top_k", "1", "-3", "stream.top_k must be >= 1 (got -3)"),
+        ("stream.max_value_bytes", "1", "0", "stream.max_value_bytes must be >= 1 (got 0)"),
+        ("stream.min_step_rows", "1", "0", "stream.min_step_rows must be >= 1 (got 0)"),
+        ("stream.linger_ms", "0", "-1", "stream.linger_ms must be >= 0 (got -1)"),
+        ("stream.stall_after_s", "0.5", "0", "stream.stall_after_s must be > 0 (got 0.0)"),
+        ("stream.stop_timeout_s", "0", "-1", "stream.stop_timeout_s must be >= 0 (got -1.0)"),
+        ("stream.unknown_items", "oov", "drop", "stream.unknown_items must be one of dlq, oov (got 'drop')"),
+        ("topics.partitions", "1", "0", "topics.partitions must be >= 1 (got 0)"),
+        ("topics.replication_factor", "-1", "0",
+         "topics.replication_factor must be >= 1 (or -1: the broker's default) (got 0)"),
+        ("train.batch_size", "1", "0", "train.batch_size must be >= 1 (got 0)"),
+        ("train.val_every", "1", "0", "train.val_every must be >= 1 (got 0)"),
+        ("train.device", "cpu", "tpu", "train.device must be one of auto, cpu, cuda (got 'tpu')"),
+        ("state.dtype", "float16", "float64", "state.dtype must be one of float32, float16 (got 'float64')"),
+        ("model.dropout", "0", "1", "model.dropout must be in [0, 1) (got 1.0)"),
+        ("online.batch_size", "0", "-1", "online.batch_size must be >= 0 (got -1)"),
+        ("online.recent_buffer", "1", "0", "online.recent_buffer must be >= 1 (got 0)"),
+        ("online.dropout", "-1", "-0.5", "online.dropout must be in [0, 1) (or -1: the model's own) (got -0.5)"),
+        ("online.confidence", "0.99", "1", "online.confidence must be in (0, 1) (got 1.0)"),
+        ("online.http_port", "0", "65536", "online.http_port must be in [0, 65535] (got 65536)"),
+        ("http.port", "65535", "0", "http.port must be in [1, 65535] (got 0)"),
+        ("broker.controller_port", "0", "-1", "broker.controller_port must be in [0, 65535] (got -1)"),
+    ],
+)
+def test_values_out_of_range_are_refused_with_key_rule_and_value(key: str, edge: str, beyond: str,
+                                                                   message: str) -> None:
+    load_config(overrides=[f"{key}={edge}"])  # the edge of the range is accepted
+    with pytest.raises(ConfigError) as refused:
+        load_config(overrides=[f"{key}={beyond}"])
+    assert str(refused.value) == message
+
+
+def test_a_bad_value_in_a_file_is_refused_like_an_override(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("online:\n  min_steps: 101\n")  # max_steps stays 100
+    with pytest.raises(ConfigError) as refused:
+        load_config(f)
+    assert str(refused.value) == "online.min_steps must be <= online.max_steps (got 101 > 100)"
+    assert load_config(f, ["online.max_steps=101"]).online.min_steps == 101
+
+
+@pytest.mark.parametrize(
+    ("overrides", "outcome"),
+    [
+        (["http.host=127.0.0.1"], "ok"),
+        (["http.host=::1"], "ok"),
+        (["http.host=localhost"], "ok"),
+        (["http.host=0.0.0.0", "http.token=s3cret"], "ok"),
+        (["http.host=0.0.0.0"], "refused"),
+        (["http.host=10.1.2.3"], "refused"),
+        (["http.host=worker.example.org"], "refused"),
+        (["http.host=0.0.0.0", "http.allow_open=true"], "warned"),
+        (["http.host=10.1.2.3", "http.allow_open=true"], "warned"),
+    ],
+)
+def test_http_api_beyond_loopback_without_a_token_needs_the_explicit_opt_in(
+        monkeypatch: pytest.MonkeyPatch, overrides: list[str], outcome: str) -> None:
+    monkeypatch.delenv("LRUSTREAM_HTTP_TOKEN", raising=False)
+    cfg = load_config(overrides=overrides)  # loading never refuses: only serving HTTP does
+    host = cfg.http.host
+    if outcome == "refused":
+        with pytest.raises(ConfigError) as refused:
+            check_http_exposure(cfg)
+        assert str(refused.value).startswith(f"http.host={host} listens beyond loopback without http.token")
+        assert "http.allow_open=true" in str(refused.value)
+    elif outcome == "warned":
+        warning = check_http_exposure(cfg)
+        assert warning is not None and f"{host}:6066" in warning and "LRUSTREAM_HTTP_TOKEN" in warning
+        assert f"{host}:6067" in (check_http_exposure(cfg, port=cfg.online.http_port) or "")  # the trainer's port
+    else:
+        assert check_http_exposure(cfg) is None
+
+
+def test_an_empty_token_from_the_environment_guards_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # docker-compose passes ${LRUSTREAM_HTTP_TOKEN:-}: unset on the host means "" here, not a token.
+    monkeypatch.setenv("LRUSTREAM_HTTP_TOKEN", "")
+    cfg = load_config(overrides=["http.host=0.0.0.0"])
+    assert cfg.http.token == "" and cfg.http.allow_open is False
+    with pytest.raises(ConfigError, match=r"^http\.host=0\.0\.0\.0 listens beyond loopback without http\.token"):
+        check_http_exposure(cfg)
 
 
 def test_unknown_key_in_file_is_a_config_error(tmp_path: Path) -> None:

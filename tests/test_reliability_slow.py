@@ -1,6 +1,8 @@
-"""The slow reliability tier (``make test-slow``): a 50,000-event replay with the worker SIGKILLed at random
-moments, a burst well above the sustainable rate, and a clean second run to compare states bit for bit.
-Prints the summary table: faults injected, events, lost, double-applied, duplicates, DLQ, peak RSS."""
+"""The slow reliability tier (``make test-slow``, and part of ``make test``): a 50,000-event replay with the
+worker SIGKILLed at random moments, a second worker that joins and is killed (two forced rebalances), poison
+records (a 1.03 MB one whose dead-letter copy must be truncated, a key that is not UTF-8, malformed values), a
+burst well above the sustainable rate, and a clean second run to compare states bit for bit. Prints the summary
+table: faults injected, events, lost, double-applied, duplicates, DLQ, peak RSS."""
 
 from __future__ import annotations
 
@@ -58,19 +60,30 @@ def _clean_run(kafka_overrides: list[str], cfg: Config, tmp_path: Path, expect: 
     worker = WorkerProcess(clean, tmp_path / "clean.log").start()
     try:
         worker.wait_healthy()
-        recommendations(clean_cfg, expect=expect, timeout_s=900)
+        recommendations(clean_cfg, expect=expect, timeout_s=600)
     finally:
         worker.stop()
     return clean_cfg
 
 
+def _wait_for_partitions(worker: WorkerProcess, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if worker.wait_healthy().get("partitions"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the worker never got a partition:\n{worker.tail()}")
+
+
+@pytest.mark.timeout(1500)  # above the sum of its own waits (two 600 s drains), unlike the suite's 600 s default
 def test_kills_and_a_burst_lose_nothing_and_apply_nothing_twice(kafka_cfg: Config, kafka_overrides: list[str],
                                                                 tmp_path: Path) -> None:
     rng = random.Random(7)
     create_topics(kafka_cfg)
     publish_model(kafka_cfg, num_items=300, d_model=32)
     events = _events(rng, N_EVENTS, users=2000, items=300)
-    bad = [(b"u1", b"{broken"), (b"u2", None)] * 50
+    poison = [(b"u3", b'{"user_id": "u3", "pad": "' + b"x" * 1_030_000 + b'"}'), (b"\xff\xfeu4", b"{}")]
+    bad = [(b"u1", b"{broken"), (b"u2", None)] * 50 + poison
     records = [(u.encode(), event_value(u, i, 10**12 + k)) for k, (u, i) in enumerate(events)]
     for k, rec in enumerate(bad):
         records.insert(rng.randrange(len(records)), rec) if k % 2 else records.append(rec)
@@ -78,6 +91,7 @@ def test_kills_and_a_burst_lose_nothing_and_apply_nothing_twice(kafka_cfg: Confi
     sampler = RssSampler()
     sampler.start()
     worker = WorkerProcess(kafka_overrides, tmp_path / "worker.log")
+    other = WorkerProcess([*kafka_overrides, f"state.dir={tmp_path / 'other'}"], tmp_path / "other.log")
     faults = 0
     produce(kafka_cfg, records[:half])
     worker.start()
@@ -89,13 +103,19 @@ def test_kills_and_a_burst_lose_nothing_and_apply_nothing_twice(kafka_cfg: Confi
             time.sleep(rng.uniform(1.0, 6.0))
             if k == 1:
                 burst.start()
+            if k == 2:  # a second worker joins the group (rebalance), serves a while, and is killed (rebalance)
+                other.start()
+                _wait_for_partitions(other)
+                time.sleep(rng.uniform(2.0, 5.0))
+                other.kill()
+                faults += 2
             worker.kill()
             faults += 1
             worker.start()
             sampler.pid = worker.proc.pid if worker.proc else None
             worker.wait_healthy()
         burst.join()
-        recs = recommendations(kafka_cfg, expect=N_EVENTS, timeout_s=900)
+        recs = recommendations(kafka_cfg, expect=N_EVENTS, timeout_s=600)
         deadline = time.monotonic() + 60
         while worker.get_metric("lrustream_consumer_lag") > 0 and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -103,6 +123,7 @@ def test_kills_and_a_burst_lose_nothing_and_apply_nothing_twice(kafka_cfg: Confi
                   if line.startswith("lrustream_consumer_lag{"))
     finally:
         worker.stop()
+        other.stop()
         sampler.stop.set()
     dlq = read_topic(kafka_cfg, kafka_cfg.topics.dlq, expect=len(bad))
     sources = {(r["source"]["partition"], r["source"]["offset"]) for r in recs}
@@ -110,8 +131,9 @@ def test_kills_and_a_burst_lose_nothing_and_apply_nothing_twice(kafka_cfg: Confi
     users = {u for u, _ in events}
     killed, clean = stored_states(kafka_cfg, users), stored_states(clean_cfg, users)
     differing = sum(1 for u in users if killed[u] != clean[u])
-    table = {"faults injected (SIGKILL)": faults, "events": N_EVENTS, "lost (no recommendation)": N_EVENTS
-             - len(sources), "double-applied (state differs from clean run)": differing,
+    table = {"faults injected (SIGKILLs and rebalances)": faults, "events": N_EVENTS,
+             "lost (no recommendation)": N_EVENTS - len(sources),
+             "double-applied (state differs from clean run)": differing,
              "duplicate recommendation records": len(recs) - len(sources), "DLQ records": len(dlq),
              "bad records sent": len(bad), "final consumer lag": int(lag),
              "peak worker RSS (MiB)": round(sampler.peak / 2**20)}

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from lrustream.config import load_config
+from lrustream.config import Config, ConfigError, load_config, sasl_mechanism
 from stream.kafka import faust_broker_settings, librdkafka_config, producer_config, redacted
 
 SASL_SSL = ["kafka.security.protocol=SASL_SSL", "kafka.security.sasl_mechanism=SCRAM-SHA-512",
@@ -29,6 +29,59 @@ def test_sasl_settings_reach_faust() -> None:
     assert creds.username == "svc" and creds.password == "hunter2"
     assert str(creds.mechanism).endswith("SCRAM_SHA_512") or "SCRAM-SHA-512" in str(creds.mechanism)
     assert creds.ssl_context is not None and creds.ssl_context.check_hostname is False
+
+
+def _faust_mechanism(cfg: Config) -> str | None:
+    creds = faust_broker_settings(cfg).get("broker_credentials")
+    mechanism = getattr(creds, "mechanism", None)  # SSLCredentials have none
+    return None if mechanism is None else str(mechanism.value)
+
+
+@pytest.mark.parametrize("protocol", ["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"])
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+def test_both_clients_get_the_one_resolved_sasl_mechanism(protocol: str, mechanism: str) -> None:
+    """librdkafka and Faust authenticate the same way: the configured mechanism under SASL_*, none otherwise
+    (before, librdkafka alone got the mechanism under PLAINTEXT/SSL, and neither shared a default)."""
+    cfg = load_config(overrides=[f"kafka.security.protocol={protocol}", f"kafka.security.sasl_mechanism={mechanism}",
+                                 "kafka.security.sasl_username=svc", "kafka.security.sasl_password=hunter2"])
+    expected = mechanism if protocol.startswith("SASL_") else None
+    assert librdkafka_config(cfg).get("sasl.mechanism") == _faust_mechanism(cfg) == sasl_mechanism(cfg) == expected
+    assert ("sasl.password" in librdkafka_config(cfg)) == (expected is not None)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["kafka.security.protocol=SASL_PLAINTEXT"],
+     "kafka.security.sasl_mechanism is required with kafka.security.protocol=SASL_PLAINTEXT "
+     "(one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512)"),
+    (["kafka.security.protocol=SASL_SSL", "kafka.security.sasl_mechanism=GSSAPI"],
+     "kafka.security.sasl_mechanism must be one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (got 'GSSAPI')"),
+    (["kafka.security.protocol=sasl_ssl"],
+     "kafka.security.protocol must be one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL (got 'sasl_ssl')"),
+    (["kafka.security.protocol=SASL_SSL", "kafka.security.sasl_mechanism=PLAIN",
+      "kafka.security.sasl_password=hunter2"],
+     "kafka.security.sasl_username is required with kafka.security.sasl_mechanism=PLAIN"),
+    (["kafka.security.protocol=SASL_SSL", "kafka.security.sasl_mechanism=SCRAM-SHA-256",
+      "kafka.security.sasl_username=svc"],
+     "kafka.security.sasl_password is required with kafka.security.sasl_mechanism=SCRAM-SHA-256 "
+     "(LRUSTREAM_KAFKA_SASL_PASSWORD sets it)"),
+])
+def test_unusable_kafka_security_is_refused_at_load_naming_the_key(monkeypatch: pytest.MonkeyPatch,
+                                                                  overrides: list[str], message: str) -> None:
+    monkeypatch.delenv("LRUSTREAM_KAFKA_SASL_PASSWORD", raising=False)
+    with pytest.raises(ConfigError) as refused:
+        load_config(overrides=overrides)
+    assert str(refused.value) == message
+
+
+def test_a_config_built_in_code_gets_no_client_default_mechanism_either() -> None:
+    """A Config made without load_config (tests, embedding code) is checked by the client mappings themselves:
+    SASL without a mechanism is refused by both, never GSSAPI for one client and PLAIN for the other."""
+    cfg = Config()
+    cfg.kafka.security.protocol = "SASL_SSL"
+    cfg.kafka.security.sasl_username, cfg.kafka.security.sasl_password = "svc", "hunter2"
+    for mapping in (librdkafka_config, faust_broker_settings):
+        with pytest.raises(ConfigError, match=r"^kafka\.security\.sasl_mechanism is required"):
+            mapping(cfg)
 
 
 def test_plaintext_needs_no_credentials() -> None:
@@ -62,16 +115,3 @@ def test_every_kafka_client_in_the_code_is_built_from_our_config_mappings() -> N
                 if m and "import" not in line and not uses_ours:
                     bad.append(f"{path.name}: {line.strip()}")
     assert bad == []
-
-
-@pytest.mark.parametrize(("host", "token", "warned"), [
-    ("127.0.0.1", None, False), ("::1", None, False), ("localhost", None, False),
-    ("0.0.0.0", None, True), ("10.1.2.3", None, True), ("0.0.0.0", "s3cret", False)])
-def test_http_api_open_beyond_loopback_without_a_token_is_called_out(host: str, token: str | None,
-                                                                      warned: bool) -> None:
-    from stream.app import open_http_warning
-
-    overrides = [f"http.host={host}"] + ([f"http.token={token}"] if token else [])
-    warning = open_http_warning(load_config(overrides=overrides))
-    assert (warning is not None) == warned
-    assert warning is None or ("LRUSTREAM_HTTP_TOKEN" in warning and host in warning)

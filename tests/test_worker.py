@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rocksdict import Rdict
 
 from lrustream.config import Config, load_config
 from state.store import PartitionStore, find_user
@@ -17,6 +18,7 @@ from stream.app import state_dir
 from stream.topics import create_topics
 from tests.streamkit import (
     WorkerProcess,
+    end_offsets,
     event_value,
     produce,
     publish_model,
@@ -110,6 +112,7 @@ def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(kafka_cfg: C
     worker = WorkerProcess(kafka_overrides, worker_log).start(["stream.batch_size=32"])
     worker.wait_healthy()
     kills = 0
+    emitted_at_kill = []
     try:
         for _ in range(2):  # kill while recommendations are flowing, then restart
             deadline = time.monotonic() + 60
@@ -117,12 +120,14 @@ def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(kafka_cfg: C
                 time.sleep(0.2)
             worker.kill()
             kills += 1
+            emitted_at_kill.append(sum(end_offsets(kafka_cfg, kafka_cfg.topics.recommendations).values()))
             worker.start(["stream.batch_size=32"])
             worker.wait_healthy()
         recs = recommendations(kafka_cfg, expect=len(events), timeout_s=180)
     finally:
         worker.stop()
     sources = {(r["source"]["partition"], r["source"]["offset"]) for r in recs}
+    assert all(300 <= n < len(events) for n in emitted_at_kill), f"kills landed mid-stream: {emitted_at_kill}"
     assert len(sources) == len(events), "an event produced no recommendation"
     print(f"\n{kills} kills: {len(recs)} records for {len(events)} events ({len(recs) - len(sources)} duplicates)")
     ref = reference(kafka_cfg, events)
@@ -201,7 +206,7 @@ def test_malformed_events_go_to_dlq_and_good_ones_around_them_are_served(kafka_c
         worker.wait_healthy()
         recs = recommendations(kafka_cfg, expect=len(good))
         dlq = read_topic(kafka_cfg, kafka_cfg.topics.dlq, expect=len(bad))
-        assert worker.wait_healthy()["status"] == "ok"
+        assert worker.health()["status"] == "ok"
     finally:
         worker.stop()
     assert_matches_reference(recs, reference(kafka_cfg, good))
@@ -235,6 +240,21 @@ def test_partition_store_survives_reopen(tmp_path: Path) -> None:
     again.close()
 
 
+def test_the_state_count_is_rocksdbs_estimate_not_a_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/metrics reads the count on the event loop: it must not iterate every key (issue 14)."""
+    from state.record import UserRecord
+    from state.store import StateStore
+
+    store = StateStore(tmp_path / "state")
+    record = UserRecord(b"\x00" * 8, "v1", np.array([3], np.int32), [], 0, 7, 1)
+    for p in range(3):
+        store.commit({p: ({f"u{k}": record for k in range(2000)}, 10)})
+    monkeypatch.setattr(Rdict, "keys", lambda *a, **k: (_ for _ in ()).throw(AssertionError("scanned")))
+    monkeypatch.setattr(Rdict, "items", lambda *a, **k: (_ for _ in ()).throw(AssertionError("scanned")))
+    assert 0.95 * 6000 <= store.count() <= 1.05 * 6000
+    store.close()
+
+
 def test_state_changing_endpoint_requires_the_configured_token(kafka_cfg: Config, kafka_overrides: list[str],
                                                                worker_log: Path) -> None:
     import urllib.error
@@ -255,7 +275,8 @@ def test_state_changing_endpoint_requires_the_configured_token(kafka_cfg: Config
             return exc.code
 
     try:
-        assert worker.wait_healthy()["status"] == "ok", "read-only endpoints need no token"
+        worker.wait_healthy()
+        assert worker.health()["status"] == "ok", "read-only endpoints need no token"
         assert post(None) == 401 and post("wrong") == 401
         assert post("s3cret") == 202
         requests = read_topic(kafka_cfg, kafka_cfg.topics.model_updates, expect=1)
@@ -263,3 +284,50 @@ def test_state_changing_endpoint_requires_the_configured_token(kafka_cfg: Config
         worker.stop()
     assert [json.loads(m.value())["request"] for m in requests] == ["refresh"]
     assert "s3cret" not in worker_log.read_text(), "the token is never logged"
+
+
+def _recreate_input_topic(cfg: Config) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    from stream.kafka import librdkafka_config
+
+    admin = AdminClient(librdkafka_config(cfg))
+    admin.delete_topics([cfg.topics.interactions], operation_timeout=30)[cfg.topics.interactions].result()
+    deadline = time.monotonic() + 60
+    while True:  # the broker refuses to create a topic still marked for deletion
+        try:
+            create_topics(cfg)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_a_recreated_input_topic_starts_its_partitions_from_scratch_instead_of_skipping_its_events(
+        kafka_cfg: Config, kafka_overrides: list[str], worker_log: Path) -> None:
+    """Offsets of a re-created topic start at 0 again: the old applied marker must not make the worker skip
+    every event below it (issue 14, item 3). The states start from scratch, and the log says so."""
+    create_topics(kafka_cfg)
+    publish_model(kafka_cfg)
+    before = synthetic_events(300, users=12, seed=11)
+    produce_events(kafka_cfg, before)
+    worker = WorkerProcess(kafka_overrides, worker_log).start()
+    try:
+        worker.wait_healthy()
+        recommendations(kafka_cfg, expect=len(before))
+    finally:
+        worker.stop()
+    _recreate_input_topic(kafka_cfg)
+    after = synthetic_events(120, users=12, seed=12)
+    produce_events(kafka_cfg, after, ts0=1_800_000_000_000)
+    worker.start()
+    try:
+        worker.wait_healthy()
+        recs = recommendations(kafka_cfg, expect=len(before) + len(after), timeout_s=60)
+    finally:
+        worker.stop()
+    new = _dedupe([r for r in recs if r["event_ts"] >= 1_800_000_000_000])
+    assert len(new) == len(after), "every event of the re-created topic served"
+    assert_matches_reference(new, reference(kafka_cfg, after))  # from scratch: as if the old events never were
+    assert "input topic was re-created" in worker_log.read_text()

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lrustream.config import Config, OnlineConfig, resolve_path
+from lrustream.config import Config, OnlineConfig, check_http_exposure, resolve_path
 from models.base import SeqRecModel
 from models.store import LoadedModel, ModelStore
 from models.vocab import Vocabulary
@@ -545,6 +545,7 @@ class TrainerLoop:
         self.log = log_line
         self.store = ModelStore(resolve_path(cfg.model_store.dir))
         o = cfg.online
+        http_warning = check_http_exposure(cfg, port=o.http_port) if serve_http else None
         if o.num_threads:
             torch.set_num_threads(o.num_threads)
         self.buffer = EventBuffer(o.recent_buffer, o.reservoir_buffer, cfg.model.max_len, seed=cfg.train.seed)
@@ -561,6 +562,8 @@ class TrainerLoop:
         self.requested = False
         self.http = TrainerHttp(cfg.http.host, o.http_port, cfg.http.token, self.health_report,
                                 self.metrics.render).start() if serve_http else None
+        if http_warning:
+            log.warning(http_warning)
 
     def health_report(self) -> tuple[dict[str, Any], int]:
         from trainer.service import health_body

@@ -11,8 +11,8 @@ topic is failing, the last round raised, or examples are waiting and none has be
 ``Authorization: Bearer TOKEN`` when a token is set, 401 otherwise; the worker's check,
 ``stream.health.bearer_authorised``), any other path 404, any other method 405. Note the worker itself leaves
 its read-only ``/metrics`` open and guards only ``POST /refresh``; :attr:`TrainerHttp.GUARDED` is the one place
-to change that choice. Binding beyond loopback without a token is allowed here; warning the operator is the
-caller's job (``stream.app.open_http_warning``). Requests are not logged, so the token never reaches a log.
+to change that choice. Binding beyond loopback without a token is refused or warned about by the caller
+(``lrustream.config.check_http_exposure``). Requests are not logged, so the token never reaches a log.
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ app.add_typer(models_app, name="models")
 
 @models_app.command("list")
 def models_list(config: ConfigOpt = None, overrides: Overrides = None) -> None:
-    """Versions, newest last; * marks the one workers serve."""
+    """Versions, newest last; * marks the one workers serve, - those whose weights gc removed."""
     from models.store import ModelStore
 
     store = ModelStore(cfg_of(config, overrides).model_store.dir)
@@ -174,7 +174,7 @@ def models_list(config: ConfigOpt = None, overrides: Overrides = None) -> None:
     if pinned:
         echo(f"serving is pinned to {pinned} (lrustream models unpin releases it)")
     for info in store.list():
-        mark = "*" if info.version == current else " "
+        mark = "*" if info.version == current else "-" if store.collected(info.version) else " "
         metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(info.metrics.items()) if "10" in k)
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))
         echo(f"{mark} {info.version}  {info.model:7s} items={info.hparams.get('num_items')}  parent={info.parent}  "
@@ -200,6 +200,23 @@ def models_pin(
 ) -> None:
     """Serve a version and keep serving it while the trainer goes on publishing."""
     _pin(version, "pin", config, overrides)
+
+
+@models_app.command("gc")
+def models_gc(
+    keep: Annotated[int | None, typer.Option(min=1, help="Newest versions to keep loadable "
+                                                        "(default: model_store.keep_versions).")] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Remove the weights of older versions (the serving and the pinned one always stay); their vocabularies
+    stay, because stored states name them. The trainer does this after each published round."""
+    from models.store import ModelStore
+
+    cfg = cfg_of(config, overrides)
+    collected = ModelStore(cfg.model_store.dir).gc(keep or cfg.model_store.keep_versions)
+    echo(f"removed the weights of {len(collected)} versions: {' '.join(collected)}" if collected
+         else "nothing to collect")
 
 
 @models_app.command("unpin")

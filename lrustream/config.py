@@ -78,11 +78,17 @@ class BrokerConfig:
 class StateConfig:
     dir: str = ".lrustream/state"
     dtype: str = "float32"  # float32 | float16: how recurrent states are stored
+    ttl_days: float = 90.0
+    """A user state not updated for this long is deleted (locally and in the changelog); the user's next event
+    starts from a fresh state. 0 keeps states for ever. Checked while events flow, a bounded scan at a time."""
 
 
 @dataclass
 class ModelStoreConfig:
     dir: str = ".lrustream/models"
+    keep_versions: int = 10
+    """After each online round that publishes, the weights of older versions are removed (``lrustream models gc``):
+    the newest this many stay loadable, plus the serving and the pinned version."""
 
 
 @dataclass
@@ -285,6 +291,8 @@ RULES: dict[str, Rule] = {
     "broker.controller_port": PORT_OR_0,
     "broker.start_timeout_s": _above(0),
     "state.dtype": _one_of("float32", "float16"),
+    "state.ttl_days": _at_least(0),
+    "model_store.keep_versions": _at_least(1),
     "model.name": _one_of("lrurec", "linrec", "sasrec"),
     "model.d_model": _at_least(1),
     "model.num_layers": _at_least(1),

@@ -15,6 +15,10 @@ Publishing is atomic: files are written into a temporary directory, fsynced, and
 (checksums, JSON shape, tensor names and shapes, finiteness) and raises :class:`ModelStoreError` with a one-line
 reason instead of serving a corrupt model.
 
+``gc`` bounds the store: versions older than the newest ``keep`` (never CURRENT or PINNED) lose their weights,
+the bulk of a version, and keep meta.json and vocab.json (a few KB to MB), because states stored under a version
+name its vocabulary; a collected version is refused by ``load`` for good.
+
 Version names are ``v`` and six or more digits; any other name (``../x``, an absolute path) is refused before
 it touches the filesystem. Numbers only grow, even after versions are deleted. While PINNED exists a publish
 writes its version but leaves CURRENT alone, so an operator's rollback is not undone by the trainer's next round.
@@ -44,6 +48,7 @@ from models import SeqRecModel, build_model
 from models.vocab import Vocabulary
 
 WEIGHTS, VOCAB, META = "weights.safetensors", "vocab.json", "meta.json"
+COLLECTED = "COLLECTED"  # present in a version folder whose weights ``gc`` removed
 FORMAT = 1
 
 
@@ -212,6 +217,29 @@ class ModelStore:
                 _fsync(self.root)
         return pinned
 
+    def gc(self, keep: int) -> list[str]:
+        """Remove the weights of every version but the newest ``keep``, CURRENT and PINNED; returns those versions.
+        Their meta.json and vocab.json stay (see the module docstring)."""
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        with self._lock():
+            spared = {*self.versions()[-keep:], self.current(), self.pinned()}
+            collected = []
+            for version in self.versions():
+                folder = self.versions_dir / version
+                if version in spared or (folder / COLLECTED).exists():
+                    continue
+                (folder / COLLECTED).write_text(f"weights removed by gc at {time.time():.0f}\n")
+                _fsync(folder / COLLECTED)
+                (folder / WEIGHTS).unlink(missing_ok=True)
+                collected.append(version)
+            if collected:
+                _fsync(self.versions_dir)
+        return collected
+
+    def collected(self, version: str) -> bool:
+        return (self.versions_dir / check_version_name(version) / COLLECTED).exists()
+
     def pinned(self) -> str | None:
         try:
             return (self.root / "PINNED").read_text().strip() or None
@@ -278,6 +306,8 @@ class ModelStore:
         where = f"model version {version}"
         info = self.info(version)
         folder = self.versions_dir / version
+        if (folder / COLLECTED).exists():
+            raise ModelStoreError(f"{where} was garbage-collected (lrustream models gc): its weights are gone")
         self._verify(folder, info, WEIGHTS)
         vocab = self.vocabulary(version, info)
         try:

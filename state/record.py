@@ -9,7 +9,8 @@ A record is everything needed to serve the user's next event without re-reading 
   id), so that a later, grown vocabulary can map it and re-derive the state with real embeddings;
 - ``partition``/``offset``: the last input event applied (``offset`` -1 = none): an event whose offset is not
   newer is never applied again;
-- ``updated_ms``: wall-clock time of the last update, for operators.
+- ``updated_ms``: wall-clock time of the last update, for operators and for expiry (the state TTL reads it from
+  the header alone: :func:`updated_ms_of`).
 
 The encoding is a fixed little-endian header plus length-prefixed sections, versioned by its first byte so
 that old records stay readable after a format change.
@@ -24,6 +25,11 @@ import numpy as np
 
 FORMAT = 1
 _HEADER = struct.Struct("<BiqqHIH")  # format, partition, offset, updated_ms, len(version), len(state), n_unknown
+
+
+def updated_ms_of(blob: bytes) -> int:
+    """An encoded record's ``updated_ms`` without decoding the rest."""
+    return _HEADER.unpack_from(blob)[3]
 
 
 class RecordError(ValueError):

@@ -20,6 +20,8 @@ Contract (what is durable when, what an offset means):
   (the topic was deleted and re-created, offsets start at 0 again), it logs an error and resets the partition:
   every state of it is deleted, locally and in the changelog (tombstones), and serving starts from scratch.
   A marker written before identities were stored is adopted by the next commit.
+- A state not updated for the state TTL expires: ``expire`` deletes it like ``reset`` does (changelog
+  tombstone first, then locally), so the expiry survives restore and moves with the partition.
   Input offsets are committed to Kafka only after ``commit`` returns, so every event is applied at least
   once: together, exactly once per user state.
 
@@ -38,7 +40,7 @@ from typing import Any
 
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
-from state.record import UserRecord
+from state.record import UserRecord, updated_ms_of
 
 log = logging.getLogger("lrustream.state")
 
@@ -205,6 +207,7 @@ class StateStore:
         self.changelog = changelog
         self.input_identity = input_identity  # the input topic's identity now (None: unknown)
         self._identity = b""  # as last read; written with every applied marker
+        self._expiry_cursor: dict[int, bytes] = {}  # per partition, the key the next expiry scan starts at
         self._parts: dict[int, PartitionStore] = {}
         self._ready: set[int] = set()
         self._lock = threading.Lock()
@@ -218,6 +221,11 @@ class StateStore:
         """Partitions may have moved (a rebalance): restore each again before its next event."""
         with self._lock:
             self._ready.clear()
+
+    def ready_partitions(self) -> list[int]:
+        """Partitions restored since the last rebalance (those this process serves now)."""
+        with self._lock:
+            return sorted(self._ready)
 
     def ensure_ready(self, p: int) -> int:
         """Restore partition ``p`` from the changelog unless done since the last rebalance; return records read."""
@@ -244,9 +252,32 @@ class StateStore:
     def reset(self, p: int) -> None:
         """Delete every state of partition ``p`` and its applied marker, in the changelog (tombstones) first."""
         part = self.partition(p)
-        entries: dict[bytes, bytes | None] = {key: None for key in part.db.keys(from_key=USER_PREFIX)
-                                              if key.startswith(USER_PREFIX)}
-        entries[APPLIED_KEY] = None
+        keys = [key for key in part.db.keys(from_key=USER_PREFIX) if key.startswith(USER_PREFIX)]
+        self._delete(p, [*keys, APPLIED_KEY])
+
+    def expire(self, p: int, updated_before_ms: int, max_scan: int = 10_000) -> int:
+        """Delete the states of partition ``p`` last updated before ``updated_before_ms`` (changelog tombstones
+        first); scans at most ``max_scan`` records, going on where the previous call stopped. Returns how many."""
+        part = self.partition(p)
+        start = self._expiry_cursor.get(p, USER_PREFIX)
+        expired: list[bytes] = []
+        cursor = USER_PREFIX
+        for scanned, (key, value) in enumerate(part.db.items(from_key=start), start=1):
+            if not key.startswith(USER_PREFIX):
+                break
+            if updated_ms_of(value) < updated_before_ms:
+                expired.append(key)
+            if scanned >= max_scan:
+                cursor = key + b"\x00"  # the next call starts just after this key
+                break
+        self._expiry_cursor[p] = cursor
+        if expired:
+            self._delete(p, expired)
+        return len(expired)
+
+    def _delete(self, p: int, keys: list[bytes]) -> None:
+        part = self.partition(p)
+        entries: dict[bytes, bytes | None] = dict.fromkeys(keys)
         position = part.changelog_offset
         if self.changelog is not None:
             position = self.changelog.publish({p: entries})[p]

@@ -104,6 +104,7 @@ class Worker:
                                    vocab_of=functools.lru_cache(maxsize=8)(self.model_store.vocabulary))
         self.started = time.time()
         self.batches = 0
+        self.expired_at = time.monotonic()  # the last scan for idle states
         self.liveness = Liveness(cfg.stream.stall_after_s)
         self.last_offsets: dict[int, int] = {}  # per input partition, the last offset handed to us
         self.swap_lock = asyncio.Lock()
@@ -133,6 +134,7 @@ class Worker:
                                _header_list(e.message.headers)) for e in events]
                 async with self.swap_lock:
                     await self._process(batch)
+                    await self._expire_idle_states()
                 self._observe_lag(batch)
 
         app.agent(topic, name="serve", concurrency=1)(serve)
@@ -219,6 +221,22 @@ class Worker:
                 self.store.mark_stale()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _expire_idle_states(self) -> None:
+        """While events flow, at most every minute (sooner for a short TTL): one bounded scan per partition served
+        deletes the states idle for ``state.ttl_days`` (state/store.py). A failure is retried at the next scan."""
+        ttl_s = self.cfg.state.ttl_days * 86_400
+        if ttl_s <= 0 or time.monotonic() - self.expired_at < min(60.0, ttl_s / 4):
+            return
+        self.expired_at = time.monotonic()
+        cutoff_ms = int((time.time() - ttl_s) * 1000)
+        try:
+            expired = await asyncio.to_thread(
+                lambda: sum(self.store.expire(p, cutoff_ms) for p in self.store.ready_partitions()))
+        except Exception as exc:
+            log.warning("expiring idle states failed (%s); trying again at the next scan", exc)
+            return
+        self.metrics.expired.inc(expired)
 
     def _observe_lag(self, batch: list[Input]) -> None:
         last: dict[int, int] = {}

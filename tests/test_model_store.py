@@ -183,3 +183,20 @@ def test_a_pin_keeps_serving_while_new_versions_are_published_until_unpinned(tmp
     assert store.unpin() == v1 and store.pinned() is None and store.current() == v1
     v4 = store.publish(model, vocab).version
     assert store.current() == v4
+
+
+def test_gc_keeps_the_newest_the_serving_and_the_pinned_versions_and_every_vocabulary(tmp_path: Path) -> None:
+    store, v1, _ = _store(tmp_path)
+    model = build_model("lrurec", 30, d_model=16, num_layers=1, max_len=20)
+    newer = [store.publish(model, Vocabulary.identity(30)).version for _ in range(4)]
+    store.set_current(v1, pin=True)  # pinned and serving: never collected, however old
+    assert store.gc(keep=2) == [store.versions()[1], newer[0], newer[1]]
+    assert store.load(v1).info.version == v1 and store.load(newer[-1]).info.version == newer[-1]
+    with pytest.raises(ModelStoreError, match="garbage-collected"):
+        store.load(newer[0])
+    with pytest.raises(ModelStoreError, match="garbage-collected"):
+        store.set_current(newer[0], pin=True)
+    assert len(store.vocabulary(newer[0])) == 30, "states stored under a collected version still read its items"
+    assert not (store.versions_dir / newer[0] / WEIGHTS).exists()
+    assert store.gc(keep=2) == [], "nothing twice"
+    assert int(store.publish(model, Vocabulary.identity(30)).version[1:]) == int(newer[-1][1:]) + 1

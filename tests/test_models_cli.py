@@ -39,3 +39,15 @@ def test_rollback_pins_the_version_announces_it_and_refuses_a_path(kafka_cfg: Co
     assert out.exit_code == 0 and f"unpinned {v1}" in out.output and store.pinned() is None
     v4 = publish_model(kafka_cfg, seed=3)
     assert store.current() == v4, "after unpin the trainer's versions are served again"
+
+
+def test_gc_removes_old_weights_and_list_marks_them(kafka_cfg: Config, kafka_overrides: list[str]) -> None:
+    store = ModelStore(kafka_cfg.model_store.dir)
+    v1, v2, v3 = (publish_model(kafka_cfg, seed=k) for k in range(3))
+    runner = CliRunner()
+    out = runner.invoke(app, ["models", "gc", "--keep", "1", *kafka_overrides])
+    assert out.exit_code == 0 and f"{v1} {v2}" in out.output, out.output
+    listed = runner.invoke(app, ["models", "list", *kafka_overrides]).output
+    assert f"- {v1}" in listed and f"- {v2}" in listed and f"* {v3}" in listed
+    assert store.current() == v3 and runner.invoke(app, ["models", "gc", *kafka_overrides]).output.strip() == \
+        "nothing to collect"

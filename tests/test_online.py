@@ -300,6 +300,13 @@ def test_while_serving_is_pinned_the_learner_publishes_but_neither_serves_nor_an
     assert result.published and s.store.current() == s.v1 and announced == []
 
 
+def test_a_published_round_removes_the_weights_of_versions_beyond_keep_versions(tmp_path: Path) -> None:
+    s = Setting.make(tmp_path, ring_stream(30, 1500), "model_store.keep_versions=1")
+    published = OnlineLearner(s.cfg, s.store).round(s.buf).published
+    assert published and s.store.current() == published
+    assert s.store.collected(s.v1) and not s.store.collected(published)
+
+
 # ----- on the real broker ------------------------------------------------------------------------------------
 def produce_examples(cfg: Config, users: range) -> None:
     from confluent_kafka import Producer

@@ -331,3 +331,33 @@ def test_a_recreated_input_topic_starts_its_partitions_from_scratch_instead_of_s
     assert len(new) == len(after), "every event of the re-created topic served"
     assert_matches_reference(new, reference(kafka_cfg, after))  # from scratch: as if the old events never were
     assert "input topic was re-created" in worker_log.read_text()
+
+
+def test_idle_states_expire_after_the_ttl_through_the_changelog(kafka_cfg: Config, kafka_overrides: list[str],
+                                                                worker_log: Path) -> None:
+    """state.ttl_days: states idle longer are deleted while events flow, with a changelog tombstone (so the
+    expiry survives a restore), and the user's next event starts from a fresh state (issue 14, item 6)."""
+    create_topics(kafka_cfg)
+    publish_model(kafka_cfg)
+    worker = WorkerProcess(kafka_overrides, worker_log).start(["state.ttl_days=0.0000347"])  # 3 s
+    try:
+        worker.wait_healthy()
+        produce_events(kafka_cfg, [("uA", "i1"), ("uA", "i2"), ("uB", "i3")])
+        recommendations(kafka_cfg, expect=3)
+        time.sleep(4)
+        deadline = time.monotonic() + 30
+        k = 0
+        while worker.get_metric("lrustream_expired_states_total") < 2 and time.monotonic() < deadline:
+            produce_events(kafka_cfg, [(f"uC{k}", "i4")], ts0=1_800_000_000_000 + k)  # events keep flowing
+            k += 1
+            time.sleep(1)
+        expired = worker.get_metric("lrustream_expired_states_total")
+        produce_events(kafka_cfg, [("uA", "i5")], ts0=1_900_000_000_000)
+        recs = recommendations(kafka_cfg, expect=3 + k + 1)
+    finally:
+        worker.stop()
+    assert expired >= 2, "uA and uB expired"
+    tombstones = {m.key() for m in read_topic(kafka_cfg, kafka_cfg.topics.state_changelog) if m.value() is None}
+    assert {b"u:uA", b"u:uB"} <= tombstones
+    [again] = [r for r in recs if r["event_ts"] == 1_900_000_000_000]
+    assert again["items"] == reference(kafka_cfg, [("uA", "i5")])["uA"]["recs"][0][0], "a fresh state"

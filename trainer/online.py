@@ -475,6 +475,7 @@ class OnlineLearner:
                 buffer.trained = until
                 if announce and self.store.current() == info.version:  # not while an operator pins serving
                     announce(info.version)
+                self.store.gc(self.cfg.model_store.keep_versions)
         if result.published is None:  # discard the candidate: back to the serving weights and moments
             self._restore(*backup)
         self.model.to(self.device)

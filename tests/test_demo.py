@@ -10,6 +10,7 @@ import pytest
 from lrustream.broker import free_port
 from lrustream.config import load_config
 from lrustream.demo import run_demo
+from tests.streamkit import read_topic, recommendations
 
 pytestmark = pytest.mark.kafka
 
@@ -30,3 +31,8 @@ def test_demo_trains_serves_a_replay_and_reports_latency(kafka_bootstrap: str, k
     assert "training lrurec" in text and "worker: serving v000001" in text
     summary = next(line for line in out if line.startswith("summary:"))
     assert "400 events published, 400 recommendations" in summary and "p99" in summary
+    cfg = load_config(overrides=overrides)  # what the demo says is checked against the topics themselves
+    recs = recommendations(cfg, expect=400)
+    assert len({(r["source"]["partition"], r["source"]["offset"]) for r in recs}) == 400
+    assert {r["model_version"] for r in recs} == {"v000001"} and all(len(r["items"]) == 10 for r in recs)
+    assert not read_topic(cfg, cfg.topics.dlq, timeout_s=5), "a clean replay dead-letters nothing"

@@ -226,13 +226,14 @@ class ModelStore:
             spared = {*self.versions()[-keep:], self.current(), self.pinned()}
             collected = []
             for version in self.versions():
-                folder = self.versions_dir / version
-                if version in spared or (folder / COLLECTED).exists():
+                if version in spared:
                     continue
-                (folder / COLLECTED).write_text(f"weights removed by gc at {time.time():.0f}\n")
-                _fsync(folder / COLLECTED)
+                folder = self.versions_dir / version
+                if not (folder / COLLECTED).exists():  # marked first: a crash before the unlink still refuses it
+                    (folder / COLLECTED).write_text(f"weights removed by gc at {time.time():.0f}\n")
+                    _fsync(folder / COLLECTED)
+                    collected.append(version)
                 (folder / WEIGHTS).unlink(missing_ok=True)
-                collected.append(version)
             if collected:
                 _fsync(self.versions_dir)
         return collected

@@ -4,12 +4,12 @@ Contract (what is durable when, what an offset means):
 
 - Records are keyed by user id and live in the RocksDB of the INPUT partition the user's events arrive on
   (``{dir}/p{partition}``). Producers key events by user id, so one user is always on one partition.
-- ``commit(p, records, applied_offset)`` is the only write. It first publishes the records, plus a marker
-  ``applied_offset`` (the highest input offset of partition ``p`` whose effect the records include), to
-  partition ``p`` of the changelog topic and waits for the broker's acknowledgement; only then does it
-  write the same records atomically (one RocksDB WriteBatch) locally, together with the changelog offset
-  they came from. A crash between the two steps loses nothing: the next ``restore`` replays the changelog
-  tail past the local changelog offset.
+- ``commit(p, records, applied_offset)`` is the only write of states (``reset`` and ``expire`` only delete,
+  the same way). It first publishes the records, plus a marker ``applied_offset`` (the highest input offset of
+  partition ``p`` whose effect the records include), to partition ``p`` of the changelog topic and waits for
+  the broker's acknowledgement; only then does it write the same records atomically (one RocksDB WriteBatch)
+  locally, together with the changelog offset they came from. A crash between the two steps loses nothing:
+  the next ``restore`` replays the changelog tail past the local changelog offset.
 - ``restore(p)`` brings the local copy of partition ``p`` up to the changelog's end. It runs before the first
   event of a partition is served after start-up or after any rebalance (``mark_stale``), so a worker that
   takes over a partition from another sees that worker's last committed states.

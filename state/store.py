@@ -207,6 +207,7 @@ class StateStore:
         self.changelog = changelog
         self.input_identity = input_identity  # the input topic's identity now (None: unknown)
         self._identity = b""  # as last read; written with every applied marker
+        self._identity_read = False  # read since the last rebalance (one topic: one read serves every partition)
         self._expiry_cursor: dict[int, bytes] = {}  # per partition, the key the next expiry scan starts at
         self._parts: dict[int, PartitionStore] = {}
         self._ready: set[int] = set()
@@ -221,6 +222,7 @@ class StateStore:
         """Partitions may have moved (a rebalance): restore each again before its next event."""
         with self._lock:
             self._ready.clear()
+            self._identity_read = False
 
     def ready_partitions(self) -> list[int]:
         """Partitions restored since the last rebalance (those this process serves now)."""
@@ -238,9 +240,13 @@ class StateStore:
             return n
 
     def _check_identity(self, p: int) -> None:
-        if self.input_identity is None or (current := self.input_identity()) is None:
+        if self.input_identity is None:
             return
-        self._identity = current
+        if not self._identity_read:
+            if (read := self.input_identity()) is None:
+                return  # unknown for now (broker unreachable): checked again at the next partition
+            self._identity, self._identity_read = read, True
+        current = self._identity
         part = self.partition(p)
         stored = part.applied_identity
         if stored is not None and stored != current and part.applied_offset >= 0:

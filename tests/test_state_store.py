@@ -57,3 +57,25 @@ def test_a_reset_deletes_every_state_and_the_marker_in_the_changelog_first(tmp_p
     assert set(changelog.published[-1][1]) == {user_key("a"), user_key("b"), b"m:offset"}
     assert all(v is None for v in changelog.published[-1][1].values())
     store.close()
+
+
+def test_the_input_identity_is_read_once_per_rebalance_and_a_new_one_resets_the_partitions(tmp_path: Path) -> None:
+    reads: list[bytes] = []
+    identity = [b"A" * 16]
+
+    def read_identity() -> bytes:
+        reads.append(identity[0])
+        return identity[0]
+
+    store = StateStore(tmp_path / "state", RecordingChangelog(), input_identity=read_identity)  # type: ignore[arg-type]
+    for p in (0, 1):
+        store.ensure_ready(p)
+        store.commit({p: ({"u": _record(1)}, 5)})
+    assert len(reads) == 1, "one topic, one read for all its partitions"
+    identity[0] = b"B" * 16  # the topic was deleted and re-created
+    store.mark_stale()
+    for p in (0, 1):
+        store.ensure_ready(p)
+        assert store.get(p, "u") is None and store.applied_offset(p) == -1
+    assert len(reads) == 2
+    store.close()

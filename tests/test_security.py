@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaException
 
+from lrustream.broker import LocalBroker, free_port
 from lrustream.config import Config, ConfigError, load_config, sasl_mechanism
 from stream.kafka import faust_broker_settings, librdkafka_config, producer_config, redacted
+from stream.topics import create_topics
+from tests.conftest import JARS_DIR
+from tests.streamkit import WorkerProcess, event_value, produce, publish_model, recommendations
 
 SASL_SSL = ["kafka.security.protocol=SASL_SSL", "kafka.security.sasl_mechanism=SCRAM-SHA-512",
             "kafka.security.sasl_username=svc", "kafka.security.sasl_password=hunter2",
@@ -115,3 +123,41 @@ def test_every_kafka_client_in_the_code_is_built_from_our_config_mappings() -> N
                 if m and "import" not in line and not uses_ours:
                     bad.append(f"{path.name}: {line.strip()}")
     assert bad == []
+
+
+@pytest.fixture(scope="module")
+def sasl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second local broker whose client listener wants SASL/PLAIN (user ``svc``): its bootstrap address."""
+    if not JARS_DIR.is_dir() and not os.environ.get("CI"):
+        pytest.skip("the broker jars are not resolved (`make jars`)")
+    port = free_port()
+    broker = LocalBroker(tmp_path_factory.mktemp("sasl-kafka"), JARS_DIR, port=free_port(),
+                         controller_port=free_port(), sasl_port=port, sasl_users={"svc": "hunter2"})
+    broker.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        broker.stop()
+
+
+@pytest.mark.kafka
+def test_a_worker_authenticates_with_sasl_through_both_clients(sasl_broker: str, tmp_path: Path) -> None:
+    """The one resolved mechanism reaches librdkafka (topics, producers, the changelog) and Faust (the consumer
+    group) alike: a worker on a SASL_PLAINTEXT listener serves an event, and a wrong password is refused."""
+    overrides = [f"kafka.bootstrap_servers={sasl_broker}", "kafka.security.protocol=SASL_PLAINTEXT",
+                 "kafka.security.sasl_mechanism=PLAIN", "kafka.security.sasl_username=svc",
+                 f"state.dir={tmp_path / 'state'}", f"model_store.dir={tmp_path / 'models'}", "topics.partitions=1"]
+    cfg = load_config(overrides=[*overrides, "kafka.security.sasl_password=wrong"])
+    with pytest.raises(KafkaException):  # librdkafka reports the closed connection, not the reason
+        create_topics(cfg)
+    overrides.append("kafka.security.sasl_password=hunter2")
+    cfg = load_config(overrides=overrides)
+    create_topics(cfg)
+    publish_model(cfg)
+    produce(cfg, [(b"u1", event_value("u1", "i3", 1)), (b"u1", event_value("u1", "i4", 2))])
+    worker = WorkerProcess(overrides, tmp_path / "worker.log").start()
+    try:
+        recs = recommendations(cfg, expect=2, timeout_s=120)
+    finally:
+        worker.stop()
+    assert [r["source"]["offset"] for r in recs] == [0, 1], worker.tail()

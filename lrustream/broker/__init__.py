@@ -118,6 +118,8 @@ class LocalBroker:
         heap: str = "512m",
         start_timeout_s: float = 60.0,
         log_level: str = "WARN",
+        sasl_port: int = 0,
+        sasl_users: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.jars_dir = Path(jars_dir).expanduser().resolve()
@@ -127,6 +129,8 @@ class LocalBroker:
         self.heap = heap
         self.start_timeout_s = start_timeout_s
         self.log_level = log_level
+        self.sasl_port = sasl_port  # when set: a SASL_PLAINTEXT listener too (mechanism PLAIN, ``sasl_users``)
+        self.sasl_users = sasl_users or {}
 
     @classmethod
     def from_config(cls, cfg) -> LocalBroker:  # cfg: lrustream.config.Config
@@ -237,15 +241,17 @@ class LocalBroker:
 
     # ----- internals ---------------------------------------------------------------------------------------
     def _write_config(self) -> None:
+        plain, sasl = f"PLAINTEXT://{self.host}:{self.port}", f"SASL_PLAINTEXT://{self.host}:{self.sasl_port}"
+        advertised = f"{plain},{sasl}" if self.sasl_port else plain
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.bootstrap.servers": f"{self.host}:{self.controller_port}",
-            "listeners": f"PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://{self.host}:{self.port}",
+            "listeners": f"{advertised},CONTROLLER://{self.host}:{self.controller_port}",
+            "advertised.listeners": advertised,
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
             "log.dirs": str(self.log_dirs),
             "num.partitions": "1",
             "offsets.topic.replication.factor": "1",
@@ -259,6 +265,11 @@ class LocalBroker:
             "log.retention.hours": "168",
             "log.segment.bytes": str(64 * 1024 * 1024),
         }
+        if self.sasl_port:
+            users = " ".join(f'user_{name}="{password}"' for name, password in self.sasl_users.items())
+            props.update({"sasl.enabled.mechanisms": "PLAIN",
+                          "listener.name.sasl_plaintext.plain.sasl.jaas.config":
+                              f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"})
         self.properties_file.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         (self.data_dir / "log4j2.properties").write_text(LOG4J2.format(level=self.log_level))
 

@@ -132,6 +132,7 @@ class StreamConfig:
     emit_training_examples: bool = True
     stall_after_s: float = 60.0  # /health says "degraded" when a micro-batch or the input stalls this long
     stop_timeout_s: float = 5.0  # after SIGTERM/SIGINT, exit anyway this long later (a crash is safe: see kill tests)
+    session_timeout_s: float = 60.0  # a worker silent this long (frozen, cut off) leaves the group: its partitions move
 
 
 @dataclass
@@ -171,6 +172,11 @@ class OnlineConfig:
     num_threads: int = 0
     """torch CPU threads of the trainer (0 = torch's default, every core). Where it shares the cores with a
     worker and a broker, 1 avoids threads waiting on each other."""
+    max_items: int = 500_000
+    """Items the online vocabulary may hold. Each costs an embedding row in every worker and, in the trainer, the
+    row, its gradient and two AdamW moments (d_model=64: about 1 KiB); items first seen after the vocabulary is
+    full stay unknown to the model (an unknown-item token as input, no training target; the worker serves them
+    by ``stream.unknown_items``) and are counted in ``lrustream_trainer_unknown_items``."""
     lr: float = 2e-3
     """AdamW learning rate; the moments carry over from round to round."""
     warmup_steps: int = 30
@@ -319,7 +325,9 @@ RULES: dict[str, Rule] = {
     "stream.min_step_rows": _at_least(1),
     "stream.stall_after_s": _above(0),
     "stream.stop_timeout_s": _at_least(0),
+    "stream.session_timeout_s": _within(6, 1800),  # the broker's default group.{min,max}.session.timeout.ms
     "online.every_events": _at_least(1),
+    "online.max_items": _at_least(1),
     "online.every_seconds": _at_least(0),
     "online.recent_buffer": _at_least(1),
     "online.reservoir_buffer": _at_least(0),

@@ -13,6 +13,14 @@ Contract (what is durable when, what an offset means):
 - ``restore(p)`` brings the local copy of partition ``p`` up to the changelog's end. It runs before the first
   event of a partition is served after start-up or after any rebalance (``mark_stale``), so a worker that
   takes over a partition from another sees that worker's last committed states.
+- One writer per partition, enforced by Kafka (issue 14, item 4). ``ensure_ready`` first *claims* the partition:
+  a transactional producer whose ``transactional.id`` belongs to the partition, so that Kafka fences every
+  earlier writer of it and aborts its open transaction; only then does it restore. Each ``commit`` is one
+  transaction per partition, and a writer that has been fenced is refused (:class:`Fenced`, nothing written,
+  locally or in the changelog): a former owner still in the middle of a batch after a rebalance can never land
+  records after the new owner's. Whoever commits has restored every commit made before its claim, so a retry
+  after ``Fenced`` (claim again, restore, apply only what is not applied yet) is safe too. Restores read
+  committed transactions only.
 - An input offset is applied at most once: each record carries the offset of the last event applied to it,
   and the partition marker carries the highest applied offset; callers skip events at or below them.
 - Offsets only mean something within one life of the input topic. The marker also stores the topic's identity
@@ -54,6 +62,14 @@ class StateError(RuntimeError):
     """The store cannot make a batch durable (changelog unreachable, disk error). Nothing was acknowledged."""
 
     user_facing = True
+
+
+class Fenced(StateError):
+    """Another worker has claimed the partition since this one did (a rebalance moved it): nothing of the batch
+    was committed, and this worker may write the partition again only after claiming and restoring it anew."""
+
+
+FENCING_CODES = frozenset({-144, 90, 47})  # librdkafka's _FENCED, PRODUCER_FENCED, INVALID_PRODUCER_EPOCH
 
 
 def user_key(user: str) -> bytes:
@@ -122,45 +138,111 @@ class PartitionStore:
 
 
 class Changelog:
-    """The changelog topic: partition ``p`` mirrors the store of input partition ``p`` (compacted by key)."""
+    """The changelog topic: partition ``p`` mirrors the store of input partition ``p`` (compacted by key).
+
+    Each partition has one writer at a time, and Kafka enforces it: ``claim(p)`` opens a transactional producer
+    whose ``transactional.id`` is the partition's, which fences every earlier producer of that id (a former
+    owner, perhaps in the middle of a batch) and aborts its open transaction. ``publish`` writes each partition's
+    entries in one transaction; a fenced writer's transaction is refused by the broker (:class:`Fenced`), so a
+    former owner's records never land after the new owner's. Readers (``read``) see committed transactions only.
+    """
 
     def __init__(self, conf: dict[str, Any], topic: str, flush_timeout_s: float = 30.0) -> None:
-        from confluent_kafka import Producer
-
         self.conf = conf
         self.topic = topic
         self.flush_timeout_s = flush_timeout_s
         self.stopping = threading.Event()  # set on shutdown: stop waiting for acknowledgements (nothing is lost)
-        self.producer = Producer({**conf, "enable.idempotence": True, "acks": "all", "linger.ms": 2,
-                                  "compression.type": "lz4"})
+        self._writers: dict[int, Any] = {}  # partition -> its transactional producer, while this process holds it
+
+    def transactional_id(self, partition: int) -> str:
+        return f"lrustream.{self.topic}.p{partition}"
+
+    def claim(self, partition: int) -> None:
+        """Become the only writer of ``partition`` (before restoring it: what is read then is every commit that any
+        earlier writer can ever make)."""
+        from confluent_kafka import KafkaException, Producer
+
+        self._drop(partition)
+        producer = Producer({**self.conf, "transactional.id": self.transactional_id(partition), "acks": "all",
+                             "linger.ms": 2, "compression.type": "lz4"})
+        try:
+            producer.init_transactions(self.flush_timeout_s)
+        except KafkaException as exc:
+            raise StateError(f"changelog {self.topic}[{partition}]: could not claim the partition: "
+                             f"{exc.args[0]}") from exc
+        self._writers[partition] = producer
+
+    def claimed(self, partition: int) -> bool:
+        return partition in self._writers
+
+    def _drop(self, partition: int) -> None:
+        """Forget the partition's producer (after a failure its transaction state is unknown: claim again)."""
+        if (producer := self._writers.pop(partition, None)) is not None:
+            producer.flush(0)
 
     def publish(self, entries: dict[int, dict[bytes, bytes | None]]) -> dict[int, int]:
-        """Send each partition's entries and wait until all are acknowledged; return each last offset."""
-        errors: list[str] = []
+        """Write each partition's entries in one transaction of its writer and commit them all; return each
+        partition's last offset. Raises :class:`Fenced` if another worker has claimed one of the partitions,
+        :class:`StateError` for anything else; either way the partitions must be claimed again before the next
+        publish, and what was not committed is never seen by a reader."""
+        from confluent_kafka import KafkaException
+
+        if missing := [p for p in entries if p not in self._writers]:
+            raise StateError(f"changelog {self.topic}: partitions {missing} are not claimed by this worker")
+        errors: list[Any] = []
         last = dict.fromkeys(entries, -1)
 
         def done(err: Any, msg: Any) -> None:
             if err is not None:
-                errors.append(str(err))
+                errors.append(err)
             else:
                 last[msg.partition()] = max(last[msg.partition()], msg.offset())
 
-        for partition, items in entries.items():
-            for key, value in items.items():
-                while True:
-                    try:
-                        self.producer.produce(self.topic, value, key, partition=partition, on_delivery=done)
-                        break
-                    except BufferError:
-                        self._check_stopping()
-                        self.producer.poll(0.05)
-        deadline = time.monotonic() + self.flush_timeout_s
-        while (remaining := self.producer.flush(0.5)) and time.monotonic() < deadline:
-            self._check_stopping()
-        if remaining or errors:
-            raise StateError(f"changelog {self.topic} not acknowledged: "
-                             f"{errors[0] if errors else f'{remaining} records pending'}")
+        try:
+            for partition, items in entries.items():
+                self._writers[partition].begin_transaction()
+                self._produce(partition, items, done)
+            for partition in entries:
+                self._commit(partition, errors)
+        except (KafkaException, StateError) as exc:
+            for partition in entries:
+                self._drop(partition)
+            raise self._failure(entries, exc) from exc
         return last
+
+    def _produce(self, partition: int, items: dict[bytes, bytes | None], done: Callable[[Any, Any], None]) -> None:
+        producer = self._writers[partition]
+        for key, value in items.items():
+            while True:
+                try:
+                    producer.produce(self.topic, value, key, partition=partition, on_delivery=done)
+                    break
+                except BufferError:
+                    self._check_stopping()
+                    producer.poll(0.05)
+
+    def _commit(self, partition: int, errors: list[Any]) -> None:
+        """Wait for the partition's records (in half-second slices, so a stop is seen), then commit."""
+        from confluent_kafka import KafkaException
+
+        producer = self._writers[partition]
+        deadline = time.monotonic() + self.flush_timeout_s
+        while (remaining := producer.flush(0.5)) and time.monotonic() < deadline:
+            self._check_stopping()
+        if errors:
+            raise KafkaException(errors[0])
+        if remaining:
+            raise StateError(f"changelog {self.topic}[{partition}] not acknowledged: {remaining} records pending")
+        producer.commit_transaction(max(1.0, deadline - time.monotonic()))
+
+    def _failure(self, entries: dict[int, Any], exc: Exception) -> StateError:
+        if isinstance(exc, StateError):
+            return exc
+        err = exc.args[0] if exc.args else None
+        if getattr(err, "code", lambda: None)() in FENCING_CODES:
+            return Fenced(f"changelog {self.topic}: another worker has claimed partition(s) {sorted(entries)} "
+                          f"since this one did (a rebalance moved them); the batch is not committed here")
+        return StateError(f"changelog {self.topic} not acknowledged: {err}")
 
     def _check_stopping(self) -> None:
         if self.stopping.is_set():
@@ -172,30 +254,36 @@ class Changelog:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
         consumer = Consumer({**self.conf, "group.id": f"{self.topic}-restore", "enable.auto.commit": False,
-                             "enable.partition.eof": False, "auto.offset.reset": "earliest"})
+                             "enable.partition.eof": False, "auto.offset.reset": "earliest",
+                             "isolation.level": "read_committed"})
         try:
             low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=timeout_s)
             begin = max(start, low) if start >= 0 else OFFSET_BEGINNING
             if high <= 0 or (start >= 0 and start >= high):
                 return
             consumer.assign([TopicPartition(self.topic, partition, begin)])
-            while True:
-                for msg in consumer.consume(num_messages=2000, timeout=1.0):
+            position, moved_at = begin, time.monotonic()
+            while True:  # the end is a transaction marker, never delivered: watch the position pass it
+                for msg in consumer.consume(num_messages=2000, timeout=0.1):
                     if msg.error():
                         raise StateError(f"changelog {self.topic}[{partition}] read failed: {msg.error()}")
                     yield msg.offset(), msg.key(), msg.value()
-                    if msg.offset() >= high - 1:
-                        return
-                position = consumer.position([TopicPartition(self.topic, partition)])[0].offset
-                if position >= high:
+                now = consumer.position([TopicPartition(self.topic, partition)])[0].offset
+                if now >= high:
                     return
+                if now > position:
+                    position, moved_at = now, time.monotonic()
+                elif time.monotonic() - moved_at > timeout_s:
+                    raise StateError(f"changelog {self.topic}[{partition}] read stalled at offset {now} of {high} "
+                                     f"for {timeout_s:.0f} s")
         finally:
             consumer.close()
 
     def close(self) -> None:
-        """Deliver what is pending (records of a batch that was not committed may go or not: both are safe,
-        because a batch's recommendations are acknowledged before its changelog records are produced)."""
-        self.producer.flush(0 if self.stopping.is_set() else self.flush_timeout_s)
+        """Let go of every partition. A transaction still open (a batch abandoned on stop) is never committed: the
+        next claim of its partition aborts it."""
+        for partition in list(self._writers):
+            self._drop(partition)
 
 
 class StateStore:
@@ -230,10 +318,13 @@ class StateStore:
             return sorted(self._ready)
 
     def ensure_ready(self, p: int) -> int:
-        """Restore partition ``p`` from the changelog unless done since the last rebalance; return records read."""
+        """Claim and restore partition ``p`` unless done since the last rebalance (and still claimed: a failed
+        commit lets the partition go); return records read."""
         with self._lock:
-            if p in self._ready:
+            if p in self._ready and (self.changelog is None or self.changelog.claimed(p)):
                 return 0
+            if self.changelog is not None:
+                self.changelog.claim(p)  # first: no earlier owner can commit after the restore below has read
             n = self.restore(p)
             self._check_identity(p)
             self._ready.add(p)

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -25,9 +26,9 @@ from faust.web import Request, Response, View
 
 from lrustream.config import Config, check_http_exposure, resolve_path
 from models.store import ModelStore
-from state.store import Changelog, StateStore
+from state.store import Changelog, Fenced, StateStore
 from stream.health import Liveness, bearer_authorised
-from stream.kafka import faust_broker_settings, librdkafka_config, producer_config
+from stream.kafka import faust_broker_settings, librdkafka_config, producer_config, quiet_logger
 from stream.metrics import WorkerMetrics
 from stream.serving import Serving
 from stream.topics import create_topics, topic_id
@@ -91,7 +92,8 @@ class Worker:
         self.model_store = ModelStore(resolve_path(cfg.model_store.dir))
         self.serving = serving or Serving.load(self.model_store)
         self.metrics = WorkerMetrics()
-        changelog = Changelog(librdkafka_config(cfg), cfg.topics.state_changelog)
+        changelog = Changelog(librdkafka_config(cfg, logger=quiet_logger("lrustream.changelog")),
+                              cfg.topics.state_changelog)
         self.store = StateStore(state_dir(cfg), changelog,
                                 input_identity=functools.partial(topic_id, cfg, cfg.topics.interactions))
         self.producer = Producer(producer_config(cfg, **{"linger.ms": 2, "acks": "all"}))
@@ -122,6 +124,8 @@ class Worker:
             consumer_auto_offset_reset="earliest", web_enabled=True, web_bind=cfg.http.host,
             web_port=cfg.http.port, web_host=cfg.http.host, broker_commit_every=cfg.stream.batch_size,
             stream_wait_empty=False, producer_acks=-1, logging_config=None,
+            broker_session_timeout=cfg.stream.session_timeout_s,
+            broker_heartbeat_interval=min(3.0, cfg.stream.session_timeout_s / 3),
         )
         topic = app.topic(cfg.topics.interactions, key_type=bytes, value_type=bytes,
                           key_serializer="raw", value_serializer="raw")
@@ -202,7 +206,14 @@ class Worker:
     async def _process(self, batch: list[Input]) -> None:
         """Apply a batch; on infrastructure faults retry it with bounded back-off (never drop, never acknowledge
         unapplied events; poison records are dead-lettered inside ``process``). Once the worker is stopping the
-        batch is abandoned unacknowledged: the agent is cancelled, so Faust does not commit its offsets."""
+        batch is abandoned unacknowledged: the agent is cancelled, so Faust does not commit its offsets.
+
+        A batch refused because another worker claimed one of its partitions (:class:`Fenced`: the partition
+        moved while the batch was in flight) is retried the same way, and is safe to retry: the retry claims the
+        partition again and restores it first, so it applies only what the other worker has not, and the other
+        worker's next commit is refused and retried in turn. The back-off is jittered so that two workers that
+        both believe they own a partition (one is a zombie that has not yet heard of the rebalance) do not keep
+        fencing each other in step."""
         delay = 0.2
         self.liveness.started()
         while True:
@@ -214,12 +225,16 @@ class Worker:
             except Exception as exc:
                 if self.processor.stopping.is_set():
                     raise asyncio.CancelledError from exc
-                self.liveness.failed(exc)
-                self.metrics.batch_retries.inc()
-                log.error("micro-batch of %d events failed (%s); retrying in %.1f s", len(batch), exc, delay,
-                          exc_info=delay == 0.2)
+                if isinstance(exc, Fenced):
+                    self.metrics.fenced.inc()
+                    log.warning("%s; retrying it after claiming and restoring the partition again", exc)
+                else:
+                    self.liveness.failed(exc)
+                    self.metrics.batch_retries.inc()
+                    log.error("micro-batch of %d events failed (%s); retrying in %.1f s", len(batch), exc, delay,
+                              exc_info=delay == 0.2)
                 self.store.mark_stale()
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 5.0)
 
     async def _expire_idle_states(self) -> None:

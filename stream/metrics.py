@@ -19,6 +19,9 @@ class WorkerMetrics:
         self.dlq = Counter("lrustream_dlq", "Events sent to the dead-letter topic", ["reason"], registry=r)
         self.batch_retries = Counter("lrustream_batch_retries",
                                      "Micro-batches retried after an infrastructure fault (broker, disk)", registry=r)
+        self.fenced = Counter("lrustream_fenced_batches",
+                              "Micro-batches refused by the changelog because another worker had claimed a "
+                              "partition of theirs (a rebalance moved it while the batch was in flight)", registry=r)
         self.expired = Counter("lrustream_expired_states", "User states deleted after state.ttl_days idle",
                                registry=r)
         self.skipped = Counter("lrustream_skipped_events", "Events skipped because already applied", registry=r)

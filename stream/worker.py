@@ -31,6 +31,10 @@ Faults are of two kinds, and ``process`` tells them apart so that one record can
   with nothing committed; the caller retries the whole batch (stream/app.py: bounded back-off, ``/health``
   degraded, ``lrustream_batch_retries_total``). A retried batch emits its recommendations again: a consumer
   sees repeats only for the events of that batch, with the same ``source`` (de-duplicated as above).
+- **A partition that moved** while the batch was in flight (a rebalance) makes the changelog refuse the commit
+  (``state.store.Fenced``: another worker has claimed the partition since, state/store.py); it is retried like
+  an infrastructure fault, and the retry claims and restores the partition first, so it applies only what the
+  new owner has not.
 
 ``stopping`` (set on SIGTERM) makes a batch that waits for acknowledgements give up within half a second
 (:class:`Stopping`); nothing of it is committed, so it is redelivered to whoever owns the partition next.

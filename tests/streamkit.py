@@ -143,6 +143,8 @@ class WorkerProcess:
         return 0.0
 
     def wait_healthy(self, timeout_s: float = 90.0) -> dict:
+        """/health's body once it says ok (200): a readiness wait. A degraded answer keeps it waiting, so a test
+        that asserts on the status reads ``health()``."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.proc is not None
@@ -162,8 +164,18 @@ class WorkerProcess:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(30)
 
+    def pause(self) -> None:
+        """Freeze the process (SIGSTOP): no heartbeats, a batch in flight stays in flight."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self, timeout_s: float = 60.0) -> None:
         if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a frozen process cannot act on SIGTERM
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout_s)

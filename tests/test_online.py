@@ -193,6 +193,23 @@ def test_a_round_learns_the_stream_publishes_a_grown_vocabulary_and_the_next_rou
             "old rows keep their (updated) second moments"
 
 
+def test_a_full_vocabulary_leaves_new_items_unknown_and_still_learns(tmp_path: Path) -> None:
+    """online.max_items bounds the vocabulary (issue 14, item 6): items past it read as the unknown-item token
+    and are no target; the rest of the stream is still learnt and published."""
+    events = ring_stream(30, 1500)
+    for k, at in enumerate((-200, -190, -180)):  # three new items, room for one
+        events[at] = (events[at][0], f"new-item-{k}")
+    s = Setting.make(tmp_path, events, "online.max_items=41")
+    learner = OnlineLearner(s.cfg, s.store)
+    result = learner.round(s.buf)
+    assert (result.new_items, result.unknown_items, result.vocabulary) == (1, 2, 41), result.line()
+    assert result.published is not None and "2 left unknown: the vocabulary is full" in result.line()
+    assert s.store.load(result.published).model.num_items == 41 and "new-item-0" in learner.vocab
+    rows = [np.array([3, -1, 5, -1]), np.array([-1, 7])]
+    (tokens, labels), = length_groups(rows, 1, oov=42)
+    assert tokens.tolist() == [[0, 0, 42], [3, 42, 5]] and labels.tolist() == [[0, 0, 7], [0, 5, 0]]  # by length
+
+
 @pytest.mark.parametrize("name", ["lrurec", "sasrec", "linrec"])
 def test_length_groups_give_the_step_of_one_padded_batch(name: str) -> None:
     torch.manual_seed(0)

@@ -1,8 +1,9 @@
 """The slow reliability tier (``make test-slow``, and part of ``make test``): a 50,000-event replay with the
-worker SIGKILLed at random moments, a second worker that joins and is killed (two forced rebalances), poison
-records (a 1.03 MB one whose dead-letter copy must be truncated, a key that is not UTF-8, malformed values), a
-burst well above the sustainable rate, and a clean second run to compare states bit for bit. Prints the summary
-table: faults injected, events, lost, double-applied, duplicates, DLQ, peak RSS."""
+worker SIGKILLed at random moments; a second worker that joins, takes every partition over while the first is
+frozen in the middle of a batch (SIGSTOP: it then goes on as a former owner that must be fenced) and is killed
+(four forced rebalances); poison records (a 1.03 MB one whose dead-letter copy must be truncated, a key that is
+not UTF-8, malformed values); a burst well above the sustainable rate; and a clean second run to compare states
+bit for bit. Prints the summary table: faults injected, events, lost, double-applied, duplicates, DLQ, RSS."""
 
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ def _events(rng: random.Random, n: int, users: int, items: int) -> list[tuple[st
     return [(f"u{int(rng.paretovariate(1.2)) % users}", f"i{rng.randint(1, items)}") for _ in range(n)]
 
 
+def _fenced(*workers: WorkerProcess) -> tuple[int, ...]:
+    return tuple(int(w.get_metric("lrustream_fenced_batches_total")) for w in workers)
+
+
 def _clean_run(kafka_overrides: list[str], cfg: Config, tmp_path: Path, expect: int) -> Config:
     """The same input through a second, never-interrupted worker group (its own outputs and state)."""
     keep = ("stream.app_id", "topics.recommendations", "topics.state_changelog", "state.dir", "topics.dlq")
@@ -66,20 +71,56 @@ def _clean_run(kafka_overrides: list[str], cfg: Config, tmp_path: Path, expect: 
     return clean_cfg
 
 
-def _wait_for_partitions(worker: WorkerProcess, timeout_s: float = 240.0) -> float:
-    """Seconds until ``worker`` owns a partition (a busy group can take a while to rebalance on 2 cores)."""
+def _wait_for_partitions(worker: WorkerProcess, count: int = 1, timeout_s: float = 240.0) -> float:
+    """Seconds until ``worker`` owns ``count`` partitions (a busy group can take a while to rebalance on 2 cores)."""
     t0 = time.monotonic()
     while time.monotonic() < t0 + timeout_s:
-        if worker.wait_healthy().get("partitions"):
+        if len(worker.wait_healthy().get("partitions", [])) >= count:
             return time.monotonic() - t0
         time.sleep(0.5)
-    raise AssertionError(f"the worker never got a partition:\n{worker.tail()}")
+    raise AssertionError(f"the worker never got {count} partition(s):\n{worker.tail()}")
+
+
+def _zombie(worker: WorkerProcess, other: WorkerProcess, partitions: int, burst: threading.Thread) -> float:
+    """Freeze ``worker`` in the middle of its work (SIGSTOP) until the group has dropped it and ``other`` has
+    served everything produced so far (so it has claimed every partition); then let it go on with the batch it
+    was in: a former owner that does not know it is one. Returns the seconds it was frozen."""
+    t0 = time.monotonic()
+    worker.pause()
+    _wait_for_partitions(other, partitions)
+    burst.join()
+    deadline = time.monotonic() + 240
+    while len(lags := _lags(other)) < partitions or sum(lags.values()) > 0:
+        assert time.monotonic() < deadline, f"the second worker did not drain the partitions:\n{other.tail()}"
+        time.sleep(0.5)
+    worker.resume()
+    return time.monotonic() - t0
+
+
+def _busy(worker: WorkerProcess, timeout_s: float = 60.0) -> float:
+    """Wait until ``worker`` reports a backlog (its lag after a batch); return it."""
+    deadline = time.monotonic() + timeout_s
+    while (backlog := sum(_lags(worker).values())) < 500:
+        assert time.monotonic() < deadline, f"the first worker never had a backlog:\n{worker.tail()}"
+        time.sleep(0.1)
+    return backlog
+
+
+def _lags(worker: WorkerProcess) -> dict[str, float]:
+    """``lrustream_consumer_lag`` per partition the worker has served."""
+    try:
+        text = worker.get("/metrics").decode()
+    except OSError:
+        return {}
+    return {line.split('"')[1]: float(line.split()[1]) for line in text.splitlines()
+            if line.startswith("lrustream_consumer_lag{")}
 
 
 @pytest.mark.timeout(1500)  # above the sum of its own waits (two 600 s drains), unlike the suite's 600 s default
 def test_kills_and_a_burst_lose_nothing_and_apply_nothing_twice(kafka_cfg: Config, kafka_overrides: list[str],
                                                                 tmp_path: Path) -> None:
     rng = random.Random(7)
+    kafka_overrides = [*kafka_overrides, "stream.session_timeout_s=10"]  # a frozen worker leaves the group sooner
     create_topics(kafka_cfg)
     publish_model(kafka_cfg, num_items=300, d_model=32)
     events = _events(rng, N_EVENTS, users=2000, items=300)
@@ -98,25 +139,32 @@ def test_kills_and_a_burst_lose_nothing_and_apply_nothing_twice(kafka_cfg: Confi
     worker.start()
     sampler.pid = worker.proc.pid if worker.proc else None
     worker.wait_healthy()
-    burst = threading.Thread(target=produce, args=(kafka_cfg, records[half:]))  # as fast as the producer goes
+    # two bursts, as fast as the producer goes: one while the first worker is frozen, one during the kills
+    burst = threading.Thread(target=produce, args=(kafka_cfg, records[half: half + 16_000]))
+    late = threading.Thread(target=produce, args=(kafka_cfg, records[half + 16_000:]))
     try:
         for k in range(KILLS):
             time.sleep(rng.uniform(1.0, 6.0))
             if k == 0:  # a second worker joins the group (rebalance), serves a while, and is killed (rebalance)
                 other.start()
                 joined_after = _wait_for_partitions(other)
-                time.sleep(rng.uniform(2.0, 5.0))
+                burst.start()
+                backlog = _busy(worker)  # frozen while it has a backlog, it is in the middle of a batch
+                frozen_s = _zombie(worker, other, kafka_cfg.topics.partitions, burst)
+                deadline = time.monotonic() + 60
+                while sum(fenced := _fenced(worker, other)) == 0 and time.monotonic() < deadline:
+                    time.sleep(0.5)
                 served_by_other = other.get_metric("lrustream_recommendations_total")
                 other.kill()
-                faults += 2
+                faults += 4
             if k == 1:
-                burst.start()
+                late.start()
             worker.kill()
             faults += 1
             worker.start()
             sampler.pid = worker.proc.pid if worker.proc else None
             worker.wait_healthy()
-        burst.join()
+        late.join()
         recs = recommendations(kafka_cfg, expect=N_EVENTS, timeout_s=600)
         deadline = time.monotonic() + 60
         while worker.get_metric("lrustream_consumer_lag") > 0 and time.monotonic() < deadline:
@@ -137,14 +185,17 @@ def test_kills_and_a_burst_lose_nothing_and_apply_nothing_twice(kafka_cfg: Confi
     users = {u for u, _ in events}
     killed, clean = stored_states(kafka_cfg, users), stored_states(clean_cfg, users)
     differing = sum(1 for u in users if killed[u] != clean[u])
-    table = {"faults injected (SIGKILLs and rebalances)": faults, "events": N_EVENTS,
+    table = {"faults injected (SIGKILLs, a SIGSTOP, rebalances)": faults, "events": N_EVENTS,
              "lost (no recommendation)": N_EVENTS - len(sources),
              "double-applied (state differs from clean run)": differing,
              "duplicate recommendation records": len(recs) - len(sources),
              "DLQ records (distinct sources)": f"{len(dlq)} ({len(dead_sources)})",
              "bad records sent": len(bad), "final consumer lag": int(lag),
              "peak worker RSS (MiB)": round(sampler.peak / 2**20),
-             "second worker: joined after (s) / served": f"{joined_after:.1f} / {served_by_other:.0f}"}
+             "second worker: joined after (s) / served": f"{joined_after:.1f} / {served_by_other:.0f}",
+             "first worker: backlog when frozen / frozen (s) / batches fenced (first, second)":
+                 f"{backlog:.0f} / {frozen_s:.1f} / {fenced[0]}, {fenced[1]}"}
     print("\n" + "\n".join(f"| {k} | {v} |" for k, v in table.items()))
     assert len(sources) == N_EVENTS and differing == 0 and len(dead_sources) == len(bad) and lag == 0
     assert served_by_other > 0, "the second worker served events before it was killed: partitions did move"
+    assert sum(fenced) > 0, "the frozen worker's batch (or its re-claim) was refused: the fencing path ran"

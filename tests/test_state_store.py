@@ -21,6 +21,12 @@ class RecordingChangelog:
         self.published.append(entries)
         return {p: len(self.published) * 1000 for p in entries}
 
+    def claim(self, partition: int) -> None:
+        pass
+
+    def claimed(self, partition: int) -> bool:
+        return True
+
     def read(self, partition: int, start: int):
         return iter(())
 

@@ -170,6 +170,8 @@ class RoundResult:
     steps: int = 0
     loss: float = math.nan
     new_items: int = 0
+    unknown_items: int = 0  # distinct items of the round's windows left out of a full vocabulary
+    vocabulary: int = 0  # items the learner's vocabulary holds after the round
     seconds: float = 0.0
     train_seconds: float = 0.0
 
@@ -182,14 +184,16 @@ class RoundResult:
         c, s = self.candidate, self.serving
         gate = (f"; held-out HR@10 {c['HR@10']:.4f} vs {s['HR@10']:.4f}, NDCG@10 {c['NDCG@10']:.4f} vs "
                 f"{s['NDCG@10']:.4f} on {self.gate.get('heldout', 0):.0f} events" if c and s else "")
-        return (f"round: {what}{gate}; {self.new_events} new events, {self.steps} steps, {self.new_items} new items; "
-                f"{self.seconds:.1f} s")
+        full = f" ({self.unknown_items} left unknown: the vocabulary is full)" if self.unknown_items else ""
+        return (f"round: {what}{gate}; {self.new_events} new events, {self.steps} steps, {self.new_items} new "
+                f"items{full}; {self.seconds:.1f} s")
 
     def record(self, buffer: EventBuffer) -> dict[str, Any]:
         return {"at": time.time(), "published": self.published, "refused": self.refused, "reason": self.reason,
                 "candidate": self.candidate, "serving": self.serving, "gate": self.gate,
                 "new_events": self.new_events, "trained_events": self.trained_events, "steps": self.steps,
-                "loss": self.loss, "new_items": self.new_items, "seconds": round(self.seconds, 3),
+                "loss": self.loss, "new_items": self.new_items, "unknown_items": self.unknown_items,
+                "vocabulary": self.vocabulary, "seconds": round(self.seconds, 3),
                 "train_seconds": round(self.train_seconds, 3), "buffer_users": len(buffer.users),
                 "buffer_events": buffer.seen}
 
@@ -274,17 +278,20 @@ def judge(result: RoundResult, cand: tuple[np.ndarray, np.ndarray], serv: tuple[
 Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens, next-item labels), left-padded, 0 = padding / no label
 
 
-def length_groups(rows: list[np.ndarray], groups: int) -> list[Batch]:
+def length_groups(rows: list[np.ndarray], groups: int, oov: int = 0) -> list[Batch]:
     """A batch of windows (item ids, oldest first; each gives tokens ``w[:-1]`` and labels ``w[1:]``) as at most
     ``groups`` groups of similar length, each left-padded only to its own longest window. Every model here is
-    causal and reads no padding, so a row's outputs do not depend on how far it is padded."""
+    causal and reads no padding, so a row's outputs do not depend on how far it is padded. An id of -1 (an item
+    the full vocabulary has no room for) reads as the ``oov`` token and is no target (label 0)."""
     order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
     size = max(1, math.ceil(len(rows) / max(1, groups)))
     out = []
     for s in range(0, len(order), size):
         part = [rows[r] for r in order[s: s + size]]
         width = max(1, max(len(w) for w in part) - 1)
-        out.append((left_pad([w[:-1] for w in part], width), left_pad([w[1:] for w in part], width)))
+        tokens = [np.where(w[:-1] < 0, oov, w[:-1]) for w in part]
+        labels = [np.maximum(w[1:], 0) for w in part]
+        out.append((left_pad(tokens, width), left_pad(labels, width)))
     return out
 
 
@@ -308,6 +315,8 @@ def backward_groups(model: SeqRecModel, groups: list[Batch], device: torch.devic
     counts = [int((labels > 0).sum()) for _, labels in groups]
     total, loss = sum(counts), 0.0
     for (tokens, labels), n in zip(groups, counts, strict=True):
+        if n == 0:  # nothing to learn from (every target unknown): no loss, no gradient
+            continue
         part = sequence_loss(model, tokens.to(device), labels.to(device)) * (n / total)
         part.backward()
         loss += float(part.detach())
@@ -368,12 +377,20 @@ class OnlineLearner:
                     m.p = self.o.dropout
         return model
 
-    def _grow(self, windows: Iterable[list[str]]) -> int:
+    def _grow(self, windows: Iterable[list[str]]) -> tuple[int, int]:
+        """Append the windows' new items to the vocabulary, the model and its AdamW moments while there is room
+        (``online.max_items``). Returns (items added, distinct items left unknown)."""
         assert self.model is not None and self.opt is not None
         before = len(self.vocab)
+        unknown: set[str] = set()
         for w in windows:
             for x in w:
-                self.vocab.add(x)
+                if x in self.vocab:
+                    continue
+                if len(self.vocab) < self.o.max_items:
+                    self.vocab.add(x)
+                else:
+                    unknown.add(x)
         if len(self.vocab) > before:
             rows = [p.shape[0] if p.dim() else 0 for p in _in_order(self.opt)]
             state = self.opt.state_dict()
@@ -382,7 +399,10 @@ class OnlineLearner:
             params = _in_order(self.opt)
             grown = {i: n for i, (n, p) in enumerate(zip(rows, params, strict=True)) if p.dim() and p.shape[0] != n}
             self.opt.load_state_dict(grow_moments(state, params, grown))
-        return len(self.vocab) - before
+        if unknown:
+            log.warning("the vocabulary is full (online.max_items=%d): %d new items stay unknown to the model",
+                        self.o.max_items, len(unknown))
+        return len(self.vocab) - before, len(unknown)
 
     def _batches(self, with_new: list[list[str]], others: list[list[str]], steps: int) -> Iterable[list[Batch]]:
         """``steps`` batches of whole windows (last ``train_len`` + 1 items -> tokens, next-item labels): a share
@@ -397,8 +417,8 @@ class OnlineLearner:
             picks = [with_new[i] for i in next(fresh)] if with_new else []
             if replay:
                 picks += [others[i] for i in torch.randint(len(others), (replay,), generator=self.rng).tolist()]
-            rows = [np.array([self.vocab.id_of(x) for x in w[-(L + 1):]]) for w in picks]
-            yield length_groups(rows, self.o.length_groups)
+            rows = [np.array([self.vocab.get(x, -1) for x in w[-(L + 1):]], dtype=np.int64) for w in picks]
+            yield length_groups(rows, self.o.length_groups, self.model.oov_index)
 
     def _train(self, batches: Iterable[list[Batch]]) -> tuple[int, float]:
         """Optimiser steps until the batches or ``online.max_train_seconds`` run out. A step's loss is the mean
@@ -449,7 +469,8 @@ class OnlineLearner:
         assert self.model is not None and self.opt is not None
         backup = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict()), len(self.vocab))
         with_new, others = buffer.training_windows(until)
-        result.new_items = self._grow([*with_new, *[h.prefix for h in held]])
+        result.new_items, result.unknown_items = self._grow([*with_new, *[h.prefix for h in held]])
+        result.vocabulary = len(self.vocab)
         result.trained_events = trainable
         t1 = time.monotonic()
         raised = ""

@@ -72,6 +72,10 @@ class TrainerMetrics:
         self.gate_diff_high = Gauge(PREFIX + "gate_diff_high", "Last gate: CI high of candidate - serving NDCG@10",
                                     registry=r)
         self.gate_heldout = Gauge(PREFIX + "gate_heldout_events", "Last gate: held-out events scored", registry=r)
+        self.vocabulary = Gauge(PREFIX + "vocabulary_items", "Items the learner's vocabulary holds (at most "
+                                "online.max_items)", registry=r)
+        self.unknown_items = Gauge(PREFIX + "unknown_items", "Distinct items of the last round's windows left "
+                                   "unknown because the vocabulary is full", registry=r)
         self.serving_info = Gauge(PREFIX + "serving_info", "Serving model version", ["version"], registry=r)
         self.round_seconds = Histogram(PREFIX + "round_seconds", "Seconds per round", registry=r,
                                        buckets=ROUND_BUCKETS)
@@ -104,6 +108,9 @@ class TrainerMetrics:
         at = _number(entry.get("at"))
         self.last_round.set(at if math.isfinite(at) else time.time())
         self._observe_gate(entry.get("gate") or {})
+        if (items := _number(entry.get("vocabulary"))) > 0:  # a round that got as far as its vocabulary
+            self.vocabulary.set(items)
+            self.unknown_items.set(_number(entry.get("unknown_items")))
 
     def _observe_gate(self, gate: Mapping[str, Any]) -> None:
         """The gate numbers a round produced; a round without a gate (no data) keeps the previous ones."""

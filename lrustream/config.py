@@ -80,7 +80,7 @@ class StateConfig:
     dtype: str = "float32"  # float32 | float16: how recurrent states are stored
     ttl_days: float = 90.0
     """A user state not updated for this long is deleted (locally and in the changelog); the user's next event
-    starts from a fresh state. 0 keeps states for ever. Checked while events flow, a bounded scan at a time."""
+    starts from a fresh state. 0 keeps states for ever. Checked every minute, a bounded scan at a time."""
 
 
 @dataclass

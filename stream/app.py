@@ -106,7 +106,6 @@ class Worker:
                                    vocab_of=functools.lru_cache(maxsize=8)(self.model_store.vocabulary))
         self.started = time.time()
         self.batches = 0
-        self.expired_at = time.monotonic()  # the last scan for idle states
         self.liveness = Liveness(cfg.stream.stall_after_s)
         self.last_offsets: dict[int, int] = {}  # per input partition, the last offset handed to us
         self.swap_lock = asyncio.Lock()
@@ -138,7 +137,6 @@ class Worker:
                                _header_list(e.message.headers)) for e in events]
                 async with self.swap_lock:
                     await self._process(batch)
-                    await self._expire_idle_states()
                 self._observe_lag(batch)
 
         app.agent(topic, name="serve", concurrency=1)(serve)
@@ -150,6 +148,10 @@ class Worker:
         @app.on_partitions_assigned.connect
         async def on_assigned(app: faust.App, assigned: set[TP], **kwargs: Any) -> None:
             self.store.mark_stale()
+
+        @app.timer(interval=housekeeping_interval_s(cfg))
+        async def housekeeping() -> None:
+            await self._housekeep()
 
         @app.task
         async def follow_model_updates() -> None:
@@ -237,21 +239,29 @@ class Worker:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 5.0)
 
-    async def _expire_idle_states(self) -> None:
-        """While events flow, at most every minute (sooner for a short TTL): one bounded scan per partition served
-        deletes the states idle for ``state.ttl_days`` (state/store.py). A failure is retried at the next scan."""
-        ttl_s = self.cfg.state.ttl_days * 86_400
-        if ttl_s <= 0 or time.monotonic() - self.expired_at < min(60.0, ttl_s / 4):
-            return
-        self.expired_at = time.monotonic()
-        cutoff_ms = int((time.time() - ttl_s) * 1000)
-        try:
-            expired = await asyncio.to_thread(
-                lambda: sum(self.store.expire(p, cutoff_ms) for p in self.store.ready_partitions()))
-        except Exception as exc:
-            log.warning("expiring idle states failed (%s); trying again at the next scan", exc)
-            return
+    async def _housekeep(self) -> None:
+        """Every ``housekeeping_interval_s``, whether events flow or not, between two micro-batches: claim and
+        restore the partitions this worker owns that no event has made ready yet (their states are then current
+        here, and a former owner is fenced now rather than at the next event), then delete the states idle for
+        ``state.ttl_days`` with one bounded scan per partition (state/store.py). A failure is retried next time."""
+        partitions = self.assigned()
+        async with self.swap_lock:
+            try:
+                expired = await asyncio.to_thread(self._housekeep_now, partitions)
+            except Exception as exc:
+                log.warning("housekeeping (restoring idle partitions, expiring idle states) failed (%s); trying "
+                            "again in %.0f s", exc, housekeeping_interval_s(self.cfg))
+                return
         self.metrics.expired.inc(expired)
+
+    def _housekeep_now(self, partitions: list[int]) -> int:
+        for p in partitions:
+            self.store.ensure_ready(p)
+        ttl_s = self.cfg.state.ttl_days * 86_400
+        if ttl_s <= 0:
+            return 0
+        cutoff_ms = int((time.time() - ttl_s) * 1000)
+        return sum(self.store.expire(p, cutoff_ms) for p in self.store.ready_partitions())
 
     def _observe_lag(self, batch: list[Input]) -> None:
         last: dict[int, int] = {}
@@ -383,6 +393,12 @@ def _header_list(headers: Any) -> list[tuple[str, bytes]] | None:
     if not headers:
         return None
     return list(headers.items()) if hasattr(headers, "items") else list(headers)
+
+
+def housekeeping_interval_s(cfg: Config) -> float:
+    """A minute, or a quarter of a short state TTL (tests use seconds)."""
+    ttl_s = cfg.state.ttl_days * 86_400
+    return min(60.0, ttl_s / 4) if ttl_s > 0 else 60.0
 
 
 def state_dir(cfg: Config) -> Path:

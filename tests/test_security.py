@@ -161,3 +161,26 @@ def test_a_worker_authenticates_with_sasl_through_both_clients(sasl_broker: str,
     finally:
         worker.stop()
     assert [r["source"]["offset"] for r in recs] == [0, 1], worker.tail()
+
+
+@pytest.mark.kafka
+def test_a_worker_refuses_an_open_http_api_unless_told_and_then_warns(kafka_overrides: list[str],
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    """``lrustream worker`` with its API on every interface and no token stops before it opens anything, with one
+    line naming the opt-in; with ``http.allow_open=true`` it serves, and says so in its log (issue 14, item 7)."""
+    monkeypatch.delenv("LRUSTREAM_HTTP_TOKEN", raising=False)
+    cfg = load_config(overrides=kafka_overrides)
+    create_topics(cfg)
+    publish_model(cfg)
+    refused = WorkerProcess([*kafka_overrides, "http.host=0.0.0.0"], tmp_path / "refused.log").start()
+    assert refused.proc is not None and refused.proc.wait(60) == 2
+    assert "without http.token" in refused.tail() and "http.allow_open=true" in refused.tail()
+    produce(cfg, [(b"u1", event_value("u1", "i3", 1))])
+    opened = WorkerProcess([*kafka_overrides, "http.host=0.0.0.0", "http.allow_open=true"], tmp_path / "open.log")
+    try:
+        opened.start()
+        recs = recommendations(cfg, expect=1, timeout_s=120)
+    finally:
+        opened.stop()
+    assert len(recs) == 1 and "LRUSTREAM_HTTP_TOKEN" in opened.tail(200)

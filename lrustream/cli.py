@@ -267,6 +267,21 @@ def bench_models(
             train_step(data, name, log=echo)
 
 
+@bench_app.command("changelog")
+def bench_changelog(
+    partitions: Annotated[int, typer.Option(help="Changelog partitions a batch spans.")] = 2,
+    records: Annotated[int, typer.Option(help="User records per batch.")] = 200,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """What a micro-batch's changelog commit costs: one transaction per partition (fenced writers) vs a plain
+    idempotent producer, on the configured broker."""
+    from state.bench import commit_cost
+    from stream.kafka import librdkafka_config
+
+    commit_cost(librdkafka_config(cfg_of(config, overrides)), partitions, records, log=echo)
+
+
 @bench_app.command("stream")
 def bench_stream(
     data: Annotated[str, typer.Option(help="Data set to replay.")] = "../shared/data/ml-1m-subset-users1-2999",

@@ -43,6 +43,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,7 @@ class Changelog:
         self.flush_timeout_s = flush_timeout_s
         self.stopping = threading.Event()  # set on shutdown: stop waiting for acknowledgements (nothing is lost)
         self._writers: dict[int, Any] = {}  # partition -> its transactional producer, while this process holds it
+        self._committer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="changelog-commit")
 
     def transactional_id(self, partition: int) -> str:
         return f"lrustream.{self.topic}.p{partition}"
@@ -202,8 +204,13 @@ class Changelog:
             for partition, items in entries.items():
                 self._writers[partition].begin_transaction()
                 self._produce(partition, items, done)
-            for partition in entries:
-                self._commit(partition, errors)
+            if len(entries) == 1:
+                self._commit(next(iter(entries)), errors)
+            else:  # each commit is a few round trips to the coordinator: wait for them side by side
+                commits = [self._committer.submit(self._commit, p, errors) for p in entries]
+                wait(commits)
+                for commit in commits:
+                    commit.result()
         except (KafkaException, StateError) as exc:
             for partition in entries:
                 self._drop(partition)
@@ -284,6 +291,7 @@ class Changelog:
         next claim of its partition aborts it."""
         for partition in list(self._writers):
             self._drop(partition)
+        self._committer.shutdown(wait=False)
 
 
 class StateStore:

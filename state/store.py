@@ -248,7 +248,7 @@ class Changelog:
         err = exc.args[0] if exc.args else None
         if getattr(err, "code", lambda: None)() in FENCING_CODES:
             return Fenced(f"changelog {self.topic}: another worker has claimed partition(s) {sorted(entries)} "
-                          f"since this one did (a rebalance moved them); the batch is not committed here")
+                          f"since this one did (a rebalance moved them)")
         return StateError(f"changelog {self.topic} not acknowledged: {err}")
 
     def _check_stopping(self) -> None:

@@ -227,9 +227,8 @@ class Worker:
             except Exception as exc:
                 if self.processor.stopping.is_set():
                     raise asyncio.CancelledError from exc
-                if isinstance(exc, Fenced):
-                    self.metrics.fenced.inc()
-                    log.warning("%s; retrying it after claiming and restoring the partition again", exc)
+                if isinstance(exc, Fenced):  # counted and logged by the processor
+                    log.warning("retrying the micro-batch after claiming and restoring its partitions again")
                 else:
                     self.liveness.failed(exc)
                     self.metrics.batch_retries.inc()
@@ -293,6 +292,8 @@ class Worker:
                 "batches": self.batches, "uptime_s": round(time.time() - self.started, 1)}
         if reason:
             body["reason"] = reason
+        if (since := self.liveness.busy_since) is not None:
+            body["batch_in_progress_s"] = round(time.monotonic() - since, 3)
         return body, 200 if status == "ok" else 503
 
     def assigned(self) -> list[int]:

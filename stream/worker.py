@@ -59,7 +59,7 @@ from confluent_kafka import KafkaError, KafkaException
 from models.base import padded_steps
 from models.vocab import Vocabulary
 from state.record import UserRecord, push_items
-from state.store import StateError, StateStore
+from state.store import Fenced, StateError, StateStore
 from stream.events import BadEvent, Event, parse_event
 from stream.metrics import WorkerMetrics
 from stream.serving import Serving
@@ -158,10 +158,15 @@ class Processor:
     # ----- one micro-batch --------------------------------------------------------------------------------------
     def process(self, batch: list[Input]) -> BatchResult:
         result = BatchResult()
-        for p in sorted({i.partition for i in batch}):
-            self.store.ensure_ready(p)
-            self._fill_gap(p, min(i.offset for i in batch if i.partition == p), result)
-        outputs = self._apply_batch(batch, result)
+        try:
+            for p in sorted({i.partition for i in batch}):
+                self.store.ensure_ready(p)
+                self._fill_gap(p, min(i.offset for i in batch if i.partition == p), result)
+            outputs = self._apply_batch(batch, result)
+        except Fenced as exc:  # counted here: the caller may be gone by now (a rebalance cancels Faust's agent)
+            self.metrics.fenced.inc()
+            log.warning("%s; nothing of this batch is committed here", exc)
+            raise
         self._observe(batch, result, outputs)
         return result
 

@@ -117,6 +117,7 @@ def test_a_former_owner_mid_batch_is_fenced_and_its_retry_restores_first(kafka_c
         "the changelog holds the new owner's states, not the former owner's late batch"
     assert len(failure) == 1 and isinstance(failure[0], StateError) and "claimed" in str(failure[0]), failure
     assert old.store.applied_offset(0) == 9, "the fenced batch was not written to the former owner's RocksDB"
+    assert old.metrics.registry.get_sample_value("lrustream_fenced_batches_total") == 1
 
     # the former owner retries its batch (as the worker does after any failure): it claims the partition again,
     # restores the new owner's commits first, and applies nothing twice; the new owner is then fenced in turn

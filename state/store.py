@@ -70,9 +70,6 @@ class Fenced(StateError):
     was committed, and this worker may write the partition again only after claiming and restoring it anew."""
 
 
-FENCING_CODES = frozenset({-144, 90, 47})  # librdkafka's _FENCED, PRODUCER_FENCED, INVALID_PRODUCER_EPOCH
-
-
 def user_key(user: str) -> bytes:
     return USER_PREFIX + user.encode()
 
@@ -243,10 +240,13 @@ class Changelog:
         producer.commit_transaction(max(1.0, deadline - time.monotonic()))
 
     def _failure(self, entries: dict[int, Any], exc: Exception) -> StateError:
+        from confluent_kafka import KafkaError
+
         if isinstance(exc, StateError):
             return exc
         err = exc.args[0] if exc.args else None
-        if getattr(err, "code", lambda: None)() in FENCING_CODES:
+        fencing = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+        if getattr(err, "code", lambda: None)() in fencing:
             return Fenced(f"changelog {self.topic}: another worker has claimed partition(s) {sorted(entries)} "
                           f"since this one did (a rebalance moved them)")
         return StateError(f"changelog {self.topic} not acknowledged: {err}")

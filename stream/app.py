@@ -210,12 +210,10 @@ class Worker:
         unapplied events; poison records are dead-lettered inside ``process``). Once the worker is stopping the
         batch is abandoned unacknowledged: the agent is cancelled, so Faust does not commit its offsets.
 
-        A batch refused because another worker claimed one of its partitions (:class:`Fenced`: the partition
-        moved while the batch was in flight) is retried the same way, and is safe to retry: the retry claims the
-        partition again and restores it first, so it applies only what the other worker has not, and the other
-        worker's next commit is refused and retried in turn. The back-off is jittered so that two workers that
-        both believe they own a partition (one is a zombie that has not yet heard of the rebalance) do not keep
-        fencing each other in step."""
+        A batch refused because another worker claimed one of its partitions (:class:`Fenced`; why a retry is
+        safe: state/store.py) is retried the same way. The back-off is jittered so that two workers that both
+        believe they own a partition (one has not yet heard of the rebalance) do not keep fencing each other in
+        step."""
         delay = 0.2
         self.liveness.started()
         while True:

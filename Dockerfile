@@ -16,7 +16,7 @@ WORKDIR /app
 COPY . .
 
 # Installed in place (-e) on purpose: the default config is found next to the package (configs/default.yaml
-# under the source tree, see lrustream/config.py), which a plain site-packages install would not carry.
+# under the source tree, see lrustream/kernel/config.py), which a plain site-packages install would not carry.
 RUN pip install -e . \
     && useradd --create-home --uid 10001 lrustream \
     && mkdir -p /app/.lrustream/state /app/.lrustream/models \

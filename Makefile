@@ -42,6 +42,7 @@ test-slow: jars
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 demo: jars
 	$(BIN)/lrustream demo

@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
-from lrustream.config import Config
+from lrustream.kernel.config import Config
 
 
 def spawn(args: list[str], log_path: Path) -> subprocess.Popen:

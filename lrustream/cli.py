@@ -13,8 +13,9 @@ from typing import Annotated
 
 import typer
 
-from lrustream.broker import BrokerError, LocalBroker, ensure_env_java_home
-from lrustream.config import Config, ConfigError, load_config, to_yaml
+from lrustream.broker import LocalBroker, ensure_env_java_home
+from lrustream.kernel.config import Config, load_config, to_yaml
+from lrustream.kernel.errors import LrustreamError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="lrustream: a streaming, online-learning sequential recommender on Kafka.")
@@ -31,10 +32,6 @@ ConfigOpt = Annotated[
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="key=value overrides, e.g. broker.port=19092", show_default=False)
 ]
-
-
-class UsageError(Exception):
-    """A user mistake outside the config (bad path, bad argument): one line, exit 2."""
 
 
 def cfg_of(config: Path | None, overrides: list[str] | None) -> Config:
@@ -252,8 +249,8 @@ def bench_models(
 ) -> None:
     """(a) step cost per event vs history length, batched and single; (b) parallel scan vs sequential loop;
     (c) with --data, seconds per training step for each model."""
-    from models.bench import scan_vs_loop, step_cost
-    from trainer.bench import train_step
+    from lrustream.bench.models import scan_vs_loop, step_cost
+    from lrustream.bench.trainer import train_step
 
     if threads:
         import torch
@@ -276,8 +273,8 @@ def bench_changelog(
 ) -> None:
     """What a micro-batch's changelog commit costs: one transaction per partition (fenced writers) vs a plain
     idempotent producer, on the configured broker."""
-    from state.bench import commit_cost
-    from stream.kafka import librdkafka_config
+    from lrustream.bench.state import commit_cost
+    from lrustream.kernel.kafka import librdkafka_config
 
     commit_cost(librdkafka_config(cfg_of(config, overrides)), partitions, records, log=echo)
 
@@ -292,7 +289,7 @@ def bench_stream(
     overrides: Overrides = None,
 ) -> None:
     """One worker vs a bare forwarding Faust agent on the same broker: events/s, then p50/p99 latency."""
-    from stream.bench import run
+    from lrustream.bench.stream import run
 
     cfg_of(config, overrides)  # validate before starting anything
     run(overrides or [], data, events, latency_rate, latency_events, Path(".lrustream/bench"), log=echo)
@@ -446,7 +443,7 @@ def produce_cmd(
     overrides: Overrides = None,
 ) -> None:
     """Replay a data set's interactions in time order to the interactions topic, keyed by user id."""
-    from stream.tools import replay
+    from lrustream.replay import replay
 
     if rate is not None and not rate > 0:
         raise UsageError(f"--rate must be positive, got {rate}")
@@ -469,7 +466,7 @@ def recs_cmd(
     """Print recommendation records as JSON lines (from the beginning; without --follow, up to the end)."""
     import json
 
-    from stream.tools import read_recommendations
+    from lrustream.recommendations import read_recommendations
 
     try:
         for record in read_recommendations(cfg_of(config, overrides), follow=follow, user=user):
@@ -495,17 +492,9 @@ def main() -> None:
     ensure_env_java_home()
     try:
         app()
-    except (ConfigError, UsageError) as exc:
+    except LrustreamError as exc:  # errors users can act on: one line and the error's exit code
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except BrokerError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    except Exception as exc:
-        if not getattr(exc, "user_facing", False):  # errors users can act on say so; others keep their traceback
-            raise
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
 

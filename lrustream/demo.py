@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lrustream.children import percentile, spawn_cli, stop, wait_healthy
-from lrustream.config import Config, resolve_path
+from lrustream.kernel.config import Config, resolve_path
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DEMO_DATA = "ml-1m-subset-users1-2999"
@@ -78,7 +78,7 @@ def watch(cfg: Config, expect: int, timeout_s: float, log: Callable[[str], None]
     """Read new recommendations, print a sample line per second, return event-to-recommendation latencies."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from stream.kafka import high_watermarks, librdkafka_config, topic_partitions
+    from lrustream.kernel.kafka import high_watermarks, librdkafka_config, topic_partitions
 
     topic = cfg.topics.recommendations
     consumer = Consumer(librdkafka_config(cfg, **{"group.id": f"demo-{os.getpid()}", "enable.auto.commit": False}))
@@ -106,7 +106,7 @@ def watch(cfg: Config, expect: int, timeout_s: float, log: Callable[[str], None]
 def run_demo(cfg: Config, config: Path | None, overrides: list[str], data: str | None, events: int, rate: float,
              train_minutes: float, log: Callable[[str], None] = print) -> None:
     from lrustream.broker import LocalBroker
-    from stream.tools import replay
+    from lrustream.replay import replay
     from stream.topics import create_topics
 
     workdir = resolve_path(".lrustream/demo")

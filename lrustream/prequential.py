@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from lrustream.children import spawn_cli, stop, wait_healthy
-from lrustream.config import Config, load_config
+from lrustream.kernel.config import Config, load_config
+from lrustream.kernel.errors import LrustreamError
 
 MODES = ("frozen", "online", "retrain")
 Event = tuple[str, str, int]  # (user, item, timestamp)
@@ -51,7 +52,7 @@ Scores = list[tuple[float, float]]  # (hit, ndcg) per scored event, in stream or
 Pause = Callable[[int, Sent], None]  # called with (events produced so far, their delivery reports)
 
 
-class OnlinePublishedNothing(RuntimeError):
+class OnlinePublishedNothing(LrustreamError):
     """The online run published no version, so its curve is the starting model's (``evaluate-stream`` exits 1).
     ``summary`` holds the numbers all the same."""
 
@@ -178,9 +179,9 @@ def _produce(cfg: Config, events: list[Event], rate: float, every: int = 0, paus
     (not after the last) flush and call ``pause(produced, sent)``; sending resumes when it returns."""
     from confluent_kafka import Producer
 
+    from lrustream.kernel.kafka import produce, producer_config
+    from lrustream.replay import Pacer, pace
     from stream.events import encode_event
-    from stream.kafka import producer_config
-    from stream.tools import Pacer, pace
 
     sent: Sent = {}
     producer = Producer(producer_config(cfg))
@@ -193,13 +194,8 @@ def _produce(cfg: Config, events: list[Event], rate: float, every: int = 0, paus
     for n, (user, item, ts) in enumerate(events, 1):
         key, value = encode_event(user, item, ts)
         pace(producer, pacer.wait_s())  # poll() returns at the first delivery report: wait out the schedule
-        while True:
-            try:
-                producer.produce(cfg.topics.interactions, value, key,
-                                 on_delivery=lambda e, m, w=(user, item): done(e, m, w))
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce(producer, cfg.topics.interactions, value, key,
+                on_delivery=lambda e, m, w=(user, item): done(e, m, w))
         producer.poll(0)
         if pause is not None and n % every == 0 and n < len(events):
             producer.flush(60)
@@ -214,7 +210,7 @@ class Recommendations:
     def __init__(self, cfg: Config) -> None:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-        from stream.kafka import librdkafka_config, topic_partitions
+        from lrustream.kernel.kafka import librdkafka_config, topic_partitions
 
         topic = cfg.topics.recommendations
         self.consumer = Consumer(librdkafka_config(cfg, **{"group.id": f"preq-{uuid.uuid4().hex[:6]}",

@@ -44,6 +44,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lrustream.kernel.errors import LrustreamError
+from lrustream.kernel.files import fsync, replace_durably
 from models import SeqRecModel, build_model
 from models.vocab import Vocabulary
 
@@ -52,11 +54,9 @@ COLLECTED = "COLLECTED"  # present in a version folder whose weights ``gc`` remo
 FORMAT = 1
 
 
-class ModelStoreError(RuntimeError):
+class ModelStoreError(LrustreamError):
     """A version that cannot be served; the message says which and why, in one line. ``transient``: it may load
     later (a file missing or unreadable now), as opposed to a version that is corrupt for good."""
-
-    user_facing = True
 
     def __init__(self, message: str, transient: bool = False) -> None:
         super().__init__(message)
@@ -118,23 +118,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file (or a directory's entries) to disk, so a rename that follows survives a power cut."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_durably(tmp: Path, path: Path) -> None:
-    """Move a finished ``tmp`` over ``path``: a crash leaves the old file or the new one, never half of one,
-    and once this returns the new one survives a power cut too."""
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
 class ModelStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
@@ -179,9 +162,9 @@ class ModelStore:
                                    files={WEIGHTS: _sha256(tmp / WEIGHTS), VOCAB: _sha256(tmp / VOCAB)})
                 (tmp / META).write_text(json.dumps(info.to_json(), indent=2, sort_keys=True))
                 for name in (WEIGHTS, VOCAB, META):
-                    _fsync(tmp / name)
+                    fsync(tmp / name)
                 os.rename(tmp, self.versions_dir / version)
-                _fsync(self.versions_dir)
+                fsync(self.versions_dir)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -214,7 +197,7 @@ class ModelStore:
             pinned = self.pinned()
             with contextlib.suppress(FileNotFoundError):
                 (self.root / "PINNED").unlink()
-                _fsync(self.root)
+                fsync(self.root)
         return pinned
 
     def gc(self, keep: int) -> list[str]:
@@ -231,11 +214,11 @@ class ModelStore:
                 folder = self.versions_dir / version
                 if not (folder / COLLECTED).exists():  # marked first: a crash before the unlink still refuses it
                     (folder / COLLECTED).write_text(f"weights removed by gc at {time.time():.0f}\n")
-                    _fsync(folder / COLLECTED)
+                    fsync(folder / COLLECTED)
                     collected.append(version)
                 (folder / WEIGHTS).unlink(missing_ok=True)
             if collected:
-                _fsync(self.versions_dir)
+                fsync(self.versions_dir)
         return collected
 
     def collected(self, version: str) -> bool:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lrustream.kernel.errors import LrustreamError
+
 FORMAT = 1
 _HEADER = struct.Struct("<BiqqHIH")  # format, partition, offset, updated_ms, len(version), len(state), n_unknown
 
@@ -32,7 +34,7 @@ def updated_ms_of(blob: bytes) -> int:
     return _HEADER.unpack_from(blob)[3]
 
 
-class RecordError(ValueError):
+class RecordError(LrustreamError, ValueError):
     """A stored record cannot be decoded (corruption, or a format this code does not know)."""
 
 

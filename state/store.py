@@ -49,6 +49,8 @@ from typing import Any
 
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
+from lrustream.kernel.errors import LrustreamError
+from lrustream.kernel.kafka import produce
 from state.record import UserRecord, updated_ms_of
 
 log = logging.getLogger("lrustream.state")
@@ -59,10 +61,8 @@ CHANGELOG_KEY = b"m:changelog"  # changelog offset the local copy includes (loca
 _I64 = struct.Struct("<q")
 
 
-class StateError(RuntimeError):
+class StateError(LrustreamError):
     """The store cannot make a batch durable (changelog unreachable, disk error). Nothing was acknowledged."""
-
-    user_facing = True
 
 
 class Fenced(StateError):
@@ -215,15 +215,9 @@ class Changelog:
         return last
 
     def _produce(self, partition: int, items: dict[bytes, bytes | None], done: Callable[[Any, Any], None]) -> None:
-        producer = self._writers[partition]
         for key, value in items.items():
-            while True:
-                try:
-                    producer.produce(self.topic, value, key, partition=partition, on_delivery=done)
-                    break
-                except BufferError:
-                    self._check_stopping()
-                    producer.poll(0.05)
+            produce(self._writers[partition], self.topic, value, key, partition=partition, on_delivery=done,
+                    before_wait=self._check_stopping)
 
     def _commit(self, partition: int, errors: list[Any]) -> None:
         """Wait for the partition's records (in half-second slices, so a stop is seen), then commit."""

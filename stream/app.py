@@ -24,11 +24,12 @@ import faust
 from faust.types import TP
 from faust.web import Request, Response, View
 
-from lrustream.config import Config, check_http_exposure, resolve_path
+from lrustream.kernel.config import Config, resolve_path
+from lrustream.kernel.http import bearer_authorised, check_http_exposure
+from lrustream.kernel.kafka import faust_broker_settings, librdkafka_config, producer_config, quiet_logger
 from models.store import ModelStore
 from state.store import Changelog, Fenced, StateStore
-from stream.health import Liveness, bearer_authorised
-from stream.kafka import faust_broker_settings, librdkafka_config, producer_config, quiet_logger
+from stream.health import Liveness
 from stream.metrics import WorkerMetrics
 from stream.serving import Serving
 from stream.topics import create_topics, topic_id

@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from lrustream.kernel.errors import LrustreamError
+
 MAX_ID_CHARS = 256
 MIN_TS_MS = 0
 MAX_TS_MS = 7_258_118_400_000  # 2200-01-01T00:00:00Z: later values are unit mistakes (us, ns), not events
@@ -35,7 +37,7 @@ class Event:
     event_id: str | None
 
 
-class BadEvent(ValueError):
+class BadEvent(LrustreamError, ValueError):
     """Why an input record goes to the dead-letter topic; ``str(exc)`` is the reason (one line, stable prefix)."""
 
 

@@ -3,13 +3,10 @@
 A worker whose process is alive can still be useless: a micro-batch retrying against a dead broker, a produce
 that hangs, or a fetcher that died while events keep arriving. Each shows up here as "degraded" (HTTP 503),
 so an orchestrator's readiness probe and a human both see it, and it clears by itself once work moves again.
-
-:func:`bearer_authorised` is the one token check of the operator HTTP endpoints (the worker's and the trainer's).
 """
 
 from __future__ import annotations
 
-import hmac
 import time
 from dataclasses import dataclass, field
 
@@ -42,11 +39,3 @@ class Liveness:
         if self.busy_since is None and pending and idle > self.stall_after_s:
             return "degraded", f"{pending} events waiting, none processed for {idle:.0f} s"
         return "ok", None
-
-
-def bearer_authorised(token: str | None, header: str | None) -> bool:
-    """Whether an ``Authorization`` header carries ``Bearer <token>`` (compared in constant time); no token (or
-    an empty one) guards nothing."""
-    if not token:
-        return True
-    return hmac.compare_digest((header or "").encode(), f"Bearer {token}".encode())

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException, TopicCollection
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import NewTopic
 
-from lrustream.config import Config
-from stream.kafka import librdkafka_config, quiet_logger
+from lrustream.kernel.config import Config
+from lrustream.kernel.kafka import admin
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ def topic_specs(cfg: Config) -> list[TopicSpec]:
 
 def create_topics(cfg: Config, timeout_s: float = 30.0) -> dict[str, str]:
     """Create missing topics; returns name -> 'created' | 'exists'. Raises on any other failure."""
-    admin = AdminClient(librdkafka_config(cfg, logger=quiet_logger()))
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    client = admin(cfg)
+    existing = set(client.list_topics(timeout=timeout_s).topics)
     result = {}
     wanted = []
     for spec in topic_specs(cfg):
@@ -45,7 +45,7 @@ def create_topics(cfg: Config, timeout_s: float = 30.0) -> dict[str, str]:
         else:
             wanted.append(NewTopic(spec.name, spec.partitions, cfg.topics.replication_factor, config=spec.config))
     if wanted:
-        for name, future in admin.create_topics(wanted, operation_timeout=timeout_s).items():
+        for name, future in client.create_topics(wanted, operation_timeout=timeout_s).items():
             try:
                 future.result()
                 result[name] = "created"
@@ -58,16 +58,16 @@ def create_topics(cfg: Config, timeout_s: float = 30.0) -> dict[str, str]:
 
 
 def partition_counts(cfg: Config, timeout_s: float = 10.0) -> dict[str, int]:
-    admin = AdminClient(librdkafka_config(cfg, logger=quiet_logger()))
-    md = admin.list_topics(timeout=timeout_s)
+    client = admin(cfg)
+    md = client.list_topics(timeout=timeout_s)
     return {name: len(t.partitions) for name, t in md.topics.items() if not name.startswith("__")}
 
 
 def topic_id(cfg: Config, name: str, timeout_s: float = 10.0) -> bytes | None:
     """Kafka's id of topic ``name`` (16 bytes; a re-created topic gets a new one), None when it cannot be read."""
-    admin = AdminClient(librdkafka_config(cfg, logger=quiet_logger()))
+    client = admin(cfg)
     try:
-        described = admin.describe_topics(TopicCollection([name]), request_timeout=timeout_s)[name].result()
+        described = client.describe_topics(TopicCollection([name]), request_timeout=timeout_s)[name].result()
     except KafkaException:
         return None
     uid = described.topic_id

@@ -13,21 +13,16 @@ import time
 import uuid
 from typing import Any
 
-from lrustream.config import Config
-from stream.kafka import librdkafka_config, producer_config, topic_partitions
+from lrustream.kernel.config import Config
+from lrustream.kernel.kafka import librdkafka_config, produce_all, producer_config, topic_partitions
 
 log = logging.getLogger("lrustream.updates")
 
 
 def announce(cfg: Config, version: str, reason: str, **extra: Any) -> None:
     """Publish a model-update message and wait for the broker's acknowledgement."""
-    from confluent_kafka import Producer
-
-    producer = Producer(producer_config(cfg))
     body = {"version": version, "reason": reason, "ts": int(time.time() * 1000), **extra}
-    producer.produce(cfg.topics.model_updates, json.dumps(body).encode(), version.encode())
-    if producer.flush(30):
-        raise RuntimeError(f"model update for {version} not acknowledged by the broker")
+    _publish(cfg, version.encode(), body)
 
 
 class UpdateFollower:
@@ -68,10 +63,11 @@ class UpdateFollower:
 
 def request_refresh(cfg: Config, who: str) -> None:
     """Ask the trainer for a fine-tuning round now (a message on the model-updates topic workers ignore)."""
+    _publish(cfg, b"refresh", {"request": "refresh", "by": who, "ts": int(time.time() * 1000)})
+
+
+def _publish(cfg: Config, key: bytes, body: dict[str, Any]) -> None:
+    """One message on the model-updates topic, acknowledged (:class:`KafkaUnavailable` otherwise)."""
     from confluent_kafka import Producer
 
-    producer = Producer(producer_config(cfg))
-    body = {"request": "refresh", "by": who, "ts": int(time.time() * 1000)}
-    producer.produce(cfg.topics.model_updates, json.dumps(body).encode(), b"refresh")
-    if producer.flush(30):
-        raise RuntimeError("refresh request not acknowledged by the broker")
+    produce_all(Producer(producer_config(cfg)), cfg.topics.model_updates, [(key, json.dumps(body).encode())])

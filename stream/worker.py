@@ -56,11 +56,14 @@ import numpy as np
 import torch
 from confluent_kafka import KafkaError, KafkaException
 
+from lrustream.kernel.errors import LrustreamError
+from lrustream.kernel.kafka import produce
 from models.base import padded_steps
 from models.vocab import Vocabulary
 from state.record import UserRecord, push_items
 from state.store import Fenced, StateError, StateStore
 from stream.events import BadEvent, Event, parse_event
+from stream.examples import encode_example
 from stream.metrics import WorkerMetrics
 from stream.serving import Serving
 
@@ -71,15 +74,15 @@ DLQ_TRUNCATED_VALUE_BYTES = 65_536  # what a truncated copy keeps of the origina
 DLQ_STUB_MAX_KEY_BYTES = 1_024  # a copy refused even truncated is sent again as headers only (and a short key)
 
 
-class OutputError(RuntimeError):
+class OutputError(LrustreamError):
     """Recommendations or dead letters were not acknowledged: an infrastructure fault, the batch is retried."""
 
 
-class GapFillError(RuntimeError):
+class GapFillError(LrustreamError):
     """Skipped offsets could not all be fetched: an infrastructure fault, the batch is retried."""
 
 
-class Stopping(RuntimeError):
+class Stopping(LrustreamError):
     """The worker is stopping: the batch was abandoned before anything of it was committed."""
 
 
@@ -406,9 +409,8 @@ class Processor:
             new[key] = new.get(key, 0) + 1
         item_of = self.serving.vocab.item_of
         for key, count in new.items():
-            body = {"user_id": key[1], "items": records[key].external_window(item_of), "new": count}
-            self._produce(self.topics.training_examples, key[1].encode(),
-                          json.dumps(body, separators=(",", ":")).encode(), None)
+            self._produce(self.topics.training_examples,
+                          *encode_example(key[1], records[key].external_window(item_of), count), None)
 
     # ----- output -----------------------------------------------------------------------------------------------
     def _emit(self, outputs: list[dict[str, Any]], dead: list[tuple[Input, str]]) -> None:
@@ -449,15 +451,12 @@ class Processor:
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Any,
                  timestamp_ms: int | None = None, on_delivery: Callable[[Any, Any], None] | None = None) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value, key, headers=headers, timestamp=timestamp_ms or 0,
-                                      on_delivery=on_delivery or self._delivered)
-                return
-            except BufferError:
-                if self.stopping.is_set():
-                    raise Stopping("stopping while the producer queue was full") from None
-                self.producer.poll(0.05)
+        produce(self.producer, topic, value, key, headers=headers, timestamp_ms=timestamp_ms,
+                on_delivery=on_delivery or self._delivered, before_wait=self._stop_waiting)
+
+    def _stop_waiting(self) -> None:
+        if self.stopping.is_set():
+            raise Stopping("stopping while the producer queue was full")
 
     def _delivered(self, err: Any, msg: Any) -> None:
         if err is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lrustream.broker import BrokerError, LocalBroker, free_port, metadata_answers
-from lrustream.config import Config, load_config
+from lrustream.kernel.config import Config, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 JARS_DIR = REPO / ".lrustream" / "kafka-jars"

@@ -23,11 +23,11 @@ import torch
 from confluent_kafka import Consumer, Producer
 
 from lrustream.broker import free_port
-from lrustream.config import Config
+from lrustream.kernel.config import Config
+from lrustream.kernel.kafka import high_watermarks, librdkafka_config, produce_all, producer_config, topic_partitions
 from models import build_model
 from models.store import ModelStore
 from models.vocab import Vocabulary
-from stream.kafka import high_watermarks, librdkafka_config, producer_config, topic_partitions
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,17 +51,7 @@ def produce(cfg: Config, records: Iterable[tuple[bytes | None, ...]]) -> int:
     """Produce (key, value) or (key, value, headers) records to the interactions topic with the project's
     partitioner, up to the broker's record limit; wait for acks."""
     producer = Producer(producer_config(cfg, **{"message.max.bytes": 1_048_576}))
-    n = 0
-    for key, value, *headers in records:
-        while True:
-            try:
-                producer.produce(cfg.topics.interactions, value, key, headers=headers[0] if headers else None)
-                break
-            except BufferError:
-                producer.poll(0.1)
-        n += 1
-    assert producer.flush(30) == 0
-    return n
+    return produce_all(producer, cfg.topics.interactions, records)
 
 
 def read_topic(cfg: Config, topic: str, expect: int | None = None, timeout_s: float = 60.0,

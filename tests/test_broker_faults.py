@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lrustream.broker import LocalBroker, free_port
-from lrustream.config import load_config
+from lrustream.kernel.config import load_config
 from stream.topics import create_topics
 from tests.conftest import JARS_DIR
 from tests.streamkit import WorkerProcess, publish_model, recommendations, reference

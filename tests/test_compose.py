@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lrustream.config import DEFAULT_CONFIG, ConfigError, load_config
+from lrustream.kernel.config import DEFAULT_CONFIG, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"

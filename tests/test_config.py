@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lrustream.config import ConfigError, check_http_exposure, load_config
+from lrustream.kernel.config import ConfigError, load_config
+from lrustream.kernel.http import check_http_exposure
 from tests.conftest import REPO
 
 

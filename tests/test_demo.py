@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from lrustream.broker import free_port
-from lrustream.config import load_config
 from lrustream.demo import run_demo
+from lrustream.kernel.config import load_config
 from tests.streamkit import read_topic, recommendations
 
 pytestmark = pytest.mark.kafka

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from lrustream.config import Config
+from lrustream.kernel.config import Config
+from lrustream.kernel.kafka import librdkafka_config, producer_config
 from models.store import ModelStore
 from state.store import Changelog, StateError, StateStore
-from stream.kafka import librdkafka_config, producer_config
 from stream.serving import Serving
 from stream.topics import create_topics
 from stream.worker import Input, Processor

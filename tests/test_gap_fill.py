@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from lrustream.config import Config
+from lrustream.kernel.config import Config
+from lrustream.kernel.kafka import producer_config
 from stream.app import fetch_range
-from stream.kafka import producer_config
 from stream.topics import create_topics
 from stream.worker import GapFillError, Input
 from tests.test_processor import RecordingProducer, _event, _processor, _sent

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lrustream.config import Config
+from lrustream.kernel.config import Config
 from models.store import META, WEIGHTS, ModelStore
 from stream.serving import Serving
 from stream.topics import create_topics

@@ -9,8 +9,8 @@ import time
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from lrustream.config import Config
-from stream.kafka import librdkafka_config, producer_config
+from lrustream.kernel.config import Config
+from lrustream.kernel.kafka import librdkafka_config, producer_config
 from stream.topics import create_topics, partition_counts, topic_specs
 
 pytestmark = pytest.mark.kafka

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lrustream.cli import app
-from lrustream.config import Config
+from lrustream.kernel.config import Config
 from models.store import ModelStore, ModelStoreError
 from stream.topics import create_topics
 from tests.streamkit import publish_model, read_topic

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrustream.config import Config, load_config
+from lrustream.kernel.config import Config, load_config
 from models import build_model
 from models.store import ModelStore
 from stream.topics import create_topics
@@ -328,7 +328,7 @@ def test_a_published_round_removes_the_weights_of_versions_beyond_keep_versions(
 def produce_examples(cfg: Config, users: range) -> None:
     from confluent_kafka import Producer
 
-    from stream.kafka import producer_config
+    from lrustream.kernel.kafka import producer_config
 
     producer = Producer(producer_config(cfg))
     for u in users:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lrustream.config import Config
+from lrustream.kernel.config import Config
 from stream.topics import create_topics
 from tests.streamkit import WorkerProcess, publish_model, read_topic, recommendations
 

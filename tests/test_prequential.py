@@ -14,8 +14,9 @@ import torch
 from typer.testing import CliRunner
 
 from lrustream import prequential
-from lrustream.cli import UsageError, app
-from lrustream.config import load_config
+from lrustream.cli import app
+from lrustream.kernel.config import load_config
+from lrustream.kernel.errors import UsageError
 from lrustream.prequential import (
     ModeRun,
     OnlinePublishedNothing,

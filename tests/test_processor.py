@@ -14,7 +14,7 @@ import pytest
 import torch
 from confluent_kafka import KafkaError
 
-from lrustream.config import load_config
+from lrustream.kernel.config import load_config
 from models import build_model
 from models.store import ModelStore
 from models.vocab import Vocabulary

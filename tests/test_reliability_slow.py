@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lrustream.config import Config, load_config
+from lrustream.kernel.config import Config, load_config
 from stream.topics import create_topics
 from tests.streamkit import WorkerProcess, event_value, produce, publish_model, read_topic, recommendations
 from tests.test_worker import stored_states

@@ -11,8 +11,8 @@ import pytest
 from confluent_kafka import KafkaException
 
 from lrustream.broker import LocalBroker, free_port
-from lrustream.config import Config, ConfigError, load_config, sasl_mechanism
-from stream.kafka import faust_broker_settings, librdkafka_config, producer_config, redacted
+from lrustream.kernel.config import Config, ConfigError, load_config, sasl_mechanism
+from lrustream.kernel.kafka import faust_broker_settings, librdkafka_config, producer_config, redacted
 from stream.topics import create_topics
 from tests.conftest import JARS_DIR
 from tests.streamkit import WorkerProcess, event_value, produce, publish_model, recommendations
@@ -106,7 +106,7 @@ def test_redacted_masks_every_secret(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_every_kafka_client_in_the_code_is_built_from_our_config_mappings() -> None:
     """No client sneaks past the security mapping: each Producer/Consumer/AdminClient( call passes a mapping
-    made by stream.kafka (or a dict extending one). lrustream/broker is exempt: it probes the embedded
+    made by lrustream.kernel.kafka (or a dict extending one). lrustream/broker is exempt: it probes the embedded
     broker, which is PLAINTEXT on loopback by design."""
     import re
     from pathlib import Path

@@ -1,4 +1,4 @@
-"""Producer and consumer tools (stream/tools.py) and their commands, against the real test broker."""
+"""Producer and consumer tools (lrustream/replay.py) and their commands, against the real test broker."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from typer.testing import CliRunner
 
-from lrustream.cli import UsageError, app
-from lrustream.config import Config
+from lrustream.cli import app
+from lrustream.kernel.config import Config
+from lrustream.kernel.errors import LrustreamError, UsageError
+from lrustream.kernel.kafka import KafkaUnavailable, MissingTopic, librdkafka_config, producer_config
+from lrustream.recommendations import read_recommendations
+from lrustream.replay import replay
 from stream.events import parse_event
-from stream.kafka import librdkafka_config, producer_config
-from stream.tools import ToolError, read_recommendations, replay
 from stream.topics import create_topics, partition_counts
 from trainer.data import load_sequences
 
@@ -143,15 +145,15 @@ def test_replay_of_a_data_set_without_timestamps_is_refused_before_publishing(ka
     (tmp_path / "lrurec" / "sequences.txt").write_text("1 1 2 3 4 5\n2 2 3 4 5 1\n")
     with pytest.raises(Exception, match="no timestamps") as info:
         replay(kafka_cfg, str(tmp_path / "lrurec"))
-    assert getattr(info.value, "user_facing", False)
+    assert isinstance(info.value, LrustreamError)  # the CLI prints its one line and exits 1
 
 
-def test_replay_to_an_unreachable_broker_fails_with_a_user_facing_error(kafka_cfg: Config, tmp_path: Path) -> None:
+def test_replay_to_an_unreachable_broker_fails_with_kafka_unavailable(kafka_cfg: Config, tmp_path: Path) -> None:
     from lrustream.broker import free_port
 
     kafka_cfg.kafka.bootstrap_servers = f"127.0.0.1:{free_port()}"
     data = write_udata(tmp_path / "toy", users=6, items=6)
-    with pytest.raises(ToolError, match="cannot create topics"):
+    with pytest.raises(KafkaUnavailable, match="cannot create topics"):
         replay(kafka_cfg, str(data), limit=5, timeout_s=2)
 
 
@@ -189,7 +191,7 @@ def test_read_recommendations_follow_sees_records_produced_later(kafka_cfg: Conf
 
 
 def test_read_recommendations_of_a_missing_topic_says_so(kafka_cfg: Config) -> None:
-    with pytest.raises(ToolError, match="topics create"):
+    with pytest.raises(MissingTopic, match="topics create"):
         list(read_recommendations(kafka_cfg))
 
 
@@ -247,7 +249,7 @@ def test_end_offsets_wait_out_a_partition_that_has_no_leader_yet() -> None:
     """A CI run failed reading recommendations because a new partition answered NOT_LEADER once."""
     from confluent_kafka import KafkaError, KafkaException
 
-    from stream.kafka import high_watermarks
+    from lrustream.kernel.kafka import high_watermarks
 
     consumer = _NotLeaderYet(failures=3, code=KafkaError.NOT_LEADER_FOR_PARTITION)
     assert high_watermarks(consumer, "t", [0, 1], timeout_s=10) == {0: 42, 1: 42}

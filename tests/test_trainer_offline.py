@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lrustream.config import load_config
+from lrustream.kernel.config import load_config
 from models import build_model
 from models.store import ModelStore
 from trainer.checkpoint import CheckpointError

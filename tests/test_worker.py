@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from rocksdict import Rdict
 
-from lrustream.config import Config, load_config
+from lrustream.kernel.config import Config, load_config
 from state.store import PartitionStore, find_user
 from stream.app import state_dir
 from stream.topics import create_topics
@@ -289,7 +289,7 @@ def test_state_changing_endpoint_requires_the_configured_token(kafka_cfg: Config
 def _recreate_input_topic(cfg: Config) -> None:
     from confluent_kafka.admin import AdminClient
 
-    from stream.kafka import librdkafka_config
+    from lrustream.kernel.kafka import librdkafka_config
 
     admin = AdminClient(librdkafka_config(cfg))
     admin.delete_topics([cfg.topics.interactions], operation_timeout=30)[cfg.topics.interactions].result()

@@ -28,15 +28,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
-from models.store import replace_durably
+from lrustream.kernel.errors import LrustreamError
+from lrustream.kernel.files import replace_durably
 
 FORMAT = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(LrustreamError):
     """A checkpoint that cannot be resumed; the message says why, in one line."""
-
-    user_facing = True
 
 
 @dataclass

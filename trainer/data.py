@@ -21,13 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from lrustream.kernel.errors import LrustreamError
 from models.vocab import Vocabulary
 
 
-class DataError(ValueError):
+class DataError(LrustreamError, ValueError):
     """The data path is missing or in no format we read (one-line message)."""
-
-    user_facing = True
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lrustream.config import TrainConfig
+from lrustream.kernel.config import TrainConfig
 from models import SeqRecModel
 from trainer.checkpoint import LoopState, checkpoint_path, load_checkpoint, save_checkpoint
 from trainer.evaluate import evaluate, left_pad

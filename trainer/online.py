@@ -46,10 +46,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from lrustream.config import Config, OnlineConfig, check_http_exposure, resolve_path
+from lrustream.kernel.config import Config, OnlineConfig, resolve_path
+from lrustream.kernel.http import check_http_exposure
 from models.base import SeqRecModel
 from models.store import LoadedModel, ModelStore
 from models.vocab import Vocabulary
+from stream.examples import BadExample, decode_example
 from trainer.evaluate import left_pad, ranks_of
 from trainer.offline import make_optimizer, pick_device, sequence_loss
 
@@ -530,7 +532,7 @@ def resume_positions(consumer: Any, topic: str, timeout_s: float = 60.0) -> list
     """
     from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
-    from stream.kafka import topic_partitions
+    from lrustream.kernel.kafka import topic_partitions
 
     deadline = time.monotonic() + timeout_s
     while True:
@@ -559,7 +561,7 @@ class TrainerLoop:
     def __init__(self, cfg: Config, log_line: Callable[[str], None] = print, serve_http: bool = True) -> None:
         from confluent_kafka import Consumer
 
-        from stream.kafka import librdkafka_config
+        from lrustream.kernel.kafka import librdkafka_config
         from stream.updates import UpdateFollower
         from trainer.service import TrainerHealth, TrainerHttp, TrainerMetrics
 
@@ -607,12 +609,13 @@ class TrainerLoop:
             if msg.error():
                 continue
             try:
-                ex = json.loads(msg.value())
-                self.buffer.add(str(ex["user_id"]), [str(x) for x in ex["items"]], int(ex.get("new", 1)))
-                n += 1
-            except (ValueError, KeyError, TypeError):
+                ex = decode_example(msg.value())
+            except BadExample:
                 log.warning("ignoring malformed training example at %s[%d]@%d", msg.topic(), msg.partition(),
                             msg.offset())
+                continue
+            self.buffer.add(ex.user_id, ex.items, ex.new)
+            n += 1
         self.health.polled(examples=n)
         self.metrics.observe_poll(n, self.buffer.seen - before)
         self.metrics.observe_buffer(len(self.buffer.users), self.buffer.seen)

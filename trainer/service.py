@@ -9,10 +9,10 @@ topic is failing, the last round raised, or examples are waiting and none has be
 :class:`TrainerHttp` serves both on a daemon thread (stdlib ``ThreadingHTTPServer``, no extra dependency):
 ``GET /health`` (200 ok / 503 degraded, never needs a token: probes), ``GET /metrics`` (needs
 ``Authorization: Bearer TOKEN`` when a token is set, 401 otherwise; the worker's check,
-``stream.health.bearer_authorised``), any other path 404, any other method 405. Note the worker itself leaves
+``lrustream.kernel.http.bearer_authorised``), any other path 404, any other method 405. Note the worker itself leaves
 its read-only ``/metrics`` open and guards only ``POST /refresh``; :attr:`TrainerHttp.GUARDED` is the one place
 to change that choice. Binding beyond loopback without a token is refused or warned about by the caller
-(``lrustream.config.check_http_exposure``). Requests are not logged, so the token never reaches a log.
+(``lrustream.kernel.http.check_http_exposure``). Requests are not logged, so the token never reaches a log.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from stream.health import bearer_authorised
+from lrustream.kernel.http import bearer_authorised
 
 log = logging.getLogger("lrustream.trainer")
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import psutil
 
+from lrustream.kernel.errors import LrustreamError
+
 POM = Path(__file__).with_name("pom.xml")
 MAIN_CLASS = "kafka.Kafka"
 LOG4J2 = """\
@@ -44,7 +46,7 @@ logger.state.level = WARN
 """
 
 
-class BrokerError(RuntimeError):
+class BrokerError(LrustreamError):
     """A broker operation failed for a reason the user can act on (message is one line)."""
 
 
@@ -133,7 +135,7 @@ class LocalBroker:
         self.sasl_users = sasl_users or {}
 
     @classmethod
-    def from_config(cls, cfg) -> LocalBroker:  # cfg: lrustream.config.Config
+    def from_config(cls, cfg) -> LocalBroker:  # cfg: lrustream.kernel.config.Config
         b = cfg.broker
         return cls(b.data_dir, b.jars_dir, b.host, b.port, b.controller_port, b.heap, b.start_timeout_s)
 

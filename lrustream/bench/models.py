@@ -6,31 +6,19 @@
 * ``scan_vs_loop``: one LRURec training step (forward + backward) on a [B, L] batch with the parallel scan
   versus the same model run as a sequential Python loop over time steps (``step`` with autograd).
 
-The full training-step benchmark (loss, optimiser, real data) lives in trainer/bench.py.
+The full training-step benchmark (loss, optimiser, real data) lives in lrustream/bench/trainer.py.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
+from lrustream.bench import median_seconds
 from models import build_model
 
 LENGTHS = (50, 100, 200, 400, 800, 1600, 3200)
-
-
-def _median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -52,7 +40,7 @@ def step_cost(num_items: int = 3416, d_model: int = 64, lengths: tuple[int, ...]
                 history = torch.randint(1, num_items + 1, (rows, n), generator=g)
                 state = model.prefill(history)
                 item = torch.randint(1, num_items + 1, (rows,), generator=g)
-                seconds = _median_seconds(lambda m=model, s=state, i=item: m.step(s, i), repeat)
+                seconds = median_seconds(lambda m=model, s=state, i=item: m.step(s, i), repeat)
                 results[(name, rows, n)] = 1e6 * seconds / rows
                 cells.append(f"{results[(name, rows, n)]:.1f}")
             log(f"| {name} | {rows} | " + " | ".join(cells) + " |")
@@ -76,8 +64,8 @@ def scan_vs_loop(num_items: int = 3416, batch: int = 128, length: int = 200, rep
             outs.append(h)
         torch.stack(outs, 1).square().mean().backward()
 
-    p = _median_seconds(parallel, repeat, warmup=1)
-    s = _median_seconds(loop, repeat, warmup=1)
+    p = median_seconds(parallel, repeat, warmup=1)
+    s = median_seconds(loop, repeat, warmup=1)
     log(f"LRURec forward+backward, batch {batch} x {length}: parallel scan {p * 1e3:.0f} ms, "
         f"sequential loop {s * 1e3:.0f} ms  ->  scan is {s / p:.1f}x faster")
     return p, s

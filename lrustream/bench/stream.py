@@ -17,15 +17,15 @@ from pathlib import Path
 from confluent_kafka import Consumer
 
 from lrustream.children import percentile, spawn, spawn_cli, stop
-from lrustream.config import Config, load_config
-from stream.kafka import librdkafka_config
+from lrustream.kernel.config import Config, load_config
+from lrustream.kernel.kafka import librdkafka_config
 
 
 def bare_agent(cfg: Config) -> None:
     """A Faust agent that forwards each input record unchanged to the recommendations topic."""
     import faust
 
-    from stream.kafka import faust_broker_settings
+    from lrustream.kernel.kafka import faust_broker_settings
 
     datadir = Path(cfg.state.dir).resolve() / "bare"
     datadir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +98,7 @@ def publish_random_model(cfg: Config, data: str) -> None:
 
 def run(base: list[str], data: str, events: int, latency_rate: float, latency_events: int, workdir: Path,
         log: Callable[[str], None] = print) -> dict[str, float]:
-    from stream.tools import replay
+    from lrustream.replay import replay
     from stream.topics import create_topics
 
     results: dict[str, float] = {}
@@ -114,7 +114,7 @@ def run(base: list[str], data: str, events: int, latency_rate: float, latency_ev
             publish_random_model(cfg, data)
             proc = spawn_cli(["worker", "--loglevel", "warning", *overrides], tmp / "log")
         else:
-            proc = spawn(["-m", "stream.bench", *overrides], tmp / "log")
+            proc = spawn(["-m", "lrustream.bench.stream", *overrides], tmp / "log")
         try:
             n, rate, _ = output_stats(cfg, events, timeout_s=events / 500 + 120)
             log(f"{kind:6s}: {n} of {events} events out, {rate:,.0f} events/s (drain of a pre-loaded topic)")

@@ -8,7 +8,6 @@ starts; :class:`ConfigError` carries the one-line reason the CLI prints, naming 
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import reduce
@@ -18,12 +17,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from lrustream.kernel.errors import LrustreamError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message is one line meant for a human."""
+class ConfigError(LrustreamError, ValueError):
+    """A configuration that cannot be used; the message is one line meant for a human (exit 2)."""
+
+    exit_code = 2
 
 
 @dataclass
@@ -206,7 +209,7 @@ class HttpConfig:
     allow_open: bool = False
     """Listening beyond loopback without ``http.token`` is refused unless this is true (an operator's explicit
     opt-in, e.g. in a container whose port is published on the host's loopback only): see
-    :func:`check_http_exposure`."""
+    :func:`lrustream.kernel.http.check_http_exposure`."""
 
 
 @dataclass
@@ -378,7 +381,7 @@ def _check(cfg: Config) -> None:
 
 
 def sasl_mechanism(cfg: Config) -> str | None:
-    """The SASL mechanism every Kafka client gets (librdkafka and Faust alike; stream/kafka.py): None unless
+    """The SASL mechanism every Kafka client gets (librdkafka and Faust alike; lrustream/kernel/kafka.py): None unless
     ``kafka.security.protocol`` is SASL_*, then ``kafka.security.sasl_mechanism``, which is required, as are the
     username and password it authenticates with (no client default applies: librdkafka's is GSSAPI, aiokafka's
     PLAIN). Raises :class:`ConfigError` naming the key; runs at load time and again for every client mapping."""
@@ -398,28 +401,6 @@ def sasl_mechanism(cfg: Config) -> str | None:
     return sec.sasl_mechanism
 
 
-def is_loopback(host: str) -> bool:
-    """``localhost`` or a loopback address; any other name (or "" = every interface) may reach the network."""
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_http_exposure(cfg: Config, port: int | None = None) -> str | None:
-    """Before an HTTP API listens on ``http.host`` (port ``port``, default ``http.port``): None when it stays on
-    loopback or ``http.token`` guards it; a warning line for the log when it is open by the operator's choice
-    (``http.allow_open``); otherwise :class:`ConfigError`, so an unguarded API never starts by accident."""
-    host, port = cfg.http.host, cfg.http.port if port is None else port
-    if is_loopback(host) or cfg.http.token:
-        return None
-    if not cfg.http.allow_open:
-        raise ConfigError(f"http.host={host} listens beyond loopback without http.token: set http.token "
-                          "(LRUSTREAM_HTTP_TOKEN), listen on 127.0.0.1, or set http.allow_open=true to serve it open")
-    return (f"HTTP API on {host}:{port} without http.token (http.allow_open=true): anyone who reaches this port "
-            "can use it (the worker's POST /refresh included); set LRUSTREAM_HTTP_TOKEN or keep the port private")
-
-
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
@@ -435,5 +416,5 @@ def resolve_path(path: str) -> Path:
     return Path(path).expanduser().resolve()
 
 
-__all__ = ["Config", "ConfigError", "DictConfig", "as_dict", "check_http_exposure", "load_config",
-           "resolve_path", "sasl_mechanism", "to_yaml"]
+__all__ = ["Config", "ConfigError", "DictConfig", "as_dict", "load_config", "resolve_path", "sasl_mechanism",
+           "to_yaml"]

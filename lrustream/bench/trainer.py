@@ -7,14 +7,14 @@ from collections.abc import Callable
 
 import torch
 
+from lrustream.bench import median_seconds
 from models import build_model
-from models.bench import _median_seconds
 
 
 def train_step(data: str, model_name: str = "lrurec", batch: int = 128, max_len: int = 200, steps: int = 10,
                log: Callable[[str], None] = print) -> float:
     """Median seconds per training step (AdamW, clip 5) on real data windows."""
-    from lrustream.config import TrainConfig
+    from lrustream.kernel.config import TrainConfig
     from trainer.data import load_sequences
     from trainer.offline import batches, leave_one_out, make_optimizer, sequence_loss
 
@@ -35,7 +35,7 @@ def train_step(data: str, model_name: str = "lrurec", batch: int = 128, max_len:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
 
-    seconds = _median_seconds(one, steps, warmup=3)
+    seconds = median_seconds(one, steps, warmup=3)
     log(f"{model_name} training step on {seqs.name}, batch {batch} x {max_len}: {seconds:.3f} s/step "
         f"(median of {steps}, {torch.get_num_threads()} threads)")
     return seconds

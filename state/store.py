@@ -1,39 +1,9 @@
 """The per-user state store: RocksDB per input partition, made durable and movable by a changelog topic.
 
-Contract (what is durable when, what an offset means):
-
-- Records are keyed by user id and live in the RocksDB of the INPUT partition the user's events arrive on
-  (``{dir}/p{partition}``). Producers key events by user id, so one user is always on one partition.
-- ``commit(p, records, applied_offset)`` is the only write of states (``reset`` and ``expire`` only delete,
-  the same way). It first publishes the records, plus a marker ``applied_offset`` (the highest input offset of
-  partition ``p`` whose effect the records include), to partition ``p`` of the changelog topic and waits for
-  the broker's acknowledgement; only then does it write the same records atomically (one RocksDB WriteBatch)
-  locally, together with the changelog offset they came from. A crash between the two steps loses nothing:
-  the next ``restore`` replays the changelog tail past the local changelog offset.
-- ``restore(p)`` brings the local copy of partition ``p`` up to the changelog's end. It runs before the first
-  event of a partition is served after start-up or after any rebalance (``mark_stale``), so a worker that
-  takes over a partition from another sees that worker's last committed states.
-- One writer per partition, enforced by Kafka (issue 14, item 4). ``ensure_ready`` first *claims* the partition:
-  a transactional producer whose ``transactional.id`` belongs to the partition, so that Kafka fences every
-  earlier writer of it and aborts its open transaction; only then does it restore. Each ``commit`` is one
-  transaction per partition, and a writer that has been fenced is refused (:class:`Fenced`, nothing written,
-  locally or in the changelog): a former owner still in the middle of a batch after a rebalance can never land
-  records after the new owner's. Whoever commits has restored every commit made before its claim, so a retry
-  after ``Fenced`` (claim again, restore, apply only what is not applied yet) is safe too. Restores read
-  committed transactions only.
-- An input offset is applied at most once: each record carries the offset of the last event applied to it,
-  and the partition marker carries the highest applied offset; callers skip events at or below them.
-- Offsets only mean something within one life of the input topic. The marker also stores the topic's identity
-  (``input_identity``: Kafka's topic id); when ``ensure_ready`` finds a marker written for another identity
-  (the topic was deleted and re-created, offsets start at 0 again), it logs an error and resets the partition:
-  every state of it is deleted, locally and in the changelog (tombstones), and serving starts from scratch.
-  A marker written before identities were stored is adopted by the next commit.
-- A state not updated for the state TTL expires: ``expire`` deletes it like ``reset`` does (changelog
-  tombstone first, then locally), so the expiry survives restore and moves with the partition.
-  Input offsets are committed to Kafka only after ``commit`` returns, so every event is applied at least
-  once: together, exactly once per user state.
-
-The store moves bytes; it knows nothing of models (see state/record.py for what a record holds).
+The contract (what is durable when, what an offset means, one writer per partition, restore, deletion) is
+written once, in state/README.md. Here: :class:`PartitionStore` (one partition's RocksDB), :class:`Changelog`
+(the changelog's transactional writers, one per partition, and its reader) and :class:`StateStore` (the two
+together, the API the worker uses: ``ensure_ready``, ``get``, ``commit``, ``reset``, ``expire``).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ Faults are of two kinds, and ``process`` tells them apart so that one record can
   value, timestamp and headers; one too big for the dead-letter topic is written truncated, with headers that
   say so (``lrustream.truncated``, ``lrustream.original.size``, ``lrustream.original.sha256``).
 - **An infrastructure fault** (outputs or changelog not acknowledged, disk errors) raises out of ``process``
-  with nothing committed; the caller retries the whole batch (stream/app.py: bounded back-off, ``/health``
+  with nothing committed; the caller retries the whole batch (stream/worker.py: bounded back-off, ``/health``
   degraded, ``lrustream_batch_retries_total``). A retried batch emits its recommendations again: a consumer
   sees repeats only for the events of that batch, with the same ``source`` (de-duplicated as above).
 - **A partition that moved** while the batch was in flight (a rebalance) makes the changelog refuse the commit

@@ -1,5 +1,5 @@
 """The Faust application of a streaming worker: one agent that micro-batches input events across users and
-hands each batch to :class:`stream.worker.Processor`, plus the operator HTTP endpoints.
+hands each batch to :class:`stream.processor.Processor`, plus the operator HTTP endpoints.
 
 Why no Faust table: table writes need ``current_event()``, which ``take()`` batches do not have
 (faust-streaming #497), and Faust's recovery has open races after hard kills (#596). The state store
@@ -31,9 +31,9 @@ from models.store import ModelStore
 from state.store import Changelog, Fenced, StateStore
 from stream.health import Liveness
 from stream.metrics import WorkerMetrics
+from stream.processor import Fetch, GapFillError, Input, Processor
 from stream.serving import Serving
 from stream.topics import create_topics, topic_id
-from stream.worker import Fetch, GapFillError, Input, Processor
 
 log = logging.getLogger("lrustream.worker")
 

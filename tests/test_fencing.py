@@ -21,9 +21,9 @@ from lrustream.kernel.config import Config
 from lrustream.kernel.kafka import librdkafka_config, producer_config
 from models.store import ModelStore
 from state.store import Changelog, StateError, StateStore
+from stream.processor import Input, Processor
 from stream.serving import Serving
 from stream.topics import create_topics
-from stream.worker import Input, Processor
 from tests.streamkit import publish_model
 
 pytestmark = pytest.mark.kafka

@@ -19,8 +19,8 @@ from models import build_model
 from models.store import ModelStore
 from models.vocab import Vocabulary
 from state.store import StateStore
+from stream.processor import DLQ_TRUNCATED_VALUE_BYTES, Input, OutputError, Processor, Stopping
 from stream.serving import Serving
-from stream.worker import DLQ_TRUNCATED_VALUE_BYTES, Input, OutputError, Processor, Stopping
 
 
 class RecordingProducer:

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from confluent_kafka import KafkaError, KafkaException
 
+from lrustream.kernel.config import StreamConfig, TopicsConfig
 from lrustream.kernel.errors import LrustreamError
 from lrustream.kernel.kafka import produce
 from models.base import padded_steps
@@ -128,24 +129,19 @@ raises :class:`GapFillError` rather than yield less than the whole range."""
 class Processor:
     """Applies micro-batches. Single-threaded: call ``process`` and ``swap`` from one thread at a time."""
 
-    def __init__(self, serving: Serving, store: StateStore, producer: Any, *, topics: Any, top_k: int = 10,
-                 exclude_seen: bool = True, unknown_items: str = "dlq", max_value_bytes: int = 65536,
-                 min_step_rows: int = 16, state_dtype: str = "float32", fetch: Fetch | None = None,
-                 metrics: WorkerMetrics | None = None, training_examples: bool = False,
-                 vocab_of: Callable[[str], Vocabulary] | None = None) -> None:
+    def __init__(self, serving: Serving, store: StateStore, producer: Any, *, stream: StreamConfig,
+                 topics: TopicsConfig, state_dtype: str, fetch: Fetch | None = None,
+                 metrics: WorkerMetrics | None = None, vocab_of: Callable[[str], Vocabulary] | None = None) -> None:
+        """``stream`` and ``topics`` are the config's sections, ``state_dtype`` is ``state.dtype``; without
+        ``fetch`` skipped offsets are not filled (step 2)."""
         self.serving = serving
         self.store = store
         self.producer = producer
+        self.stream = stream
         self.topics = topics
-        self.top_k = top_k
-        self.exclude_seen = exclude_seen
-        self.unknown_items = unknown_items
-        self.max_value_bytes = max_value_bytes
-        self.min_step_rows = min_step_rows
         self.state_dtype = state_dtype
         self.fetch = fetch
         self.metrics = metrics or WorkerMetrics()
-        self.training_examples = training_examples
         self.vocab_of = vocab_of  # a version's vocabulary: ids in windows stored under it mean its items
         self.metrics.set_version(serving.version)
         self.stopping = threading.Event()  # set from another thread: abandon the batch in hand (see Stopping)
@@ -199,7 +195,7 @@ class Processor:
         served = self._parse(todo, dead)
         records, outputs = self._apply_isolating(served, result, dead)
         self._errors = []
-        if self.training_examples:
+        if self.stream.emit_training_examples:
             self._examples(records, outputs)
         self._emit(outputs, dead)
         commits = {p: ({}, max([applied[p], *(i.offset for i in by_part[p])])) for p in by_part}
@@ -216,7 +212,7 @@ class Processor:
         served = []
         for inp in inputs:
             try:
-                event = parse_event(inp.value, inp.key, inp.timestamp_ms, self.max_value_bytes)
+                event = parse_event(inp.value, inp.key, inp.timestamp_ms, self.stream.max_value_bytes)
                 idx = vocab.get(event.item_id)
             except BadEvent as exc:
                 dead.append((inp, str(exc)))
@@ -226,7 +222,7 @@ class Processor:
                 continue
             if idx is not None and idx <= n:
                 served.append(_Served(inp, event, idx, None))
-            elif self.unknown_items == "oov":
+            elif self.stream.unknown_items == "oov":
                 served.append(_Served(inp, event, oov, event.item_id))
             else:
                 dead.append((inp, f"unknown item: {event.item_id[:64]}"))
@@ -337,7 +333,7 @@ class Processor:
         items = torch.zeros(len(users), k, dtype=torch.long)
         for row, u in enumerate(users):
             items[row, : len(per_user[u])] = torch.tensor([s.item for s in per_user[u]])
-        state, hidden = padded_steps(model, state, items, self.min_step_rows)
+        state, hidden = padded_steps(model, state, items, self.stream.min_step_rows)
         order = [(i, j) for i, u in enumerate(users) for j in range(len(per_user[u]))]
         h_all = hidden[items > 0]  # [E, d], user by user, each user's events in order
         windows = self._seen_windows(users, per_user, records, order)
@@ -370,12 +366,12 @@ class Processor:
     def _rank(self, h: torch.Tensor, windows: torch.Tensor, events: list[_Served]) -> list[dict[str, Any]]:
         serving = self.serving
         n = len(events)
-        if n < self.min_step_rows:
-            h = torch.cat([h, h.new_zeros(self.min_step_rows - n, h.shape[1])])
+        if n < self.stream.min_step_rows:
+            h = torch.cat([h, h.new_zeros(self.stream.min_step_rows - n, h.shape[1])])
         scores = serving.model.score(h)[:n]
-        if self.exclude_seen:
+        if self.stream.exclude_seen:
             scores.scatter_(1, windows, float("-inf"))
-        k = min(self.top_k, serving.num_items)
+        k = min(self.stream.top_k, serving.num_items)
         top_scores, top_items = torch.topk(scores, k, dim=1)
         top_scores, top_items = top_scores.tolist(), top_items.tolist()
         item_of, version = serving.vocab.item_of, serving.version

@@ -1,5 +1,7 @@
 """The Faust application of a streaming worker: one agent that micro-batches input events across users and
-hands each batch to :class:`stream.processor.Processor`, plus the operator HTTP endpoints.
+hands each batch to :class:`stream.processor.Processor`, plus the operator HTTP endpoints. What a batch applies,
+emits and commits, and which faults are retried, is the contract in stream/processor.py's docstring (stated
+there only); here is what runs around it: the retries, the hot swap, housekeeping and the stop on a signal.
 
 Why no Faust table: table writes need ``current_event()``, which ``take()`` batches do not have
 (faust-streaming #497), and Faust's recovery has open races after hard kills (#596). The state store
@@ -98,12 +100,8 @@ class Worker:
         self.store = StateStore(state_dir(cfg), changelog,
                                 input_identity=functools.partial(topic_id, cfg, cfg.topics.interactions))
         self.producer = Producer(producer_config(cfg, **{"linger.ms": 2, "acks": "all"}))
-        s = cfg.stream
-        self.processor = Processor(self.serving, self.store, self.producer, topics=cfg.topics, top_k=s.top_k,
-                                   exclude_seen=s.exclude_seen, unknown_items=s.unknown_items,
-                                   max_value_bytes=s.max_value_bytes, min_step_rows=s.min_step_rows,
+        self.processor = Processor(self.serving, self.store, self.producer, stream=cfg.stream, topics=cfg.topics,
                                    state_dtype=cfg.state.dtype, fetch=fetch_range(cfg), metrics=self.metrics,
-                                   training_examples=s.emit_training_examples,
                                    vocab_of=functools.lru_cache(maxsize=8)(self.model_store.vocabulary))
         self.started = time.time()
         self.batches = 0
@@ -357,7 +355,7 @@ class Worker:
         """On SIGTERM/SIGINT: a batch blocked on acknowledgements or a full producer queue gives up now (see
         Processor), and the process exits ``stream.stop_timeout_s`` later if Faust's own stop has not finished
         (with the broker gone, its consumer waits on requests for minutes). Exiting then is a crash, which the
-        durability contract covers: nothing uncommitted is lost, it is redelivered."""
+        durability contract (stream/processor.py) covers: nothing uncommitted is lost, it is redelivered."""
         self.processor.stopping.set()
         if self.store.changelog is not None:
             self.store.changelog.stopping.set()

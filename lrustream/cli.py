@@ -377,7 +377,7 @@ def worker_cmd(
     overrides: Overrides = None,
 ) -> None:
     """Serve recommendations: consume interactions, advance per-user states, emit top-K (until Ctrl-C)."""
-    from stream.app import Worker
+    from stream.worker import Worker
 
     Worker(cfg_of(config, overrides)).run(loglevel)
 
@@ -398,7 +398,7 @@ def state_inspect(
 
     from models.store import ModelStore, ModelStoreError
     from state.store import find_user
-    from stream.app import state_dir
+    from stream.worker import state_dir
 
     cfg = cfg_of(config, overrides)
     found = find_user(state_dir(cfg), user)

@@ -1,4 +1,4 @@
-"""The ``training-examples`` topic's wire format: written by the worker (stream/worker.py), read by the trainer.
+"""The ``training-examples`` topic's wire format: written by the worker (stream/processor.py), read by the trainer.
 
 One record per served user per micro-batch, keyed by the user id (UTF-8), value a JSON object
 ``{"user_id": "42", "items": [external item ids, the user's latest window, oldest first], "new": 3}``: the last

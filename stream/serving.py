@@ -1,7 +1,7 @@
 """The model version a worker serves: weights, vocabulary and version id, loaded only through the model store.
 
 Swapping is replacing one ``Serving`` by another between micro-batches; states made by another version are
-re-derived from their stored item window (see stream/worker.py), never advanced with the new weights.
+re-derived from their stored item window (see stream/processor.py), never advanced with the new weights.
 """
 
 from __future__ import annotations

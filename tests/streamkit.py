@@ -18,16 +18,20 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from confluent_kafka import Consumer, Producer
 
 from lrustream.broker import free_port
-from lrustream.kernel.config import Config
+from lrustream.kernel.config import Config, StateConfig, StreamConfig
 from lrustream.kernel.kafka import high_watermarks, librdkafka_config, produce_all, producer_config, topic_partitions
 from models import build_model
 from models.store import ModelStore
 from models.vocab import Vocabulary
+from state.store import StateStore
+from stream.processor import Processor
+from stream.serving import Serving
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -174,12 +178,19 @@ class WorkerProcess:
                 self.proc.wait(10)
 
 
+def build_processor(cfg: Config, serving: Serving, store: StateStore, producer: Any,
+                    stream: StreamConfig | None = None, **collaborators: Any) -> Processor:
+    """A Processor run in process, by default as these tests have always run it: the stream section's defaults
+    without training examples, states stored as the state section's default dtype, ``cfg``'s topics;
+    ``collaborators`` (fetch, metrics, vocab_of) as the Worker would pass them."""
+    return Processor(serving, store, producer, stream=stream or StreamConfig(emit_training_examples=False),
+                     topics=cfg.topics, state_dtype=StateConfig().dtype, **collaborators)
+
+
 def reference(cfg: Config, events: list[tuple[str, str]], top_k: int = 10, version: str | None = None
               ) -> dict[str, dict]:
     """What serving each user's events one by one, offline, gives: per user the list of top-K lists (and
     scores) and the final state bytes. The specification the worker is checked against."""
-    from stream.serving import Serving
-
     serving = Serving.load(ModelStore(cfg.model_store.dir), version)
     model, vocab = serving.model, serving.vocab
     per_user: dict[str, list[str]] = {}

@@ -21,10 +21,10 @@ from lrustream.kernel.config import Config
 from lrustream.kernel.kafka import librdkafka_config, producer_config
 from models.store import ModelStore
 from state.store import Changelog, StateError, StateStore
+from stream.processor import Input, Processor
 from stream.serving import Serving
 from stream.topics import create_topics
-from stream.worker import Input, Processor
-from tests.streamkit import publish_model
+from tests.streamkit import build_processor, publish_model
 
 pytestmark = pytest.mark.kafka
 
@@ -59,9 +59,9 @@ def _changelog(cfg: Config) -> Changelog:
     return Changelog(librdkafka_config(cfg), cfg.topics.state_changelog)
 
 
-def _worker(cfg: Config, store: StateStore) -> Processor:
+def _processor(cfg: Config, store: StateStore) -> Processor:
     producer = Producer(producer_config(cfg, **{"acks": "all"}))
-    return Processor(Serving.load(ModelStore(cfg.model_store.dir)), store, producer, topics=cfg.topics)
+    return build_processor(cfg, Serving.load(ModelStore(cfg.model_store.dir)), store, producer)
 
 
 def _states(processor: Processor, users: list[str]) -> dict[str, tuple[bytes, int, list[int]]]:
@@ -75,7 +75,7 @@ def _states(processor: Processor, users: list[str]) -> dict[str, tuple[bytes, in
 
 def _restored(cfg: Config, tmp_path: Path, name: str) -> Processor:
     """A third worker that takes the partition over now: what it restores is what the changelog holds."""
-    processor = _worker(cfg, StateStore(tmp_path / name, _changelog(cfg)))
+    processor = _processor(cfg, StateStore(tmp_path / name, _changelog(cfg)))
     processor.store.ensure_ready(0)
     return processor
 
@@ -85,12 +85,12 @@ def test_a_former_owner_mid_batch_is_fenced_and_its_retry_restores_first(kafka_c
     create_topics(kafka_cfg)
     publish_model(kafka_cfg, num_items=40)
     users = [f"u{k}" for k in range(7)]
-    clean = _worker(kafka_cfg, StateStore(tmp_path / "clean"))  # the run that never moved (no changelog)
+    clean = _processor(kafka_cfg, StateStore(tmp_path / "clean"))  # the run that never moved (no changelog)
     for first, last in ((0, 10), (10, 30), (30, 40)):
         clean.process(_events(first, last))
 
     old_changelog = PausingChangelog(librdkafka_config(kafka_cfg), kafka_cfg.topics.state_changelog)
-    old = _worker(kafka_cfg, StateStore(tmp_path / "old-owner", old_changelog))
+    old = _processor(kafka_cfg, StateStore(tmp_path / "old-owner", old_changelog))
     old.process(_events(0, 10))
     old_changelog.pause_next = True
     failure: list[BaseException] = []
@@ -106,7 +106,7 @@ def test_a_former_owner_mid_batch_is_fenced_and_its_retry_restores_first(kafka_c
     assert old_changelog.paused.wait(60), "the old owner reached its changelog write"
 
     # the rebalance: the partition moves to a new owner
-    new = _worker(kafka_cfg, StateStore(tmp_path / "new-owner", _changelog(kafka_cfg)))
+    new = _processor(kafka_cfg, StateStore(tmp_path / "new-owner", _changelog(kafka_cfg)))
     new.process(_events(10, 30))
     old_changelog.resume.set()
     thread.join(60)

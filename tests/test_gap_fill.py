@@ -13,9 +13,9 @@ from confluent_kafka import Producer
 
 from lrustream.kernel.config import Config
 from lrustream.kernel.kafka import producer_config
-from stream.app import fetch_range
+from stream.processor import GapFillError, Input
 from stream.topics import create_topics
-from stream.worker import GapFillError, Input
+from stream.worker import fetch_range
 from tests.test_processor import RecordingProducer, _event, _processor, _sent
 
 

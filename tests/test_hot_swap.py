@@ -144,10 +144,10 @@ def test_a_version_that_failed_to_load_for_a_transient_reason_is_tried_again_a_c
         kafka_cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
 
-    import stream.app
-    from stream.app import Worker
+    import stream.worker
+    from stream.worker import Worker
 
-    monkeypatch.setattr(stream.app, "RETRY_LOAD_AFTER_S", 0.0)
+    monkeypatch.setattr(stream.worker, "RETRY_LOAD_AFTER_S", 0.0)
     store = ModelStore(kafka_cfg.model_store.dir)
     v1 = publish_model(kafka_cfg, seed=0)
     worker = Worker(kafka_cfg)

@@ -14,13 +14,15 @@ import pytest
 import torch
 from confluent_kafka import KafkaError
 
-from lrustream.kernel.config import load_config
+from lrustream.kernel.config import StreamConfig, load_config
 from models import build_model
 from models.store import ModelStore
 from models.vocab import Vocabulary
 from state.store import StateStore
+from stream.examples import decode_example
+from stream.processor import DLQ_TRUNCATED_VALUE_BYTES, Input, OutputError, Processor, Stopping
 from stream.serving import Serving
-from stream.worker import DLQ_TRUNCATED_VALUE_BYTES, Input, OutputError, Processor, Stopping
+from tests.streamkit import build_processor
 
 
 class RecordingProducer:
@@ -71,8 +73,8 @@ def test_rollback_to_a_smaller_vocabulary_rederives_states_holding_newer_items(t
     model.grow_items(41)
     v2 = store.publish(model, Vocabulary([*(f"i{k}" for k in range(1, 41)), "new-item"])).version
     producer = RecordingProducer()
-    processor = Processor(Serving.load(store, v2), StateStore(tmp_path / "state"), producer, topics=cfg.topics,
-                          vocab_of=functools.lru_cache(maxsize=8)(store.vocabulary))
+    processor = build_processor(cfg, Serving.load(store, v2), StateStore(tmp_path / "state"), producer,
+                                vocab_of=functools.lru_cache(maxsize=8)(store.vocabulary))
     processor.process([_event("u", "i3", 0), _event("u", "new-item", 1)])
     processor.swap(Serving.load(store, v1))
     result = processor.process([_event("u", "i5", 2)])
@@ -84,14 +86,15 @@ def test_rollback_to_a_smaller_vocabulary_rederives_states_holding_newer_items(t
     assert [r["model_version"] for r in recs] == [v2, v2, v1]
 
 
-def _processor(tmp_path: Path, producer: RecordingProducer, name: str = "state") -> tuple[Processor, object]:
+def _processor(tmp_path: Path, producer: RecordingProducer, name: str = "state",
+               stream: StreamConfig | None = None) -> tuple[Processor, object]:
     cfg = load_config(overrides=[f"model_store.dir={tmp_path / 'models'}"])
     store = ModelStore(cfg.model_store.dir)
     if store.current() is None:
         torch.manual_seed(0)
         store.publish(build_model("lrurec", 40, d_model=16, num_layers=1, max_len=20),
                       Vocabulary(f"i{k}" for k in range(1, 41)))
-    return Processor(Serving.load(store), StateStore(tmp_path / name), producer, topics=cfg.topics), cfg.topics
+    return build_processor(cfg, Serving.load(store), StateStore(tmp_path / name), producer, stream), cfg.topics
 
 
 def _sent(producer: RecordingProducer, topic: str) -> list[dict]:
@@ -165,6 +168,24 @@ def test_a_dead_letter_the_topic_refuses_as_too_large_goes_again_as_headers_only
     assert dict(stub["headers"])["lrustream.truncated"] == b"true"
     assert dict(stub["headers"])["lrustream.reason"] == b"not a JSON object: list"
     assert processor.store.applied_offset(0) == 2
+
+
+def test_the_processor_reads_its_settings_from_the_stream_section(tmp_path: Path) -> None:
+    """The Worker hands the processor the config's sections as they are: top_k, exclude_seen, unknown_items,
+    max_value_bytes and emit_training_examples are read from ``stream``, the topics from ``topics``."""
+    producer = RecordingProducer()
+    stream = StreamConfig(top_k=40, exclude_seen=False, unknown_items="oov", max_value_bytes=100)
+    processor, topics = _processor(tmp_path, producer, stream=stream)
+    long_value = json.dumps({"user_id": "u1", "item_id": "i4", "ts": 1, "pad": "x" * 100}).encode()
+    result = processor.process([_event("u1", "i3", 0), _event("u1", "not-an-item", 1),
+                                Input(0, 2, b"u1", long_value, 3)])
+    assert (result.served, result.dead_lettered) == (2, 1)
+    recs = [json.loads(r["value"]) for r in _sent(producer, topics.recommendations)]
+    assert [len(r["items"]) for r in recs] == [40, 40], "all 40 items: none excluded as seen"
+    [example] = [decode_example(r["value"]) for r in _sent(producer, topics.training_examples)]
+    assert (example.items, example.new) == (["i3", "not-an-item"], 2)
+    [dead] = _sent(producer, topics.dlq)
+    assert dict(dead["headers"])["lrustream.reason"].startswith(b"oversized value")
 
 
 def test_a_recommendation_not_acknowledged_fails_the_batch_and_commits_nothing(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ from rocksdict import Rdict
 
 from lrustream.kernel.config import Config, load_config
 from state.store import PartitionStore, find_user
-from stream.app import state_dir
 from stream.topics import create_topics
+from stream.worker import state_dir
 from tests.streamkit import (
     WorkerProcess,
     end_offsets,

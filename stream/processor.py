@@ -1,0 +1,508 @@
+"""The per-micro-batch work of a streaming worker, independent of Faust so it can be reasoned about and tested.
+
+For one micro-batch of raw input records (any users, any partitions) :meth:`Processor.process`:
+
+1. restores a partition's states from the changelog the first time it is seen since a rebalance;
+2. guards against consumer skips (faust-streaming #596): if a partition's first offset is past the last
+   applied offset + 1, the missing records are fetched directly from Kafka, in bounded chunks, and applied
+   and committed first, chunk by chunk (all of them, or the batch fails);
+3. skips records at or below the offset already applied (redelivery after a crash: never applied twice);
+4. parses and validates each record; bad ones go to the dead-letter topic with a reason;
+5. advances every user's state by all of its events in the batch with ONE batched ``model.steps`` call
+   (exactly ``step`` per event, in offset order; padded to a fixed minimum of rows so a user's numbers never
+   depend on how the stream was cut into batches); a state made by another model version is first
+   re-derived from the user's stored item window with the serving model (``prefill``);
+6. scores, filters items already in the user's window, and emits one recommendation per served event;
+7. waits until recommendations and dead letters are acknowledged, then commits the states (changelog, then
+   local RocksDB). Only after ``process`` returns may the input offsets be committed.
+
+So after any crash every event yields at least one recommendation, and every state has applied every event
+exactly once. A consumer that must not see repeats de-duplicates recommendations by
+(``source.partition``, ``source.offset``), which is unique per input event.
+
+Faults are of two kinds, and ``process`` tells them apart so that one record can never stall a partition:
+
+- **A poison record** costs only itself. A record that cannot be parsed, mapped or scored is dead-lettered with
+  its reason; when the batched model work raises, the batch's events are applied one at a time and only those
+  that still raise are dead-lettered ("processing failed: ..."). A dead-letter copy keeps the original key,
+  value, timestamp and headers; one too big for the dead-letter topic is written truncated, with headers that
+  say so (``lrustream.truncated``, ``lrustream.original.size``, ``lrustream.original.sha256``).
+- **An infrastructure fault** (outputs or changelog not acknowledged, disk errors) raises out of ``process``
+  with nothing committed; the caller retries the whole batch (stream/worker.py: bounded back-off, ``/health``
+  degraded, ``lrustream_batch_retries_total``). A retried batch emits its recommendations again: a consumer
+  sees repeats only for the events of that batch, with the same ``source`` (de-duplicated as above).
+- **A partition that moved** while the batch was in flight (a rebalance) makes the changelog refuse the commit
+  (``state.store.Fenced``: another worker has claimed the partition since, state/store.py); it is retried like
+  an infrastructure fault, and the retry claims and restores the partition first, so it applies only what the
+  new owner has not.
+
+``stopping`` (set on SIGTERM) makes a batch that waits for acknowledgements give up within half a second
+(:class:`Stopping`); nothing of it is committed, so it is redelivered to whoever owns the partition next.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from confluent_kafka import KafkaError, KafkaException
+
+from lrustream.kernel.config import StreamConfig, TopicsConfig
+from lrustream.kernel.errors import LrustreamError
+from lrustream.kernel.kafka import produce
+from models.base import padded_steps
+from models.vocab import Vocabulary
+from state.record import UserRecord, push_items
+from state.store import Fenced, StateError, StateStore
+from stream.events import BadEvent, Event, parse_event
+from stream.examples import encode_example
+from stream.metrics import WorkerMetrics
+from stream.serving import Serving
+
+log = logging.getLogger("lrustream.worker")
+
+DLQ_MAX_RECORD_BYTES = 990_000  # a dead-letter copy larger than this is truncated (the producer's limit: 1 MB)
+DLQ_TRUNCATED_VALUE_BYTES = 65_536  # what a truncated copy keeps of the original value
+DLQ_STUB_MAX_KEY_BYTES = 1_024  # a copy refused even truncated is sent again as headers only (and a short key)
+
+
+class OutputError(LrustreamError):
+    """Recommendations or dead letters were not acknowledged: an infrastructure fault, the batch is retried."""
+
+
+class GapFillError(LrustreamError):
+    """Skipped offsets could not all be fetched: an infrastructure fault, the batch is retried."""
+
+
+class Stopping(LrustreamError):
+    """The worker is stopping: the batch was abandoned before anything of it was committed."""
+
+
+INFRASTRUCTURE_FAULTS = (OutputError, GapFillError, Stopping, StateError, OSError, MemoryError)
+
+
+@dataclass(slots=True)
+class Input:
+    """One raw input record as the consumer delivered it."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None
+    headers: list[tuple[str, bytes]] | None = None
+
+
+@dataclass(slots=True)
+class _Served:
+    """An event ready to be applied: parsed, deduplicated, item mapped."""
+
+    inp: Input
+    event: Event
+    item: int  # internal id (OOV row for unknown items under the "oov" policy)
+    unknown: str | None  # the external id when the vocabulary lacks it
+
+
+@dataclass
+class BatchResult:
+    served: int = 0
+    dead_lettered: int = 0
+    skipped: int = 0
+    gap_filled: int = 0
+    rederived: int = 0
+
+
+Fetch = Callable[[int, int, int], Iterable[list[Input]]]
+"""(partition, first, last), offsets inclusive -> the records in that range, in order, in bounded chunks; it
+raises :class:`GapFillError` rather than yield less than the whole range."""
+
+
+class Processor:
+    """Applies micro-batches. Single-threaded: call ``process`` and ``swap`` from one thread at a time."""
+
+    def __init__(self, serving: Serving, store: StateStore, producer: Any, *, stream: StreamConfig,
+                 topics: TopicsConfig, state_dtype: str, fetch: Fetch | None = None,
+                 metrics: WorkerMetrics | None = None, vocab_of: Callable[[str], Vocabulary] | None = None) -> None:
+        """``stream`` and ``topics`` are the config's sections, ``state_dtype`` is ``state.dtype``; without
+        ``fetch`` skipped offsets are not filled (step 2)."""
+        self.serving = serving
+        self.store = store
+        self.producer = producer
+        self.stream = stream
+        self.topics = topics
+        self.state_dtype = state_dtype
+        self.fetch = fetch
+        self.metrics = metrics or WorkerMetrics()
+        self.vocab_of = vocab_of  # a version's vocabulary: ids in windows stored under it mean its items
+        self.metrics.set_version(serving.version)
+        self.stopping = threading.Event()  # set from another thread: abandon the batch in hand (see Stopping)
+        self._errors: list[str] = []
+        self._refused_too_large: list[tuple[Input, str]] = []  # dead letters the DLQ topic refused as too big
+
+    # ----- model swap -------------------------------------------------------------------------------------------
+    def swap(self, serving: Serving) -> None:
+        """Serve another version from the next micro-batch on (states are re-derived lazily, per user)."""
+        self.serving = serving
+        self.metrics.set_version(serving.version)
+
+    # ----- one micro-batch --------------------------------------------------------------------------------------
+    def process(self, batch: list[Input]) -> BatchResult:
+        result = BatchResult()
+        try:
+            for p in sorted({i.partition for i in batch}):
+                self.store.ensure_ready(p)
+                self._fill_gap(p, min(i.offset for i in batch if i.partition == p), result)
+            outputs = self._apply_batch(batch, result)
+        except Fenced as exc:  # counted here: the caller may be gone by now (a rebalance cancels Faust's agent)
+            self.metrics.fenced.inc()
+            log.warning("%s; nothing of this batch is committed here", exc)
+            raise
+        self._observe(batch, result, outputs)
+        return result
+
+    def _fill_gap(self, p: int, first: int, result: BatchResult) -> None:
+        """Apply the offsets the consumer skipped (faust-streaming #596) between partition ``p``'s applied marker
+        and ``first``: fetched directly, in bounded chunks, each applied and committed like a micro-batch. ``fetch``
+        yields the whole range or raises (GapFillError), so the marker never passes an offset not applied."""
+        applied = self.store.applied_offset(p)
+        if applied < 0 or first <= applied + 1 or self.fetch is None:
+            return
+        log.warning("partition %d: consumer skipped offsets %d..%d; fetching them directly", p, applied + 1,
+                    first - 1)
+        for chunk in self.fetch(p, applied + 1, first - 1):
+            result.gap_filled += len(chunk)
+            self._apply_batch(chunk, result)
+
+    def _apply_batch(self, batch: list[Input], result: BatchResult) -> list[dict[str, Any]]:
+        """Steps 3-7 for records whose partitions are ready and gap-free; returns the recommendations emitted."""
+        by_part: dict[int, list[Input]] = {}
+        for inp in batch:
+            by_part.setdefault(inp.partition, []).append(inp)
+        applied = {p: self.store.applied_offset(p) for p in by_part}
+        todo = [i for p, inputs in sorted(by_part.items()) for i in sorted(inputs, key=lambda i: i.offset)
+                if i.offset > applied[p]]
+        result.skipped += len(batch) - len(todo)
+        dead: list[tuple[Input, str]] = []
+        served = self._parse(todo, dead)
+        records, outputs = self._apply_isolating(served, result, dead)
+        self._errors = []
+        if self.stream.emit_training_examples:
+            self._examples(records, outputs)
+        self._emit(outputs, dead)
+        commits = {p: ({}, max([applied[p], *(i.offset for i in by_part[p])])) for p in by_part}
+        for (p, user), record in records.items():
+            commits[p][0][user] = record
+        self.store.commit(commits)
+        result.served += len(outputs)
+        result.dead_lettered += len(dead)
+        return outputs
+
+    def _parse(self, inputs: list[Input], dead: list[tuple[Input, str]]) -> list[_Served]:
+        vocab, n = self.serving.vocab, self.serving.num_items
+        oov = self.serving.model.oov_index
+        served = []
+        for inp in inputs:
+            try:
+                event = parse_event(inp.value, inp.key, inp.timestamp_ms, self.stream.max_value_bytes)
+                idx = vocab.get(event.item_id)
+            except BadEvent as exc:
+                dead.append((inp, str(exc)))
+                continue
+            except Exception as exc:  # parse_event promises BadEvent only; a record must never fail its batch
+                dead.append((inp, _failure("unreadable record", exc)))
+                continue
+            if idx is not None and idx <= n:
+                served.append(_Served(inp, event, idx, None))
+            elif self.stream.unknown_items == "oov":
+                served.append(_Served(inp, event, oov, event.item_id))
+            else:
+                dead.append((inp, f"unknown item: {event.item_id[:64]}"))
+        return served
+
+    # ----- the model work -----------------------------------------------------------------------------------
+    def _apply_isolating(self, served: list[_Served], result: BatchResult, dead: list[tuple[Input, str]]
+                         ) -> tuple[dict[tuple[int, str], UserRecord], list[dict[str, Any]]]:
+        """``_apply`` on the whole batch; if its model work raises (not an infrastructure fault), the events one
+        at a time in offset order, each from the state the previous ones left, dead-lettering those that raise.
+        Padded steps make a user's numbers the same either way."""
+        counts = (result.skipped, result.rederived)
+        try:
+            return self._apply(served, result)
+        except INFRASTRUCTURE_FAULTS:
+            raise
+        except Exception as exc:
+            log.error("model work of a micro-batch failed (%s: %s); applying its %d events one by one",
+                      type(exc).__name__, exc, len(served))
+        result.skipped, result.rederived = counts
+        records: dict[tuple[int, str], UserRecord] = {}
+        outputs: list[dict[str, Any]] = []
+        for s in served:
+            try:
+                advanced, out = self._apply([s], result, records)
+            except INFRASTRUCTURE_FAULTS:
+                raise
+            except Exception as exc:
+                dead.append((s.inp, _failure("processing failed", exc)))
+                continue
+            records.update(advanced)
+            outputs += out
+        return records, outputs
+
+    def _apply(self, served: list[_Served], result: BatchResult,
+               known: dict[tuple[int, str], UserRecord] | None = None
+               ) -> tuple[dict[tuple[int, str], UserRecord], list[dict[str, Any]]]:
+        """Advance and score; ``known`` holds records already advanced in this batch (else the store's)."""
+        per_user: dict[tuple[int, str], list[_Served]] = {}
+        for s in served:
+            per_user.setdefault((s.inp.partition, s.event.user_id), []).append(s)
+        records = self._load(per_user, result, known or {})
+        for u, evs in list(per_user.items()):  # per-user guard: an offset at or below the record's is never re-applied
+            fresh = [s for s in evs if s.inp.offset > records[u].offset]
+            result.skipped += len(evs) - len(fresh)
+            if fresh:
+                per_user[u] = fresh
+            else:
+                del per_user[u]
+        if not per_user:
+            return {}, []
+        with torch.inference_mode():
+            return self._advance(per_user, records)
+
+    def _load(self, per_user: dict[tuple[int, str], list[_Served]], result: BatchResult,
+              known: dict[tuple[int, str], UserRecord]) -> dict[tuple[int, str], UserRecord]:
+        """Current records of the batch's users: stored, fresh (new user) or re-derived (other version)."""
+        model, version = self.serving.model, self.serving.version
+        records: dict[tuple[int, str], UserRecord] = {}
+        stale: list[tuple[int, str]] = []
+        for (p, user) in per_user:
+            record = known[(p, user)] if (p, user) in known else self.store.get(p, user)
+            if record is None:
+                blob = model.state_to_bytes(model.init_state(1), self.state_dtype)[0]
+                record = UserRecord(blob, version)
+            elif record.version != version:
+                stale.append((p, user))
+            records[(p, user)] = record
+        if stale:
+            self._rederive([records[u] for u in stale])
+            result.rederived += len(stale)
+        return records
+
+    def _rederive(self, stale: list[UserRecord]) -> None:
+        """Replace states made by another model version with the serving model's parallel read of the window."""
+        serving = self.serving
+        model = serving.model
+        L = max(1, max(len(r.window) for r in stale))
+        items = torch.zeros(len(stale), L, dtype=torch.long)
+        for row, record in enumerate(stale):
+            ext = record.external_window(self._vocab_for(record.version).item_of)
+            known = [idx if (idx := serving.vocab.get(x)) and idx <= serving.num_items else x for x in ext]
+            window, unknown = push_items(np.zeros(0, dtype=np.int32), [], known, model.max_len)
+            if len(window):
+                items[row, L - len(window):] = serving.internal_ids(ext[-len(window):])
+            record.window, record.unknown = window, unknown
+        with torch.inference_mode():
+            state = model.prefill(items)
+        for record, blob in zip(stale, model.state_to_bytes(state, self.state_dtype), strict=True):
+            record.state, record.version = blob, serving.version
+
+    def _vocab_for(self, version: str) -> Vocabulary:
+        """The vocabulary ids stored under ``version`` refer to. Vocabularies only append, so the serving one
+        maps ids of older versions; after a rollback the window may hold ids only the newer version knows."""
+        if self.vocab_of is None or version == self.serving.version:
+            return self.serving.vocab
+        return self.vocab_of(version)
+
+    def _advance(self, per_user: dict[tuple[int, str], list[_Served]], records: dict[tuple[int, str], UserRecord]
+                 ) -> tuple[dict[tuple[int, str], UserRecord], list[dict[str, Any]]]:
+        """ONE batched ``steps`` call advances every user by all of its events in the batch (in offset order),
+        then ONE scoring pass ranks items for every served event."""
+        model = self.serving.model
+        t0 = time.perf_counter()
+        users = list(per_user)
+        state = model.state_from_bytes([records[u].state for u in users], self.state_dtype)
+        k = max(len(per_user[u]) for u in users)
+        items = torch.zeros(len(users), k, dtype=torch.long)
+        for row, u in enumerate(users):
+            items[row, : len(per_user[u])] = torch.tensor([s.item for s in per_user[u]])
+        state, hidden = padded_steps(model, state, items, self.stream.min_step_rows)
+        order = [(i, j) for i, u in enumerate(users) for j in range(len(per_user[u]))]
+        h_all = hidden[items > 0]  # [E, d], user by user, each user's events in order
+        windows = self._seen_windows(users, per_user, records, order)
+        outputs = self._rank(h_all, windows, [per_user[users[i]][j] for i, j in order])
+        blobs = model.state_to_bytes(state, self.state_dtype)
+        now_ms = int(time.time() * 1000)
+        for u, blob in zip(users, blobs, strict=True):
+            record, evs = records[u], per_user[u]
+            record.window, record.unknown = self._pushed(record, evs)
+            record.state, record.offset, record.partition = blob, evs[-1].inp.offset, evs[-1].inp.partition
+            record.updated_ms = now_ms
+        self.metrics.step_latency.observe(time.perf_counter() - t0)
+        return records, outputs
+
+    def _seen_windows(self, users: list[tuple[int, str]], per_user: dict[tuple[int, str], list[_Served]],
+                      records: dict[tuple[int, str], UserRecord], order: list[tuple[int, int]]) -> torch.Tensor:
+        """[E, max_len] item ids each event's recommendation must exclude: the user's window up to the event."""
+        L, n_items = self.serving.model.max_len, self.serving.num_items
+        per_user_windows = []
+        for u in users:
+            prior = records[u].window.astype(np.int64)
+            new = np.array([s.item for s in per_user[u]], dtype=np.int64)
+            full = np.concatenate([np.zeros(L, dtype=np.int64), prior, new])
+            full[(full < 0) | (full > n_items)] = 0  # unknown items have no column
+            views = np.lib.stride_tricks.sliding_window_view(full, L)
+            per_user_windows.append(views[len(prior) + 1: len(prior) + 1 + len(new)])
+        rows = [per_user_windows[i][j] for i, j in order]
+        return torch.from_numpy(np.stack(rows))
+
+    def _rank(self, h: torch.Tensor, windows: torch.Tensor, events: list[_Served]) -> list[dict[str, Any]]:
+        serving = self.serving
+        n = len(events)
+        if n < self.stream.min_step_rows:
+            h = torch.cat([h, h.new_zeros(self.stream.min_step_rows - n, h.shape[1])])
+        scores = serving.model.score(h)[:n]
+        if self.stream.exclude_seen:
+            scores.scatter_(1, windows, float("-inf"))
+        k = min(self.stream.top_k, serving.num_items)
+        top_scores, top_items = torch.topk(scores, k, dim=1)
+        top_scores, top_items = top_scores.tolist(), top_items.tolist()
+        item_of, version = serving.vocab.item_of, serving.version
+        outputs = []
+        for s, items, scs in zip(events, top_items, top_scores, strict=True):
+            keep = [(i, sc) for i, sc in zip(items, scs, strict=True) if sc != float("-inf")]
+            outputs.append({
+                "user_id": s.event.user_id,
+                "items": [item_of(i) for i, _ in keep],
+                "scores": [round(sc, 6) for _, sc in keep],
+                "model_version": version,
+                "source": {"partition": s.inp.partition, "offset": s.inp.offset},
+                "event_id": s.event.event_id,
+                "event_ts": s.event.ts,
+                "kafka_ts": s.inp.timestamp_ms,
+                "emitted_ts": 0,
+            })
+        return outputs
+
+    def _pushed(self, record: UserRecord, evs: list[_Served]) -> tuple[np.ndarray, list[str]]:
+        """The record's window after this batch's events."""
+        return push_items(record.window, record.unknown, [s.unknown if s.unknown is not None else s.item for s in evs],
+                          self.serving.model.max_len)
+
+    def _examples(self, records: dict[tuple[int, str], UserRecord], outputs: list[dict[str, Any]]) -> None:
+        """Each served user's window (external ids) for the trainer's replay buffer: one record per user per
+        batch, with how many of its items are new. Produced with the recommendations, before the commit."""
+        new: dict[tuple[int, str], int] = {}
+        for out in outputs:
+            key = (out["source"]["partition"], out["user_id"])
+            new[key] = new.get(key, 0) + 1
+        item_of = self.serving.vocab.item_of
+        for key, count in new.items():
+            self._produce(self.topics.training_examples,
+                          *encode_example(key[1], records[key].external_window(item_of), count), None)
+
+    # ----- output -----------------------------------------------------------------------------------------------
+    def _emit(self, outputs: list[dict[str, Any]], dead: list[tuple[Input, str]]) -> None:
+        """Produce recommendations and dead letters and wait for their acknowledgement."""
+        now = int(time.time() * 1000)
+        for out in outputs:
+            out["emitted_ts"] = now
+            self._produce(self.topics.recommendations, out["user_id"].encode(),
+                          json.dumps(out, separators=(",", ":")).encode(), None)
+        for inp, reason in dead:
+            self._dead_letter(inp, reason, DLQ_MAX_RECORD_BYTES)
+            self.metrics.dlq.labels(reason=reason.split(":")[0]).inc()
+        self._await_acks()
+        refused, self._refused_too_large = self._refused_too_large, []
+        for inp, reason in refused:  # the topic's own limit is lower than ours: headers only
+            self._dead_letter(inp, reason, 0)
+        if refused:
+            self._await_acks()
+
+    def _dead_letter(self, inp: Input, reason: str, max_bytes: int) -> None:
+        """Send a refused record's copy; one refused by the producer or the topic as too large is sent again with
+        ``max_bytes=0`` (headers only)."""
+        key, value, headers = dead_letter_copy(inp, reason, self.topics.interactions, max_bytes)
+        on_delivery = functools.partial(self._dead_letter_delivered, inp, reason, max_bytes > 0)
+        try:
+            self._produce(self.topics.dlq, key, value, headers, inp.timestamp_ms, on_delivery)
+        except KafkaException as exc:
+            if max_bytes == 0 or exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                raise OutputError(f"dead letter not produced: {exc}") from exc
+            self._dead_letter(inp, reason, 0)
+
+    def _dead_letter_delivered(self, inp: Input, reason: str, may_shrink: bool, err: Any, msg: Any) -> None:
+        if err is not None and may_shrink and err.code() in (KafkaError.MSG_SIZE_TOO_LARGE,
+                                                             KafkaError.RECORD_LIST_TOO_LARGE):
+            self._refused_too_large.append((inp, reason))
+        else:
+            self._delivered(err, msg)
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Any,
+                 timestamp_ms: int | None = None, on_delivery: Callable[[Any, Any], None] | None = None) -> None:
+        produce(self.producer, topic, value, key, headers=headers, timestamp_ms=timestamp_ms,
+                on_delivery=on_delivery or self._delivered, before_wait=self._stop_waiting)
+
+    def _stop_waiting(self) -> None:
+        if self.stopping.is_set():
+            raise Stopping("stopping while the producer queue was full")
+
+    def _delivered(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._errors.append(str(err))
+
+    def _await_acks(self, timeout_s: float = 60.0) -> None:
+        """Wait (in half-second slices, so a stop is seen) until every record produced so far is acknowledged."""
+        deadline = time.monotonic() + timeout_s
+        while (remaining := self.producer.flush(0.5)) and time.monotonic() < deadline:
+            if self.stopping.is_set():
+                raise Stopping(f"stopping with {remaining} records not acknowledged")
+        if remaining:
+            self._errors.append(f"{remaining} records still pending after {timeout_s:.0f} s")
+        if self._errors:
+            raise OutputError(f"output not acknowledged ({self._errors[0]}); the batch will be retried")
+
+    def _observe(self, batch: list[Input], result: BatchResult, outputs: list[dict[str, Any]]) -> None:
+        m = self.metrics
+        m.events.inc(len(batch) + result.gap_filled)
+        m.recommendations.inc(result.served)
+        m.skipped.inc(result.skipped)
+        m.gap_filled.inc(result.gap_filled)
+        m.rederived.inc(result.rederived)
+        m.batch_size.observe(len(batch))
+        m.observe_rate(len(batch))
+        for out in outputs:
+            if out["kafka_ts"]:
+                m.e2r_latency.observe(max(0.0, (out["emitted_ts"] - out["kafka_ts"]) / 1000))
+
+
+def _failure(prefix: str, exc: BaseException) -> str:
+    """A one-line dead-letter reason for an exception raised by one record."""
+    return f"{prefix}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
+def dead_letter_copy(inp: Input, reason: str, source_topic: str, max_bytes: int
+                     ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """(key, value, headers) of a refused record's dead-letter copy: the original key, value and headers plus
+    ours. A copy over ``max_bytes`` keeps the first DLQ_TRUNCATED_VALUE_BYTES of its value (none when
+    ``max_bytes`` is 0, and only the original key when short) and says so with the original's size and sha256."""
+    ours = [("lrustream.reason", reason.encode()), ("lrustream.source.topic", source_topic.encode()),
+            ("lrustream.source.partition", str(inp.partition).encode()),
+            ("lrustream.source.offset", str(inp.offset).encode())]
+    key, value, original = inp.key, inp.value, list(inp.headers or [])
+    size = len(key or b"") + len(value or b"") + sum(len(k) + len(v or b"") for k, v in original)
+    if size <= max_bytes:
+        return key, value, original + ours
+    ours += [("lrustream.truncated", b"true"), ("lrustream.original.size", str(len(value or b"")).encode()),
+             ("lrustream.original.sha256", hashlib.sha256(value or b"").hexdigest().encode())]
+    if max_bytes == 0:
+        short_key = key if key is not None and len(key) <= DLQ_STUB_MAX_KEY_BYTES else None
+        return short_key, None, ours
+    return key, (value or b"")[:DLQ_TRUNCATED_VALUE_BYTES], original + ours

@@ -32,7 +32,7 @@ Faults are of two kinds, and ``process`` tells them apart so that one record can
   degraded, ``lrustream_batch_retries_total``). A retried batch emits its recommendations again: a consumer
   sees repeats only for the events of that batch, with the same ``source`` (de-duplicated as above).
 - **A partition that moved** while the batch was in flight (a rebalance) makes the changelog refuse the commit
-  (``state.store.Fenced``: another worker has claimed the partition since, state/store.py); it is retried like
+  (``state.store.Fenced``: another worker has claimed the partition since, state/README.md); it is retried like
   an infrastructure fault, and the retry claims and restores the partition first, so it applies only what the
   new owner has not.
 

@@ -5,7 +5,7 @@ there only); here is what runs around it: the retries, the hot swap, housekeepin
 
 Why no Faust table: table writes need ``current_event()``, which ``take()`` batches do not have
 (faust-streaming #497), and Faust's recovery has open races after hard kills (#596). The state store
-(state/store.py) has its own changelog and offset guard instead; Faust is the consumer-group member, the
+(state/README.md) has its own changelog and offset guard instead; Faust is the consumer-group member, the
 micro-batcher (``take_events`` acknowledges a batch only after our loop body returns) and the web server.
 """
 
@@ -210,7 +210,7 @@ class Worker:
         batch is abandoned unacknowledged: the agent is cancelled, so Faust does not commit its offsets.
 
         A batch refused because another worker claimed one of its partitions (:class:`Fenced`; why a retry is
-        safe: state/store.py) is retried the same way. The back-off is jittered so that two workers that both
+        safe: state/README.md) is retried the same way. The back-off is jittered so that two workers that both
         believe they own a partition (one has not yet heard of the rebalance) do not keep fencing each other in
         step."""
         delay = 0.2
@@ -239,7 +239,7 @@ class Worker:
         """Every ``housekeeping_interval_s``, whether events flow or not, between two micro-batches: claim and
         restore the partitions this worker owns that no event has made ready yet (their states are then current
         here, and a former owner is fenced now rather than at the next event), then delete the states idle for
-        ``state.ttl_days`` with one bounded scan per partition (state/store.py). A failure is retried next time."""
+        ``state.ttl_days`` with one bounded scan per partition (state/README.md). A failure is retried next time."""
         partitions = self.assigned()
         async with self.swap_lock:
             try:

@@ -131,7 +131,8 @@ def train_cmd(
 
     A checkpoint is written at every validation and on Ctrl-C, so a long run can stop (or hit --max-minutes)
     and continue later with --resume."""
-    from trainer.offline import Interrupted, metric_table, run_offline
+    from trainer.loop import Interrupted
+    from trainer.offline import metric_table, run_offline
 
     cfg = cfg_of(config, overrides)
     try:

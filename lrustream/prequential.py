@@ -117,7 +117,10 @@ def train_start_model(cfg: Config, warm: list[Event], minutes: float, log: Calla
 
     from models import build_model
     from models.vocab import Vocabulary
-    from trainer.offline import leave_one_out, model_hparams, pick_device, train
+    from trainer.loop import train
+    from trainer.offline import model_hparams
+    from trainer.optim import pick_device
+    from trainer.samples import leave_one_out
 
     vocab = Vocabulary()
     seqs: dict[str, list[int]] = {}

@@ -23,18 +23,11 @@ from stream.updates import request_refresh
 from tests.streamkit import WorkerProcess, publish_model, read_topic, recommendations
 from tests.test_hot_swap import wait_for_version
 from tests.test_worker import produce_events
+from trainer.buffer import EventBuffer, HeldEvent
 from trainer.evaluate import left_pad
-from trainer.online import (
-    EventBuffer,
-    HeldEvent,
-    OnlineLearner,
-    TrainerLoop,
-    backward_groups,
-    covering_draws,
-    event_metrics,
-    length_groups,
-    paired_bootstrap,
-)
+from trainer.gate import event_metrics, judge, paired_bootstrap
+from trainer.online import OnlineLearner, TrainerLoop, backward_groups, covering_draws, length_groups
+from trainer.optim import make_optimizer, warm_up
 
 
 def ring_stream(users: int, events: int, items: int = 40, step: int = 1, seed: int = 0,
@@ -132,6 +125,36 @@ def test_paired_bootstrap_interval_covers_the_mean_and_shrinks_with_evidence() -
     lo_l, hi_l = paired_bootstrap(large, 1000, 0.95)
     assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
     assert hi_l - lo_l < (hi_s - lo_s) / 5 and lo_l > 0, "20,000 events resolve a +0.01 difference"
+
+
+def test_the_gate_refuses_a_worse_candidate_and_says_why_with_numbers() -> None:
+    o = load_config().online
+    rng = np.random.default_rng(0)
+    serving_hit = (rng.random(2000) < 0.5).astype(float)
+    serving = (serving_hit, serving_hit * 0.5)
+    better = judge((serving[0], serving[1] + 0.01), serving, o)
+    assert better.refusal == "" and better.numbers["heldout"] == 2000
+    assert better.candidate["NDCG@10"] == pytest.approx(better.serving["NDCG@10"] + 0.01)
+    worse = judge((serving[0], serving[1] - rng.normal(0.05, 0.01, 2000)), serving, o)
+    assert "interval" in worse.refusal and "below zero" in worse.refusal and worse.numbers["diff_high"] < 0
+    noisy = np.tile([-0.2, 0.2], 1000) - 0.006  # worse than the tolerance on average, not with confidence
+    slightly = judge((serving[0], serving[1] + noisy), serving, o)
+    assert slightly.numbers["diff_low"] < 0 < slightly.numbers["diff_high"]
+    assert slightly.refusal.endswith(f"< -online.tolerance={o.tolerance}")
+
+
+def test_a_fresh_optimiser_ramps_its_learning_rate_up() -> None:
+    model = build_model("lrurec", num_items=10, d_model=8, max_len=4)
+    opt = make_optimizer(model, load_config().train)
+    lrs = []
+    for _ in range(4):
+        warm_up(opt, 0.01, warmup_steps=3)
+        lrs.append([group["lr"] for group in opt.param_groups])
+        model(torch.tensor([[1, 2, 3]])).sum().backward()
+        opt.step()
+    assert lrs == [[pytest.approx(0.01 * k / 3)] * 2 for k in (1, 2, 3, 3)]
+    warm_up(opt, 0.02, warmup_steps=0)
+    assert [group["lr"] for group in opt.param_groups] == [0.02, 0.02]
 
 
 # ----- rounds ------------------------------------------------------------------------------------------------

@@ -19,16 +19,10 @@ from models.store import ModelStore
 from trainer.checkpoint import CheckpointError
 from trainer.data import DataError, load_sequences
 from trainer.evaluate import evaluate, metrics_from_ranks, ranks_of
+from trainer.loop import Interrupted, train
 from trainer.loss import catalogue_cross_entropy
-from trainer.offline import (
-    Interrupted,
-    PrefixSamples,
-    leave_one_out,
-    run_evaluate,
-    run_offline,
-    train,
-    train_windows,
-)
+from trainer.offline import run_evaluate, run_offline
+from trainer.samples import PrefixSamples, leave_one_out, train_windows
 
 
 def synthetic_sequences(users: int = 60, items: int = 100, length: int = 30, seed: int = 0) -> list[list[int]]:

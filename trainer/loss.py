@@ -1,4 +1,8 @@
-"""Full-softmax cross-entropy over the item catalogue, computed in row chunks on CPU.
+"""The training loss: full-softmax cross-entropy over the item catalogue, computed in row chunks on CPU.
+
+``sequence_loss`` is what every trainer (offline and online) minimises: the mean cross-entropy over ALL items
+(the padding id excluded) at every labelled position of a batch, or at the last position only for models that
+see the whole window (``loss_positions == "last"``); ``catalogue_cross_entropy`` computes it.
 
 The logits of a training batch are big (ML-1M: 25,600 positions x 3,417 items = 350 MB). Materialising them
 costs more in memory traffic and page faults than in arithmetic, so on CPU the loss is computed chunk by chunk
@@ -11,6 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from models import SeqRecModel
 
 CPU_CHUNK = 512
 
@@ -64,3 +70,15 @@ def catalogue_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.T
         logits[:, 0] = float("-inf")
         return F.cross_entropy(logits, labels)
     return _ChunkedCE.apply(h, weight, bias, labels, chunk or CPU_CHUNK)
+
+
+def sequence_loss(model: SeqRecModel, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Full-softmax cross-entropy; logits only where there is a label (padding costs nothing)."""
+    emb, bias = model.item_table()
+    n = model.num_items + 1  # the OOV row is never a target
+    weight, bias = emb[:n], None if bias is None else bias[:n]
+    if model.loss_positions == "last":
+        return catalogue_cross_entropy(model.last_hidden(tokens), weight, bias, labels)
+    hidden = model(tokens)
+    sel = labels > 0
+    return catalogue_cross_entropy(hidden[sel], weight, bias, labels[sel])

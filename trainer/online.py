@@ -6,7 +6,7 @@ The contract of one round (``OnlineLearner.round``):
 
 1. **Data.** Every event the worker served is a next-item target. The buffer keeps each recently active user's
    latest item window and a log of events in arrival order. Events after ``buffer.trained`` are *new*: the
-   serving model has not trained on them.
+   serving model has not trained on them (trainer/buffer.py).
 2. **Holdout = what comes next.** The most recent new events (``holdout_fraction`` of them, at least
    ``min_holdout``, at most ``max_holdout``) are held out. Training sees each user's window cut before that
    user's first held-out event, so no held-out target, nor anything after it, is trained on.
@@ -25,7 +25,7 @@ The contract of one round (``OnlineLearner.round``):
    differences get a paired bootstrap confidence interval. The round publishes unless the weights are not
    finite, the candidate is worse with confidence (the interval lies below zero), or its mean is worse than
    ``tolerance``. A refused candidate is discarded: the learner goes back to the serving weights and moments,
-   and its new events stay new for the next round. Every refusal says why, with numbers.
+   and its new events stay new for the next round. Every refusal says why, with numbers (trainer/gate.py).
 
 Each round is appended to ``<model store>/rounds.jsonl`` (the record :class:`RoundResult.record` writes).
 """
@@ -36,9 +36,7 @@ import copy
 import json
 import logging
 import math
-import random
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,116 +44,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from lrustream.kernel.config import Config, OnlineConfig, resolve_path
+from lrustream.kernel.config import Config, resolve_path
 from lrustream.kernel.http import check_http_exposure
 from models.base import SeqRecModel
 from models.store import LoadedModel, ModelStore
 from models.vocab import Vocabulary
 from stream.examples import BadExample, decode_example
-from trainer.evaluate import left_pad, ranks_of
-from trainer.offline import make_optimizer, pick_device, sequence_loss
+from trainer.buffer import EventBuffer
+from trainer.evaluate import left_pad
+from trainer.gate import Verdict, event_metrics, judge
+from trainer.loss import sequence_loss
+from trainer.optim import make_optimizer, pick_device, warm_up
 
 log = logging.getLogger("lrustream.trainer")
-
-
-# ----- what the trainer knows of the stream --------------------------------------------------------------------
-@dataclass
-class UserWindow:
-    items: list[str]  # the user's latest items (external ids, oldest first), at most max_len
-    total: int  # events of this user seen so far: items[-1] is the user's event number total - 1
-
-
-@dataclass(frozen=True)
-class HeldEvent:
-    user: str
-    prefix: list[str]  # the user's items before the event
-    target: str
-
-
-class EventBuffer:
-    """Recently active users' windows (least recently active evicted first, into a uniform reservoir of
-    windows) and the log of the latest ``log_size`` events in arrival order, each numbered ``0, 1, ...``."""
-
-    def __init__(self, recent_users: int, reservoir_users: int, max_len: int, log_size: int = 200_000,
-                 seed: int = 0) -> None:
-        self.users: OrderedDict[str, UserWindow] = OrderedDict()
-        self.reservoir: list[list[str]] = []
-        self.log: deque[tuple[int, str, int]] = deque(maxlen=log_size)  # (number, user, user's event number)
-        self.recent_cap, self.reservoir_cap, self.max_len = recent_users, reservoir_users, max_len
-        self.seen = 0  # events added so far: the next event's number
-        self.trained = 0  # events numbered below this are in the serving model's training data
-        self.evicted = 0
-        self.rng = random.Random(seed)
-
-    def add(self, user: str, items: list[str], new: int) -> None:
-        """A training example: ``user``'s window after the worker served it, the last ``new`` items new."""
-        new = max(0, new)  # may exceed the window: a micro-batch with more events of the user than max_len
-        known = self.users.pop(user, None)
-        total = (known.total if known else len(items) - min(new, len(items))) + new
-        self.users[user] = UserWindow(items[-self.max_len:], total)
-        for j in range(new):
-            self.log.append((self.seen, user, total - new + j))
-            self.seen += 1
-        while len(self.users) > self.recent_cap:
-            _, old = self.users.popitem(last=False)
-            self._keep(old.items)
-
-    def _keep(self, window: list[str]) -> None:
-        self.evicted += 1
-        if len(self.reservoir) < self.reservoir_cap:
-            self.reservoir.append(window)
-        elif (j := self.rng.randrange(self.evicted)) < self.reservoir_cap:
-            self.reservoir[j] = window
-
-    @property
-    def new_events(self) -> int:
-        return self.seen - self.trained
-
-    def __len__(self) -> int:
-        return len(self.users) + len(self.reservoir)
-
-    def _position(self, user: str, event: int) -> int | None:
-        """Index of a user's event in its current window (None when evicted or out of the window)."""
-        w = self.users.get(user)
-        if w is None:
-            return None
-        pos = event - (w.total - len(w.items))
-        return pos if 0 <= pos < len(w.items) else None
-
-    def holdout(self, n: int) -> tuple[list[HeldEvent], int]:
-        """The last ``n`` new events that can be judged (a prefix in the window), and the number of the first
-        of them: training data ends there."""
-        picked: list[tuple[int, HeldEvent]] = []
-        for number, user, event in reversed(self.log):
-            if number < self.trained or len(picked) >= n:
-                break
-            pos = self._position(user, event)
-            if pos:  # pos 0 has no prefix to judge from
-                items = self.users[user].items
-                picked.append((number, HeldEvent(user, items[:pos], items[pos])))
-        picked.reverse()
-        return [h for _, h in picked], (picked[0][0] if picked else self.seen)
-
-    def training_windows(self, until: int) -> tuple[list[list[str]], list[list[str]]]:
-        """(windows of users with new events before event number ``until``, windows of every other user),
-        each cut before the user's first event numbered ``until`` or later."""
-        first_held: dict[str, int] = {}
-        fresh: set[str] = set()
-        for number, user, event in self.log:
-            if number >= until:
-                first_held.setdefault(user, event)
-            elif number >= self.trained:
-                fresh.add(user)
-        with_new, others = [], []
-        for user, w in self.users.items():
-            items = w.items
-            if user in first_held:
-                cut = self._position(user, first_held[user])
-                items = items[:cut] if cut is not None else items
-            if len(items) >= 2:
-                (with_new if user in fresh else others).append(items)
-        others += [w for w in self.reservoir if len(w) >= 2]
-        return with_new, others
 
 
 # ----- one round's outcome -------------------------------------------------------------------------------------
@@ -190,6 +91,13 @@ class RoundResult:
         return (f"round: {what}{gate}; {self.new_events} new events, {self.steps} steps, {self.new_items} new "
                 f"items{full}; {self.seconds:.1f} s")
 
+    def judged(self, verdict: Verdict) -> bool:
+        """Take the gate's numbers; True when the candidate may be published."""
+        self.candidate, self.serving, self.gate = verdict.candidate, verdict.serving, verdict.numbers
+        if verdict.refusal:
+            self.refuse("gate", verdict.refusal)
+        return self.refused is None
+
     def record(self, buffer: EventBuffer) -> dict[str, Any]:
         return {"at": time.time(), "published": self.published, "refused": self.refused, "reason": self.reason,
                 "candidate": self.candidate, "serving": self.serving, "gate": self.gate,
@@ -198,82 +106,6 @@ class RoundResult:
                 "vocabulary": self.vocabulary, "seconds": round(self.seconds, 3),
                 "train_seconds": round(self.train_seconds, 3), "buffer_users": len(buffer.users),
                 "buffer_events": buffer.seen}
-
-
-# ----- the gate ------------------------------------------------------------------------------------------------
-def _rows_of_runs(held: list[HeldEvent], per_row: int) -> list[list[int]]:
-    """Held-out events grouped into rows: each row a run of at most ``per_row`` consecutive events of one user
-    (a user's held-out events are consecutive in its history: every later event of the user is held out too)."""
-    rows: list[list[int]] = []
-    open_row: dict[str, list[int]] = {}
-    for e, h in enumerate(held):
-        row = open_row.get(h.user)
-        if row is None or len(row) >= per_row:
-            row = open_row[h.user] = []
-            rows.append(row)
-        row.append(e)
-    return rows
-
-
-def event_metrics(model: SeqRecModel, vocab: Vocabulary, held: list[HeldEvent], context: int,
-                  batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(hit@10, NDCG@10) per held-out event, in order. Each event is ranked from the user's items before it,
-    masking the last ``context`` of them as the worker masks its window; a target the vocabulary lacks is a
-    miss.
-
-    ONE forward pass over the window that ends before the last event of a run of a user's held-out events
-    gives the hidden state before each event of the run, so a few thousand held-out events cost a few hundred
-    rows. Runs are at most ``context // 2`` long, so every event is read with at least half the context."""
-    oov = model.oov_index
-    ids = [np.array([vocab.get(x) or oov for x in [*h.prefix[-context:], h.target]]) for h in held]
-    rows = _rows_of_runs(held, max(1, context // 2))
-    position = np.empty(len(held), dtype=np.int64)  # column of the hidden state that predicts each event
-    for row in rows:
-        for k, e in enumerate(row):
-            position[e] = context - len(row) + k
-    row_of = np.empty(len(held), dtype=np.int64)
-    for r, row in enumerate(rows):
-        row_of[row] = r
-    tokens = left_pad([ids[row[-1]][:-1] for row in rows], context)
-    model.eval()
-    with torch.no_grad():
-        hidden = torch.cat([model(tokens[s: s + batch_size]) for s in range(0, len(rows), batch_size)])
-        h = hidden[torch.from_numpy(row_of), torch.from_numpy(position)]
-        inputs = left_pad([i[:-1] for i in ids], context)
-        targets = torch.tensor([vocab.get(x.target) or 0 for x in held])
-        r = ranks_of(model.score(h).float(), inputs, targets.clamp(min=1))
-        r = torch.where(targets > 0, r, model.num_items + 1).double().numpy()
-    hit = r <= 10
-    return hit.astype(float), np.where(hit, 1.0 / np.log2(r + 1), 0.0)
-
-
-def paired_bootstrap(diff: np.ndarray, samples: int, confidence: float, seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of the mean of paired differences, resampling events with replacement."""
-    rng = np.random.default_rng(seed)
-    means = np.empty(samples)
-    for s in range(0, samples, 100):
-        idx = rng.integers(0, len(diff), size=(min(100, samples - s), len(diff)))
-        means[s: s + len(idx)] = diff[idx].mean(1)
-    tail = (1 - confidence) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
-
-
-def judge(result: RoundResult, cand: tuple[np.ndarray, np.ndarray], serv: tuple[np.ndarray, np.ndarray],
-          o: OnlineConfig) -> bool:
-    """Fill the gate numbers; True when the candidate may be published."""
-    diff = cand[1] - serv[1]
-    low, high = paired_bootstrap(diff, o.bootstrap_samples, o.confidence)
-    result.candidate = {"HR@10": float(cand[0].mean()), "NDCG@10": float(cand[1].mean())}
-    result.serving = {"HR@10": float(serv[0].mean()), "NDCG@10": float(serv[1].mean())}
-    result.gate = {"heldout": len(diff), "diff": float(diff.mean()), "diff_low": low, "diff_high": high,
-                   "confidence": o.confidence}
-    worse = (f"held-out NDCG@10 {result.candidate['NDCG@10']:.4f} vs serving {result.serving['NDCG@10']:.4f} "
-             f"on {len(diff)} events, difference {diff.mean():+.4f}")
-    if high < 0:
-        result.refuse("gate", f"{worse}, {o.confidence:.0%} interval [{low:+.4f}, {high:+.4f}] below zero")
-    elif diff.mean() < -o.tolerance:
-        result.refuse("gate", f"{worse} < -online.tolerance={o.tolerance}")
-    return result.refused is None
 
 
 # ----- the learner ---------------------------------------------------------------------------------------------
@@ -432,7 +264,7 @@ class OnlineLearner:
         for groups in batches:
             if steps and time.monotonic() > deadline:
                 break
-            self._warm_up()
+            warm_up(self.opt, self.o.lr, self.o.warmup_steps)
             self.opt.zero_grad(set_to_none=True)
             loss = backward_groups(self.model, groups, self.device)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
@@ -440,14 +272,6 @@ class OnlineLearner:
             steps += 1
         self.model.eval()
         return steps, loss
-
-    def _warm_up(self) -> None:
-        """The learning rate for the optimiser's next step: ramped over its first ``warmup_steps``."""
-        assert self.opt is not None
-        done = next((int(s["step"]) for s in self.opt.state.values() if "step" in s), 0)
-        scale = min(1.0, (done + 1) / self.o.warmup_steps) if self.o.warmup_steps > 0 else 1.0
-        for group in self.opt.param_groups:
-            group["lr"] = self.o.lr * scale
 
     def _steps_for(self, new_events: int) -> int:
         o = self.o
@@ -489,7 +313,7 @@ class OnlineLearner:
         else:
             cand = event_metrics(self.model, self.vocab, held, self.context)
             serv = event_metrics(serving.model, serving.vocab, held, self.context)
-            if judge(result, cand, serv, o):
+            if result.judged(judge(cand, serv, o)):
                 info = self.store.publish(self.model, self.vocab, parent=serving.info.version,
                                           metrics={f"holdout_{k}": v for k, v in result.candidate.items()},
                                           notes={"source": "online", "trained_events": trainable,

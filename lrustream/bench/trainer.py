@@ -16,7 +16,9 @@ def train_step(data: str, model_name: str = "lrurec", batch: int = 128, max_len:
     """Median seconds per training step (AdamW, clip 5) on real data windows."""
     from lrustream.kernel.config import TrainConfig
     from trainer.data import load_sequences
-    from trainer.offline import batches, leave_one_out, make_optimizer, sequence_loss
+    from trainer.loss import sequence_loss
+    from trainer.optim import make_optimizer
+    from trainer.samples import batches, leave_one_out
 
     seqs = load_sequences(data)
     vocab = seqs.vocabulary()

@@ -23,11 +23,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from lrustream.kernel.config import ModelConfig
 
 State = Any  # a tensor or a small tuple of tensors; each model documents its own
 
@@ -62,7 +65,7 @@ class SeqRecConfig:
     """Most recent items of a history the model is trained on (and, for window models, serves from)."""
 
     @classmethod
-    def from_section(cls, section: Any) -> SeqRecConfig:
+    def from_section(cls, section: ModelConfig) -> SeqRecConfig:
         """This config from the config file's ``model:`` section (``lrustream.kernel.config.ModelConfig``): every
         declared field from its key there; the section's other keys are other models' business."""
         return cls(**{f.name: getattr(section, cls.file_keys.get(f.name, f.name)) for f in fields(cls)})
@@ -78,7 +81,7 @@ class SeqRecConfig:
         return cls(**{k: v for k, v in values.items() if k in declared})
 
     def as_dict(self) -> dict[str, Any]:
-        """The fields, without ``name`` (JSON-ready)."""
+        """The fields (JSON-ready); ``name`` is the class's, not a field."""
         return asdict(self)
 
 

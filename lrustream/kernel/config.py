@@ -106,13 +106,19 @@ class ModelConfig:
     """The model to build: a name in models/registry.py (checked there, before a command that builds or loads a
     model starts; the kernel imports no model)."""
     d_model: int = 64
+    """The chosen model's ``d_model``, if its config declares one (so for each field below)."""
     num_layers: int = 2
+    """The chosen model's ``num_layers``."""
     num_heads: int = 2
+    """The chosen model's ``num_heads``."""
     dropout: float = 0.2
+    """The chosen model's ``dropout``."""
     attn_dropout: float = 0.2
+    """The chosen model's ``attn_dropout``."""
     max_len: int = 200
+    """The chosen model's ``max_len``; also the training windows' length."""
     linrec_causal: bool = True
-    """LinRecConfig's ``causal``."""
+    """The chosen model's ``causal`` (the key its config's ``file_keys`` maps it to)."""
 
 
 @dataclass

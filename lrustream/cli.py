@@ -38,6 +38,16 @@ def cfg_of(config: Path | None, overrides: list[str] | None) -> Config:
     return load_config(config, overrides or [])
 
 
+def model_cfg_of(config: Path | None, overrides: list[str] | None) -> Config:
+    """``cfg_of`` for the commands that build or load a model: ``model.name`` is also checked against the model
+    registry (a one-line ConfigError naming the choices, before anything starts; the kernel imports no model)."""
+    cfg = cfg_of(config, overrides)
+    from models import model_config
+
+    model_config(cfg.model)
+    return cfg
+
+
 def echo(msg: str) -> None:
     typer.echo(msg)
 
@@ -107,18 +117,19 @@ def topics_list(config: ConfigOpt = None, overrides: Overrides = None) -> None:
 # ----- offline models -------------------------------------------------------------------------------------------
 def _names(model: str) -> list[str]:
     names = [m.strip() for m in model.split(",") if m.strip()]
-    from models import MODELS
+    from models import MODEL_NAMES
 
-    unknown = [m for m in names if m not in MODELS]
+    unknown = [m for m in names if m not in MODEL_NAMES]
     if unknown or not names:
-        raise UsageError(f"--model must list models from {sorted(MODELS)}, got {model!r}")
+        raise UsageError(f"--model must list models from {sorted(MODEL_NAMES)}, got {model!r}")
     return names
 
 
 @app.command("train")
 def train_cmd(
     data: Annotated[str, typer.Option(help="Data file/folder: sequences.txt, ratings.dat[.gz], u.data, *_item.txt.")],
-    model: Annotated[str, typer.Option(help="Model(s), comma-separated: lrurec,linrec,sasrec.")] = "lrurec",
+    model: Annotated[str, typer.Option(help="Model(s) of models/registry.py, comma-separated, e.g. lrurec,sasrec.")
+                     ] = "lrurec",
     max_minutes: Annotated[float | None, typer.Option(help="Stop each model after this many minutes.")] = None,
     out: Annotated[Path, typer.Option(help="Where history JSON and training-curve PNGs go.")] = Path(".lrustream/runs"),
     publish: Annotated[bool, typer.Option(help="Publish each trained model to the model store.")] = True,
@@ -134,7 +145,7 @@ def train_cmd(
     from trainer.loop import Interrupted
     from trainer.offline import metric_table, run_offline
 
-    cfg = cfg_of(config, overrides)
+    cfg = model_cfg_of(config, overrides)
     try:
         results = run_offline(cfg, data, _names(model), out, max_minutes=max_minutes, publish=publish,
                               progress=sys.stderr.isatty(), log=echo, resume=resume)
@@ -155,7 +166,7 @@ def evaluate_cmd(
     """Evaluate a stored model version with the LRURec protocol (leave-one-out, full ranking)."""
     from trainer.offline import metric_table, run_evaluate
 
-    echo(metric_table(run_evaluate(cfg_of(config, overrides), data, version)))
+    echo(metric_table(run_evaluate(model_cfg_of(config, overrides), data, version)))
 
 
 models_app = typer.Typer(no_args_is_help=True, help="Model versions in the model store.")
@@ -175,7 +186,7 @@ def models_list(config: ConfigOpt = None, overrides: Overrides = None) -> None:
         mark = "*" if info.version == current else "-" if store.collected(info.version) else " "
         metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(info.metrics.items()) if "10" in k)
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))
-        echo(f"{mark} {info.version}  {info.model:7s} items={info.hparams.get('num_items')}  parent={info.parent}  "
+        echo(f"{mark} {info.version}  {info.model:7s} items={info.num_items}  parent={info.parent}  "
              f"{created}  {metrics}")
 
 
@@ -230,7 +241,7 @@ def _pin(version: str, reason: str, config: Path | None, overrides: list[str] | 
     from models.store import ModelStore
     from stream.updates import announce
 
-    cfg = cfg_of(config, overrides)
+    cfg = model_cfg_of(config, overrides)
     store = ModelStore(cfg.model_store.dir)
     store.set_current(version, pin=True)  # verified first: refuses a broken checkpoint or a bad name
     announce(cfg, version, reason)
@@ -252,6 +263,7 @@ def bench_models(
     (c) with --data, seconds per training step for each model."""
     from lrustream.bench.models import scan_vs_loop, step_cost
     from lrustream.bench.trainer import train_step
+    from models import MODEL_NAMES
 
     if threads:
         import torch
@@ -261,7 +273,7 @@ def bench_models(
     echo("")
     scan_vs_loop(log=echo)
     if data:
-        for name in ("lrurec", "linrec", "sasrec"):
+        for name in MODEL_NAMES:
             train_step(data, name, log=echo)
 
 
@@ -292,7 +304,7 @@ def bench_stream(
     """One worker vs a bare forwarding Faust agent on the same broker: events/s, then p50/p99 latency."""
     from lrustream.bench.stream import run
 
-    cfg_of(config, overrides)  # validate before starting anything
+    model_cfg_of(config, overrides)  # validate before starting anything
     run(overrides or [], data, events, latency_rate, latency_events, Path(".lrustream/bench"), log=echo)
 
 
@@ -307,7 +319,7 @@ def trainer_cmd(
     from stream.topics import create_topics
     from trainer.online import TrainerLoop
 
-    cfg = cfg_of(config, overrides)
+    cfg = model_cfg_of(config, overrides)
     create_topics(cfg)  # as the worker does: either may start first
     loop = TrainerLoop(cfg, log_line=echo)
     o = cfg.online
@@ -361,7 +373,7 @@ def evaluate_stream_cmd(
         raise UsageError(str(exc)) from None
     if retrain_every < 1:
         raise UsageError(f"--retrain-every must be >= 1, got {retrain_every}")
-    cfg_of(None, overrides)
+    model_cfg_of(None, overrides)
     try:
         run_prequential(overrides or [], data, out, limit, rate, train_minutes, online_every, bucket, modes=chosen,
                         retrain_every=retrain_every, log=echo, start_model=start_model)
@@ -380,7 +392,7 @@ def worker_cmd(
     """Serve recommendations: consume interactions, advance per-user states, emit top-K (until Ctrl-C)."""
     from stream.worker import Worker
 
-    Worker(cfg_of(config, overrides)).run(loglevel)
+    Worker(model_cfg_of(config, overrides)).run(loglevel)
 
 
 state_app = typer.Typer(no_args_is_help=True, help="Inspect per-user states in this machine's state store.")
@@ -431,7 +443,7 @@ def demo_cmd(
     """The main job: broker, model (trained if none), worker, a replay, recommendations with their latency."""
     from lrustream.demo import run_demo
 
-    run_demo(cfg_of(config, overrides), config, overrides or [], data, events, rate, train_minutes, log=echo)
+    run_demo(model_cfg_of(config, overrides), config, overrides or [], data, events, rate, train_minutes, log=echo)
 
 
 # ----- producer and consumer tools ------------------------------------------------------------------------------

@@ -115,10 +115,9 @@ def train_start_model(cfg: Config, warm: list[Event], minutes: float, log: Calla
     in); items are numbered in first-appearance order."""
     import torch
 
-    from models import build_model
+    from models import build_model, model_config
     from models.vocab import Vocabulary
     from trainer.loop import train
-    from trainer.offline import model_hparams
     from trainer.optim import pick_device
     from trainer.samples import leave_one_out
 
@@ -128,7 +127,7 @@ def train_start_model(cfg: Config, warm: list[Event], minutes: float, log: Calla
         seqs.setdefault(user, []).append(vocab.add(item))
     encoded = [np.array(s) for s in seqs.values() if len(s) >= 3]
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.name, len(vocab), **model_hparams(cfg, cfg.model.name))
+    model = build_model(model_config(cfg.model), len(vocab))
     hist = train(model, leave_one_out(encoded, cfg.model.max_len), cfg.train, pick_device(cfg.train.device),
                  max_minutes=minutes, progress=sys.stderr.isatty())
     log(f"{label}: {cfg.model.name} on {len(warm)} events, {len(vocab)} items, {hist.steps_done} steps "

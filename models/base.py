@@ -11,16 +11,26 @@ Item ids: 0 is padding, 1..N are catalogue items, N + 1 is the out-of-vocabulary
 feed for an item the model has never seen. The OOV row has an embedding (so the state still advances) but is
 never scored. States cross process boundaries as rows of numbers: ``state_rows``/``state_from_rows``, and
 bytes per user via ``state_to_bytes``/``state_from_bytes`` (what the state store keeps).
+
+Hyper-parameters: every model is built from a frozen config dataclass declared beside it (``LRURecConfig`` in
+models/lrurec.py, ...), a subclass of :class:`SeqRecConfig` holding exactly the fields that model reads, and
+the number of items, which is not a hyper-parameter (it grows with the vocabulary). ``model.config`` is that
+config; ``model.name`` its ``name``. models/registry.py maps names to configs and models.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from lrustream.kernel.config import ModelConfig
 
 State = Any  # a tensor or a small tuple of tensors; each model documents its own
 
@@ -34,20 +44,65 @@ def truncated_normal_(t: torch.Tensor, std: float = 0.02, bound: float = 0.04) -
     return t
 
 
+@dataclass(frozen=True, kw_only=True)
+class SeqRecConfig:
+    """The hyper-parameters every model reads; each model's config subclasses it with its own fields."""
+
+    name: ClassVar[str] = ""
+    """The model this config builds: its name in the registry, the config file's ``model.name``."""
+    file_keys: ClassVar[Mapping[str, str]] = {}
+    """Fields whose key in the config file's ``model:`` section differs from the field's name."""
+    retired: ClassVar[frozenset[str]] = frozenset()
+    """Keys that older model stores recorded for this model although it never read them: ignored on reading."""
+
+    d_model: int = 64
+    """Width of the item embeddings and of every hidden state."""
+    num_layers: int = 2
+    """Blocks stacked on the item embedding, each a sequence mixer then a feed-forward layer."""
+    dropout: float = 0.2
+    """Dropout on the embeddings and on the blocks' outputs while training (serving runs in eval mode)."""
+    max_len: int = 200
+    """Most recent items of a history the model is trained on (and, for window models, serves from)."""
+
+    @classmethod
+    def from_section(cls, section: ModelConfig) -> SeqRecConfig:
+        """This config from the config file's ``model:`` section (``lrustream.kernel.config.ModelConfig``): every
+        declared field from its key there; the section's other keys are other models' business."""
+        return cls(**{f.name: getattr(section, cls.file_keys.get(f.name, f.name)) for f in fields(cls)})
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> SeqRecConfig:
+        """This config from ``as_dict``'s output; a key it does not declare (nor retired) raises ValueError (no
+        silent typos), a key it lacks takes the field's default."""
+        declared = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - declared - cls.retired)
+        if unknown:
+            raise ValueError(f"unknown hyper-parameters for {cls.name}: {unknown}")
+        return cls(**{k: v for k, v in values.items() if k in declared})
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields (JSON-ready); ``name`` is the class's, not a field."""
+        return asdict(self)
+
+
 class SeqRecModel(nn.Module):
     """Base class: shared scoring, state (de)serialisation and bookkeeping."""
 
-    name: str = "base"
     #: "loss at every position" (causal models) or "last position only" (models that see the whole window)
     loss_positions: str = "all"
     #: dtype of the state rows: floating for recurrences, int64 for id windows
     state_is_ids: bool = False
 
-    def __init__(self, num_items: int, d_model: int, max_len: int) -> None:
+    def __init__(self, config: SeqRecConfig, num_items: int) -> None:
         super().__init__()
+        self.config = config
         self.num_items = num_items
-        self.d_model = d_model
-        self.max_len = max_len
+        self.d_model = config.d_model
+        self.max_len = config.max_len
+
+    @property
+    def name(self) -> str:
+        return self.config.name
 
     # ----- what subclasses implement -----------------------------------------------------------------------
     def forward(self, items: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, L, d]
@@ -78,14 +133,15 @@ class SeqRecModel(nn.Module):
     def state_from_rows(self, rows: torch.Tensor) -> State:
         raise NotImplementedError
 
-    def hparams(self) -> dict[str, Any]:
-        raise NotImplementedError
-
     def item_table(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(embedding rows 0..N+1, optional per-item bias) used for tied-embedding scoring."""
         raise NotImplementedError
 
     # ----- shared ------------------------------------------------------------------------------------------
+    def hparams(self) -> dict[str, Any]:
+        """The config's fields and the current number of items: what a training checkpoint must agree with."""
+        return {"num_items": self.num_items, **self.config.as_dict()}
+
     @property
     def oov_index(self) -> int:
         return self.num_items + 1

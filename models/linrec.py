@@ -27,13 +27,14 @@ never exactly zero for real inputs, so results agree).
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.sasrec import TransformerRec, WindowState, positions
+from models.sasrec import TransformerConfig, TransformerRec, WindowState, positions
 
 CHUNK = 64
 
@@ -77,19 +78,27 @@ class LinearAttention(nn.Module):
         return qn @ (kn.transpose(-1, -2) @ v) * self.scale  # official: Kn^T V first, over the whole window
 
 
+@dataclass(frozen=True, kw_only=True)
+class LinRecConfig(TransformerConfig):
+    """LinRec's hyper-parameters. Linear attention has no attention weights, so it has no attention dropout."""
+
+    name: ClassVar[str] = "linrec"
+    file_keys: ClassVar[dict[str, str]] = {"causal": "linrec_causal"}
+    retired: ClassVar[frozenset[str]] = frozenset({"attn_dropout"})  # model stores of format 1 recorded it
+
+    causal: bool = True
+    """True: the causal form the stream serves (a recurrent state, a loss at every position); False: the
+    official unmasked form (loss at the last position; served by recomputing the window). Config file key
+    ``model.linrec_causal``."""
+
+
 class LinRecCausal(TransformerRec):
     """State: (S [B, layers, heads, d_h, d_h], count [B]) — running Kn^T V per layer and items seen."""
 
-    name = "linrec"
-
-    def __init__(self, num_items: int, **kw: Any) -> None:
-        super().__init__(num_items, **kw)
+    config: LinRecConfig
 
     def make_attention(self) -> nn.Module:
         return LinearAttention(self.d_model, self.num_heads, causal=True)
-
-    def hparams(self) -> dict[str, Any]:
-        return {**super().hparams(), "causal": True}
 
     @property
     def head_dim(self) -> int:
@@ -141,17 +150,14 @@ class LinRecCausal(TransformerRec):
 class LinRecUnmasked(WindowState, TransformerRec):
     """The official, unmasked form (whole-window attention); served by recomputing the stored window."""
 
-    name = "linrec"
+    config: LinRecConfig
     loss_positions = "last"
 
     def make_attention(self) -> nn.Module:
         return LinearAttention(self.d_model, self.num_heads, causal=False)
 
-    def hparams(self) -> dict[str, Any]:
-        return {**super().hparams(), "causal": False}
 
-
-def LinRec(num_items: int, causal: bool = True, **kw: Any) -> TransformerRec:
-    """Build LinRec in its causal (default) or official unmasked form."""
-    return LinRecCausal(num_items, **kw) if causal else LinRecUnmasked(num_items, **kw)
+def LinRec(config: LinRecConfig, num_items: int) -> TransformerRec:
+    """Build LinRec in its causal (default) or official unmasked form, as ``config.causal`` says."""
+    return (LinRecCausal if config.causal else LinRecUnmasked)(config, num_items)
 

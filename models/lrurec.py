@@ -22,13 +22,14 @@ GPU, and bit-stable under batching. Shapes: B batch, L length, d model width, H 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import SeqRecModel, grow_embedding, truncated_normal_
+from models.base import SeqRecConfig, SeqRecModel, grow_embedding, truncated_normal_
 
 SCAN_CHUNK = {"cpu": 16, "cuda": 256}  # GPUs prefer one big product to a deeper recursion of small ones
 
@@ -182,20 +183,30 @@ class LRUBlock(nn.Module):
 
 
 # ----- the model -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class LRURecConfig(SeqRecConfig):
+    """LRURec's hyper-parameters (the official code's names in brackets)."""
+
+    name: ClassVar[str] = "lrurec"
+
+    attn_dropout: float = 0.2
+    """Dropout on each LRU layer's output before its residual [bert_attn_dropout: the LRU layer takes the place
+    of the attention it is named after]."""
+
+
 class LRURec(SeqRecModel):
     """State: one tensor [B, num_layers, 2, H] holding every layer's complex h as (re, im)."""
 
-    name = "lrurec"
+    config: LRURecConfig
 
-    def __init__(self, num_items: int, d_model: int = 64, num_layers: int = 2, dropout: float = 0.2,
-                 attn_dropout: float = 0.2, max_len: int = 200, **_: Any) -> None:
-        super().__init__(num_items, d_model, max_len)
-        self.num_layers = num_layers
-        self.dropout_p, self.attn_dropout_p = dropout, attn_dropout
+    def __init__(self, config: LRURecConfig, num_items: int) -> None:
+        super().__init__(config, num_items)
+        d_model, dropout = config.d_model, config.dropout
+        self.num_layers = config.num_layers
         self.token = nn.Embedding(num_items + 2, d_model)  # 0 pad, 1..N items, N+1 OOV
         self.embed_dropout = nn.Dropout(dropout)
         self.embed_layer_norm = nn.LayerNorm(d_model)
-        self.blocks = nn.ModuleList([LRUBlock(d_model, dropout, attn_dropout) for _ in range(num_layers)])
+        self.blocks = nn.ModuleList([LRUBlock(d_model, dropout, config.attn_dropout) for _ in range(self.num_layers)])
         self.item_bias = nn.Parameter(torch.zeros(num_items + 2))
         self._init_weights()
 
@@ -203,10 +214,6 @@ class LRURec(SeqRecModel):
         for name, p in self.named_parameters():
             if "layer_norm" not in name and "params_log" not in name:
                 truncated_normal_(p.data)
-
-    def hparams(self) -> dict[str, Any]:
-        return {"num_items": self.num_items, "d_model": self.d_model, "num_layers": self.num_layers,
-                "dropout": self.dropout_p, "attn_dropout": self.attn_dropout_p, "max_len": self.max_len}
 
     def item_table(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.token.weight, self.item_bias

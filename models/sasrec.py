@@ -18,13 +18,14 @@ floats per user in the state store, and would diverge from the windowed forward 
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import SeqRecModel, grow_embedding
+from models.base import SeqRecConfig, SeqRecModel, grow_embedding
 
 LN_EPS = 1e-12
 
@@ -89,23 +90,42 @@ class TransformerLayer(nn.Module):
         return self.finish(self.attention(*self.qkv(x), mask), x)
 
 
+@dataclass(frozen=True, kw_only=True)
+class TransformerConfig(SeqRecConfig):
+    """What the Transformer skeleton shared by SASRec and LinRec reads besides the common fields."""
+
+    num_heads: int = 2
+    """Attention heads per layer; must divide ``d_model``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SASRecConfig(TransformerConfig):
+    """SASRec's hyper-parameters."""
+
+    name: ClassVar[str] = "sasrec"
+
+    attn_dropout: float = 0.2
+    """Dropout on the attention weights while training."""
+
+
 class TransformerRec(SeqRecModel):
     """Shared skeleton of SASRec and LinRec; subclasses choose the attention."""
 
-    def __init__(self, num_items: int, d_model: int = 64, num_layers: int = 2, num_heads: int = 2,
-                 dropout: float = 0.2, attn_dropout: float = 0.2, max_len: int = 200, **_: Any) -> None:
-        super().__init__(num_items, d_model, max_len)
+    config: TransformerConfig
+
+    def __init__(self, config: TransformerConfig, num_items: int) -> None:
+        super().__init__(config, num_items)
+        d_model, num_heads, dropout, max_len = config.d_model, config.num_heads, config.dropout, config.max_len
         if d_model % num_heads:
             raise ValueError(f"d_model={d_model} is not a multiple of num_heads={num_heads}")
-        self.num_layers, self.num_heads = num_layers, num_heads
-        self.dropout_p, self.attn_dropout_p = dropout, attn_dropout
+        self.num_layers, self.num_heads = config.num_layers, num_heads
         self.item_embedding = nn.Embedding(num_items + 2, d_model, padding_idx=0)
         self.position_embedding = nn.Embedding(max_len, d_model)
         self.embed_layer_norm = nn.LayerNorm(d_model, eps=LN_EPS)
         self.embed_dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList([
             TransformerLayer(d_model, num_heads, 4 * d_model, dropout, self.make_attention())
-            for _ in range(num_layers)
+            for _ in range(self.num_layers)
         ])
         self.apply(self._init_module)
 
@@ -120,11 +140,6 @@ class TransformerRec(SeqRecModel):
             module.bias.data.zero_()
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
             module.weight.data[module.padding_idx].zero_()
-
-    def hparams(self) -> dict[str, Any]:
-        return {"num_items": self.num_items, "d_model": self.d_model, "num_layers": self.num_layers,
-                "num_heads": self.num_heads, "dropout": self.dropout_p, "attn_dropout": self.attn_dropout_p,
-                "max_len": self.max_len}
 
     def item_table(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.item_embedding.weight, None
@@ -173,8 +188,8 @@ class WindowState:
 
 
 class SASRec(WindowState, TransformerRec):
-    name = "sasrec"
+    config: SASRecConfig
 
     def make_attention(self) -> nn.Module:
-        return SoftmaxAttention(self.d_model, self.num_heads, self.attn_dropout_p)
+        return SoftmaxAttention(self.d_model, self.num_heads, self.config.attn_dropout)
 

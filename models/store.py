@@ -4,8 +4,8 @@ Layout::
 
     <root>/versions/v000007/weights.safetensors   tensors only (safetensors: no pickle, no code execution)
                            /vocab.json           external item ids in model-id order
-                           /meta.json            model name + hyper-parameters, metrics, parent, created,
-                                                 sha256 of the two files above
+                           /meta.json            model name, its config (models/registry.py) and number of
+                                                 items, metrics, parent, created, sha256 of the two files above
     <root>/CURRENT                               the version workers should serve (rollback rewrites it)
     <root>/PINNED                                present while an operator pins CURRENT (rollback, pin)
     <root>/LAST                                  the highest number ever published (never reused)
@@ -18,6 +18,10 @@ reason instead of serving a corrupt model.
 ``gc`` bounds the store: versions older than the newest ``keep`` (never CURRENT or PINNED) lose their weights,
 the bulk of a version, and keep meta.json and vocab.json (a few KB to MB), because states stored under a version
 name its vocabulary; a collected version is refused by ``load`` for good.
+
+meta.json's format 2 keeps the model as ``"model": name, "config": {field: value}, "num_items": N``: the name's
+config class rebuilds the model (:func:`models.registry.config_from_dict`). Format 1, written before per-model
+configs existed, kept ``"hparams": {"num_items": N, field: value}``; it is still read, into the same fields.
 
 Version names are ``v`` and six or more digits; any other name (``../x``, an absolute path) is refused before
 it touches the filesystem. Numbers only grow, even after versions are deleted. While PINNED exists a publish
@@ -46,12 +50,13 @@ from safetensors.torch import load_file, save_file
 
 from lrustream.kernel.errors import LrustreamError
 from lrustream.kernel.files import fsync, replace_durably
-from models import SeqRecModel, build_model
+from models import SeqRecModel, build_model, config_from_dict
 from models.vocab import Vocabulary
 
 WEIGHTS, VOCAB, META = "weights.safetensors", "vocab.json", "meta.json"
 COLLECTED = "COLLECTED"  # present in a version folder whose weights ``gc`` removed
-FORMAT = 1
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 class ModelStoreError(LrustreamError):
@@ -78,7 +83,10 @@ def check_version_name(version: str) -> str:
 class VersionInfo:
     version: str
     model: str
-    hparams: dict[str, Any]
+    """The model's name in the registry."""
+    config: dict[str, Any]
+    """Its config's fields (``SeqRecConfig.as_dict``)."""
+    num_items: int
     created: float
     parent: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -86,21 +94,31 @@ class VersionInfo:
     files: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": self.version, "model": self.model, "hparams": self.hparams,
-                "created": self.created, "parent": self.parent, "metrics": self.metrics, "notes": self.notes,
-                "files": self.files}
+        return {"format": FORMAT, "version": self.version, "model": self.model, "config": self.config,
+                "num_items": self.num_items, "created": self.created, "parent": self.parent,
+                "metrics": self.metrics, "notes": self.notes, "files": self.files}
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> VersionInfo:
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ModelStoreError(f"{where}: meta.json is not a lrustream model description (format {FORMAT})")
+        if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS:
+            raise ModelStoreError(f"{where}: meta.json is not a lrustream model description "
+                                  f"(format {' or '.join(map(str, READABLE_FORMATS))})")
         try:
-            return cls(version=str(data["version"]), model=str(data["model"]), hparams=dict(data["hparams"]),
+            config, num_items = _model_fields(data)
+            return cls(version=str(data["version"]), model=str(data["model"]), config=config, num_items=num_items,
                        created=float(data["created"]), parent=data.get("parent"),
                        metrics=dict(data.get("metrics") or {}), notes=dict(data.get("notes") or {}),
                        files=dict(data["files"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelStoreError(f"{where}: meta.json is missing or mistypes {exc}") from None
+
+
+def _model_fields(data: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """(config fields, number of items) from meta.json of either format."""
+    if data["format"] == 1:
+        config = dict(data["hparams"])
+        return config, int(config.pop("num_items"))
+    return dict(data["config"]), int(data["num_items"])
 
 
 @dataclass
@@ -157,8 +175,9 @@ class ModelStore:
             try:
                 save_file(tensors, str(tmp / WEIGHTS), metadata={"model": model.name})
                 (tmp / VOCAB).write_text(json.dumps(vocab.to_json()))
-                info = VersionInfo(version=version, model=model.name, hparams=model.hparams(), created=time.time(),
-                                   parent=parent, metrics=dict(metrics or {}), notes=dict(notes or {}),
+                info = VersionInfo(version=version, model=model.name, config=model.config.as_dict(),
+                                   num_items=model.num_items, created=time.time(), parent=parent,
+                                   metrics=dict(metrics or {}), notes=dict(notes or {}),
                                    files={WEIGHTS: _sha256(tmp / WEIGHTS), VOCAB: _sha256(tmp / VOCAB)})
                 (tmp / META).write_text(json.dumps(info.to_json(), indent=2, sort_keys=True))
                 for name in (WEIGHTS, VOCAB, META):
@@ -299,7 +318,7 @@ class ModelStore:
         except (SafetensorError, OSError, ValueError) as exc:
             raise ModelStoreError(f"{where}: weights are not a valid safetensors file ({exc})") from None
         try:
-            model = build_model(info.model, **info.hparams)
+            model = build_model(config_from_dict(info.model, info.config), info.num_items)
         except (TypeError, ValueError) as exc:
             raise ModelStoreError(f"{where}: cannot build {info.model} from its hyper-parameters ({exc})") from None
         if model.num_items != len(vocab):

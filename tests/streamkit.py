@@ -26,7 +26,7 @@ from confluent_kafka import Consumer, Producer
 from lrustream.broker import free_port
 from lrustream.kernel.config import Config, StateConfig, StreamConfig
 from lrustream.kernel.kafka import high_watermarks, librdkafka_config, produce_all, producer_config, topic_partitions
-from models import build_model
+from models import build_model, config_class
 from models.store import ModelStore
 from models.vocab import Vocabulary
 from state.store import StateStore
@@ -37,12 +37,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def publish_model(cfg: Config, name: str = "lrurec", num_items: int = 40, seed: int = 0, **hp: object) -> str:
-    """A small randomly initialised model with items i1..iN, published as the serving version."""
+    """A small randomly initialised model with items i1..iN, published as the serving version; ``hp`` overrides
+    fields of model ``name``'s config."""
     torch.manual_seed(seed)
     params = {"d_model": 16, "num_layers": 2, "max_len": cfg.model.max_len, "dropout": 0.0, **hp}
-    if name != "lrurec":
-        params.setdefault("num_heads", 2)
-    model = build_model(name, num_items, **params)
+    model = build_model(config_class(name)(**params), num_items)
     vocab = Vocabulary(f"i{k}" for k in range(1, num_items + 1))
     return ModelStore(cfg.model_store.dir).publish(model, vocab).version
 

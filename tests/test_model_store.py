@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import build_model
+from models import LinRecConfig, LRURecConfig, SASRecConfig, build_model
 from models.store import META, WEIGHTS, ModelStore, ModelStoreError
 from models.vocab import Vocabulary
 
@@ -27,7 +27,7 @@ def _store(tmp_path: Path) -> tuple[ModelStore, str, str]:
     versions = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        model = build_model("lrurec", 30, d_model=16, num_layers=1, max_len=20)
+        model = build_model(LRURecConfig(d_model=16, num_layers=1, max_len=20), 30)
         versions.append(store.publish(model, Vocabulary.identity(30)).version)
     return store, versions[0], versions[1]
 
@@ -108,13 +108,13 @@ def test_no_project_code_unpickles() -> None:
 
 PUBLISH_LOOP = """
 import sys, torch
-from models import build_model
+from models import LRURecConfig, build_model
 from models.store import ModelStore
 from models.vocab import Vocabulary
 store = ModelStore(sys.argv[1])
 print("ready", flush=True)
 while True:
-    model = build_model("lrurec", 300, d_model=64, num_layers=2, max_len=50)
+    model = build_model(LRURecConfig(d_model=64, num_layers=2, max_len=50), 300)
     store.publish(model, Vocabulary.identity(300), parent=store.current())
 """
 
@@ -144,7 +144,7 @@ def test_trainer_killed_while_publishing_leaves_only_complete_versions(tmp_path:
         assert store.current() in store.versions()
     assert len(ModelStore(root).versions()) >= 6
     torch.manual_seed(0)
-    info = ModelStore(root).publish(build_model("lrurec", 300, d_model=64, num_layers=2, max_len=50),
+    info = ModelStore(root).publish(build_model(LRURecConfig(d_model=64, num_layers=2, max_len=50), 300),
                                     Vocabulary.identity(300))
     assert ModelStore(root).current() == info.version
 
@@ -166,14 +166,14 @@ def test_a_version_name_that_is_not_v_and_digits_is_refused_before_it_touches_th
 def test_version_numbers_are_never_reused_after_a_version_is_deleted(tmp_path: Path) -> None:
     store, _, v2 = _store(tmp_path)
     shutil.rmtree(store.versions_dir / v2)
-    model = build_model("lrurec", 8, d_model=8, num_layers=1, max_len=5)
+    model = build_model(LRURecConfig(d_model=8, num_layers=1, max_len=5), 8)
     v3 = store.publish(model, Vocabulary(f"i{k}" for k in range(1, 9))).version
     assert int(v3[1:]) == int(v2[1:]) + 1
 
 
 def test_a_pin_keeps_serving_while_new_versions_are_published_until_unpinned(tmp_path: Path) -> None:
     store, v1, _ = _store(tmp_path)
-    model = build_model("lrurec", 8, d_model=8, num_layers=1, max_len=5)
+    model = build_model(LRURecConfig(d_model=8, num_layers=1, max_len=5), 8)
     vocab = Vocabulary(f"i{k}" for k in range(1, 9))
     store.set_current(v1, pin=True)  # an operator's rollback
     v3 = store.publish(model, vocab).version
@@ -187,7 +187,7 @@ def test_a_pin_keeps_serving_while_new_versions_are_published_until_unpinned(tmp
 
 def test_gc_keeps_the_newest_the_serving_and_the_pinned_versions_and_every_vocabulary(tmp_path: Path) -> None:
     store, v1, _ = _store(tmp_path)
-    model = build_model("lrurec", 30, d_model=16, num_layers=1, max_len=20)
+    model = build_model(LRURecConfig(d_model=16, num_layers=1, max_len=20), 30)
     newer = [store.publish(model, Vocabulary.identity(30)).version for _ in range(4)]
     store.set_current(v1, pin=True)  # pinned and serving: never collected, however old
     assert store.gc(keep=2) == [store.versions()[1], newer[0], newer[1]]
@@ -200,3 +200,69 @@ def test_gc_keeps_the_newest_the_serving_and_the_pinned_versions_and_every_vocab
     assert not (store.versions_dir / newer[0] / WEIGHTS).exists()
     assert store.gc(keep=2) == [], "nothing twice"
     assert int(store.publish(model, Vocabulary.identity(30)).version[1:]) == int(newer[-1][1:]) + 1
+
+
+# ----- meta.json written by older code ---------------------------------------------------------------------------
+OLD_FORMAT = [  # (the model, meta.json's "hparams" as the format-1 code wrote them: model.hparams() of its day)
+    (LRURecConfig(d_model=16, num_layers=1, max_len=20),
+     {"num_items": 30, "d_model": 16, "num_layers": 1, "dropout": 0.2, "attn_dropout": 0.2, "max_len": 20}),
+    (SASRecConfig(d_model=16, num_layers=1, max_len=20, dropout=0.1, num_heads=4),
+     {"num_items": 30, "d_model": 16, "num_layers": 1, "num_heads": 4, "dropout": 0.1, "attn_dropout": 0.2,
+      "max_len": 20}),
+    (LinRecConfig(d_model=16, num_layers=1, max_len=20, causal=False),  # LinRec never read attn_dropout
+     {"num_items": 30, "d_model": 16, "num_layers": 1, "num_heads": 2, "dropout": 0.2, "attn_dropout": 0.2,
+      "max_len": 20, "causal": False}),
+]
+
+
+def _write_format_1(root: Path, name: str, hparams: dict, model: torch.nn.Module) -> str:
+    """A version folder exactly as the format-1 code laid it out, meta.json written by hand."""
+    folder = root / "versions" / "v000001"
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS),
+              metadata={"model": name})
+    (folder / "vocab.json").write_text(json.dumps(Vocabulary.identity(30).to_json()))
+    files = {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in (WEIGHTS, "vocab.json")}
+    (folder / META).write_text(json.dumps({
+        "format": 1, "version": "v000001", "model": name, "hparams": hparams, "created": 1_700_000_000.0,
+        "parent": None, "metrics": {"test_NDCG@10": 0.25}, "notes": {"data": "ml-1m"}, "files": files}))
+    (root / "CURRENT").write_text("v000001\n")
+    return "v000001"
+
+
+@pytest.mark.parametrize(("config", "hparams"), OLD_FORMAT, ids=[c.name for c, _ in OLD_FORMAT])
+def test_a_version_written_by_the_format_1_code_still_loads(tmp_path: Path, config, hparams: dict) -> None:
+    torch.manual_seed(0)
+    model = build_model(config, 30)
+    version = _write_format_1(tmp_path, config.name, hparams, model)
+    store = ModelStore(tmp_path)
+    loaded = store.load()
+    assert (loaded.info.version, loaded.info.model, loaded.info.num_items) == (version, config.name, 30)
+    assert loaded.model.config == config and type(loaded.model) is type(model)
+    assert loaded.info.metrics == {"test_NDCG@10": 0.25} and [i.version for i in store.list()] == [version]
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], tensor), key
+    newer = store.publish(loaded.model, loaded.vocab, parent=version)  # the next version is written as format 2
+    assert json.loads((store.versions_dir / newer.version / META).read_text())["format"] == 2
+    assert store.load(newer.version).model.config == config
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda meta: meta["hparams"].pop("num_items"), "meta.json is missing or mistypes 'num_items'"),
+    (lambda meta: meta["hparams"].update(causal=True), "cannot build lrurec from its hyper-parameters (unknown "
+                                                       "hyper-parameters for lrurec: ['causal'])"),
+    (lambda meta: meta.update(model="gru4rec"), "cannot build gru4rec from its hyper-parameters (unknown model "
+                                                "'gru4rec'"),
+    (lambda meta: meta.update(format=3), "meta.json is not a lrustream model description (format 1 or 2)"),
+], ids=["no-num-items", "unknown-field", "unknown-model", "unknown-format"])
+def test_a_format_1_version_that_cannot_be_rebuilt_is_refused_in_one_line(tmp_path: Path, change, message: str
+                                                                         ) -> None:
+    config, hparams = OLD_FORMAT[0]
+    version = _write_format_1(tmp_path, config.name, dict(hparams), build_model(config, 30))
+    meta_path = tmp_path / "versions" / version / META
+    meta = json.loads(meta_path.read_text())
+    change(meta)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelStoreError, match=re.escape(message)) as refused:
+        ModelStore(tmp_path).load(version)
+    assert version in str(refused.value) and "\n" not in str(refused.value)

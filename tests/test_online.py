@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from lrustream.kernel.config import Config, load_config
-from models import build_model
+from lrustream.kernel.config import Config, ModelConfig, load_config
+from models import MODEL_NAMES, build_model, model_config
 from models.store import ModelStore
 from stream.topics import create_topics
 from stream.updates import request_refresh
@@ -233,10 +233,11 @@ def test_a_full_vocabulary_leaves_new_items_unknown_and_still_learns(tmp_path: P
     assert tokens.tolist() == [[0, 0, 42], [3, 42, 5]] and labels.tolist() == [[0, 0, 7], [0, 5, 0]]  # by length
 
 
-@pytest.mark.parametrize("name", ["lrurec", "sasrec", "linrec"])
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_length_groups_give_the_step_of_one_padded_batch(name: str) -> None:
     torch.manual_seed(0)
-    model = build_model(name, num_items=30, d_model=16, num_layers=2, dropout=0.0, attn_dropout=0.0, max_len=24)
+    section = ModelConfig(d_model=16, num_layers=2, dropout=0.0, attn_dropout=0.0, max_len=24)
+    model = build_model(model_config(section, name), 30)
     rng = np.random.default_rng(0)
     rows = [rng.integers(1, 31, size=n) for n in (2, 25, 7, 3, 13, 25, 5, 9, 17, 4)]
 

@@ -15,7 +15,7 @@ import torch
 from confluent_kafka import KafkaError
 
 from lrustream.kernel.config import StreamConfig, load_config
-from models import build_model
+from models import LRURecConfig, build_model
 from models.store import ModelStore
 from models.vocab import Vocabulary
 from state.store import StateStore
@@ -68,7 +68,7 @@ def test_rollback_to_a_smaller_vocabulary_rederives_states_holding_newer_items(t
     cfg = load_config(overrides=[f"model_store.dir={tmp_path / 'models'}"])
     store = ModelStore(cfg.model_store.dir)
     torch.manual_seed(0)
-    model = build_model("lrurec", 40, d_model=16, num_layers=1, max_len=20)
+    model = build_model(LRURecConfig(d_model=16, num_layers=1, max_len=20), 40)
     v1 = store.publish(model, Vocabulary(f"i{k}" for k in range(1, 41))).version
     model.grow_items(41)
     v2 = store.publish(model, Vocabulary([*(f"i{k}" for k in range(1, 41)), "new-item"])).version
@@ -92,7 +92,7 @@ def _processor(tmp_path: Path, producer: RecordingProducer, name: str = "state",
     store = ModelStore(cfg.model_store.dir)
     if store.current() is None:
         torch.manual_seed(0)
-        store.publish(build_model("lrurec", 40, d_model=16, num_layers=1, max_len=20),
+        store.publish(build_model(LRURecConfig(d_model=16, num_layers=1, max_len=20), 40),
                       Vocabulary(f"i{k}" for k in range(1, 41)))
     return build_processor(cfg, Serving.load(store), StateStore(tmp_path / name), producer, stream), cfg.topics
 

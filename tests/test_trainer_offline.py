@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lrustream.kernel.config import load_config
-from models import build_model
+from models import MODEL_NAMES, LinRecConfig, LRURecConfig, build_model, config_class
 from models.store import ModelStore
 from trainer.checkpoint import CheckpointError
 from trainer.data import DataError, load_sequences
@@ -110,14 +110,14 @@ def test_chunked_cross_entropy_equals_the_plain_one() -> None:
         assert torch.allclose(g, r, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["lrurec", "linrec", "sasrec"])
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_training_learns_and_publishes_a_version(name: str, tmp_path: Path) -> None:
     data = write_lrurec(tmp_path / "sequences.txt", synthetic_sequences())
     cfg = load_config(overrides=[f"model_store.dir={tmp_path / 'store'}", "model.d_model=32", "model.max_len=20",
                                  "train.batch_size=32", "train.max_steps=240", "train.val_every=80",
                                  "train.lr=0.005", "train.device=cpu"])
     seqs = load_sequences(data)
-    untrained = build_model(name, num_items=100, d_model=32, max_len=20)
+    untrained = build_model(config_class(name)(d_model=32, max_len=20), 100)
     split = leave_one_out(seqs.encoded(seqs.vocabulary()), 20)
     before = evaluate(untrained, split.test_inputs, split.test_targets)
     [result] = run_offline(cfg, str(data), [name], tmp_path / "runs", progress=False, log=lambda _: None)
@@ -132,9 +132,9 @@ def test_training_learns_and_publishes_a_version(name: str, tmp_path: Path) -> N
 
 
 def test_unmasked_linrec_trains_on_the_last_position_only() -> None:
-    model = build_model("linrec", num_items=10, causal=False, max_len=8)
+    model = build_model(LinRecConfig(causal=False, max_len=8), 10)
     assert model.loss_positions == "last"
-    assert build_model("linrec", num_items=10).loss_positions == "all"
+    assert build_model(LinRecConfig(), 10).loss_positions == "all"
 
 
 # ----- resumable runs -------------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def _tiny_run(tmp_path: Path, **train_overrides: object) -> tuple:
 
 def _fresh(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(name, num_items=100, d_model=16, max_len=20)
+    return build_model(config_class(name)(d_model=16, max_len=20), 100)
 
 
 @pytest.mark.parametrize("how", ["max_steps", "ctrl_c", "time_budget"])
@@ -193,7 +193,7 @@ def test_a_checkpoint_from_another_set_up_or_a_damaged_one_is_refused(tmp_path: 
     with pytest.raises(CheckpointError, match=r"lr: checkpoint 0\.005, now 0\.01"):
         train(_fresh("lrurec"), split, other.train, torch.device("cpu"), progress=False, checkpoint=ckpt, resume=True)
     with pytest.raises(CheckpointError, match="hparams"):
-        train(build_model("lrurec", num_items=100, d_model=8, max_len=20), split, cfg.train, torch.device("cpu"),
+        train(build_model(LRURecConfig(d_model=8, max_len=20), 100), split, cfg.train, torch.device("cpu"),
               progress=False, checkpoint=ckpt, resume=True)
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="not a readable training checkpoint"):

@@ -70,24 +70,13 @@ class OfflineResult:
     curve: Path
 
 
-def model_hparams(cfg, name: str) -> dict:
-    m = cfg.model
-    hp = {"d_model": m.d_model, "num_layers": m.num_layers, "dropout": m.dropout,
-          "attn_dropout": m.attn_dropout, "max_len": m.max_len}
-    if name in ("linrec", "sasrec"):
-        hp["num_heads"] = m.num_heads
-    if name == "linrec":
-        hp["causal"] = m.linrec_causal
-    return hp
-
-
 def run_offline(cfg, data_path: str, names: list[str], out_dir: Path, max_minutes: float | None = None,
                 publish: bool = True, progress: bool = True, log: Callable[[str], None] = print,
                 resume: bool = False) -> list[OfflineResult]:
     """Train and evaluate each named model on one data set; publish each to the model store.
 
     Each model's run keeps a checkpoint in ``out_dir``; ``resume`` continues the runs found there."""
-    from models import build_model
+    from models import build_model, model_config
     from models.store import ModelStore
     from trainer.data import load_sequences
 
@@ -105,7 +94,7 @@ def run_offline(cfg, data_path: str, names: list[str], out_dir: Path, max_minute
     results = []
     for name in names:
         torch.manual_seed(cfg.train.seed)
-        model = build_model(name, num_items=len(vocab), **model_hparams(cfg, name))
+        model = build_model(model_config(cfg.model, name), len(vocab))
         ckpt = checkpoint_path(out_dir, name)
         if ckpt.is_file():
             log(f"{name}: continuing the run in {ckpt}" if resume

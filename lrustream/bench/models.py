@@ -1,8 +1,8 @@
 """Model benchmarks that print numbers (tests never time anything).
 
 * ``step_cost``: wall time of ONE ``step`` per event after a history of L events, L = 50 .. 3200, for every model,
-  batched (256 users at once, time per event = batch time / 256) and single (1 user). SASRec keeps the whole
-  history as its window here (max_len = L) so its cost shows how attention grows with history.
+  batched (256 users at once, time per event = batch time / 256) and single (1 user). Window models (SASRec)
+  keep the whole history as their window here (max_len = L) so their cost shows how attention grows with history.
 * ``scan_vs_loop``: one LRURec training step (forward + backward) on a [B, L] batch with the parallel scan
   versus the same model run as a sequential Python loop over time steps (``step`` with autograd).
 
@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from lrustream.bench import median_seconds
-from models import build_model
+from models import MODEL_NAMES, LRURecConfig, SeqRecModel, build_model, config_class
 
 LENGTHS = (50, 100, 200, 400, 800, 1600, 3200)
 
@@ -30,13 +30,11 @@ def step_cost(num_items: int = 3416, d_model: int = 64, lengths: tuple[int, ...]
     log(f"step cost per event (us), d_model={d_model}, {num_items} items, {torch.get_num_threads()} threads")
     log("| model | users/step | " + " | ".join(f"L={n}" for n in lengths) + " |")
     log("|---|---|" + "---|" * len(lengths))
-    for name in ("lrurec", "linrec", "sasrec"):
+    for name in MODEL_NAMES:
         for rows in (batch, 1):
             cells = []
             for n in lengths:
-                max_len = n if name == "sasrec" else 200
-                torch.manual_seed(0)
-                model = build_model(name, num_items=num_items, d_model=d_model, max_len=max_len).eval()
+                model = _model_with_history(name, num_items, d_model, n)
                 history = torch.randint(1, num_items + 1, (rows, n), generator=g)
                 state = model.prefill(history)
                 item = torch.randint(1, num_items + 1, (rows,), generator=g)
@@ -47,11 +45,22 @@ def step_cost(num_items: int = 3416, d_model: int = 64, lengths: tuple[int, ...]
     return results
 
 
+def _model_with_history(name: str, num_items: int, d_model: int, history: int) -> SeqRecModel:
+    """Model ``name`` in eval mode, seed 0; a window model's window (max_len) holds the whole history."""
+    config = config_class(name)(d_model=d_model)
+    torch.manual_seed(0)
+    model = build_model(config, num_items)
+    if model.state_is_ids:
+        torch.manual_seed(0)
+        model = build_model(config_class(name)(d_model=d_model, max_len=history), num_items)
+    return model.eval()
+
+
 def scan_vs_loop(num_items: int = 3416, batch: int = 128, length: int = 200, repeat: int = 3,
                  log: Callable[[str], None] = print) -> tuple[float, float]:
     """Seconds for forward + backward of LRURec with the parallel scan and with a loop over time."""
     torch.manual_seed(0)
-    model = build_model("lrurec", num_items=num_items, max_len=length).train()
+    model = build_model(LRURecConfig(max_len=length), num_items).train()
     items = torch.randint(1, num_items + 1, (batch, length))
 
     def parallel() -> None:

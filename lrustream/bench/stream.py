@@ -85,14 +85,13 @@ def publish_random_model(cfg: Config, data: str) -> None:
     """Serving cost does not depend on training, so an untrained model with the data's vocabulary suffices."""
     import torch
 
-    from models import build_model
+    from models import build_model, model_config
     from models.store import ModelStore
     from trainer.data import load_sequences
-    from trainer.offline import model_hparams
 
     vocab = load_sequences(data).vocabulary()
     torch.manual_seed(0)
-    model = build_model(cfg.model.name, len(vocab), **model_hparams(cfg, cfg.model.name))
+    model = build_model(model_config(cfg.model), len(vocab))
     ModelStore(cfg.model_store.dir).publish(model, vocab)
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from lrustream.bench import median_seconds
-from models import build_model
+from models import build_model, config_class
 
 
 def train_step(data: str, model_name: str = "lrurec", batch: int = 128, max_len: int = 200, steps: int = 10,
@@ -24,7 +24,7 @@ def train_step(data: str, model_name: str = "lrurec", batch: int = 128, max_len:
     vocab = seqs.vocabulary()
     split = leave_one_out(seqs.encoded(vocab), max_len)
     torch.manual_seed(42)
-    model = build_model(model_name, num_items=len(vocab), max_len=max_len).train()
+    model = build_model(config_class(model_name)(max_len=max_len), len(vocab)).train()
     cfg = TrainConfig(batch_size=batch)
     opt = make_optimizer(model, cfg)
     it = batches(model, split, batch, seed=42)

@@ -96,14 +96,29 @@ class ModelStoreConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "lrurec"  # lrurec | linrec | sasrec
+    """The config file's ``model:`` section: the union of every model's hyper-parameters under stable keys.
+
+    The truth about each model is its config dataclass beside it (``LRURecConfig`` in models/lrurec.py, ...):
+    it declares which of these keys that model reads, and what each means (models/registry.py's
+    ``model_config`` turns this section into it). A key the chosen model does not declare is ignored."""
+
+    name: str = "lrurec"
+    """The model to build: a name in models/registry.py (checked there, before a command that builds or loads a
+    model starts; the kernel imports no model)."""
     d_model: int = 64
+    """The chosen model's ``d_model``, if its config declares one (so for each field below)."""
     num_layers: int = 2
-    num_heads: int = 2  # LinRec / SASRec only
+    """The chosen model's ``num_layers``."""
+    num_heads: int = 2
+    """The chosen model's ``num_heads``."""
     dropout: float = 0.2
+    """The chosen model's ``dropout``."""
     attn_dropout: float = 0.2
+    """The chosen model's ``attn_dropout``."""
     max_len: int = 200
-    linrec_causal: bool = True  # LinRec only: False = the official unmasked form (last-position loss)
+    """The chosen model's ``max_len``; also the training windows' length."""
+    linrec_causal: bool = True
+    """The chosen model's ``causal`` (the key its config's ``file_keys`` maps it to)."""
 
 
 @dataclass
@@ -302,7 +317,6 @@ RULES: dict[str, Rule] = {
     "state.dtype": _one_of("float32", "float16"),
     "state.ttl_days": _at_least(0),
     "model_store.keep_versions": _at_least(1),
-    "model.name": _one_of("lrurec", "linrec", "sasrec"),
     "model.d_model": _at_least(1),
     "model.num_layers": _at_least(1),
     "model.num_heads": _at_least(1),

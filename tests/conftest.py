@@ -28,7 +28,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="also run the slow reliability tier")
 
 
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests under tests/integration/ are the ``kafka`` tests (a real broker); a test elsewhere that asks for the
+    broker is a mistake, refused here. The slow tier runs with --run-slow."""
+    for item in items:
+        if INTEGRATION in item.path.parents:
+            item.add_marker(pytest.mark.kafka)
+        elif "kafka_bootstrap" in getattr(item, "fixturenames", ()):
+            raise pytest.UsageError(f"{item.nodeid} uses the Kafka broker: it belongs under tests/integration/")
     if config.getoption("--run-slow"):
         return
     deselected = [it for it in items if "slow" in it.keywords]

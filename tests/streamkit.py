@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -29,9 +30,10 @@ from lrustream.kernel.kafka import high_watermarks, librdkafka_config, produce_a
 from models import build_model, config_class
 from models.store import ModelStore
 from models.vocab import Vocabulary
-from state.store import StateStore
+from state.store import StateStore, find_user
 from stream.processor import Processor
 from stream.serving import Serving
+from stream.worker import state_dir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -211,3 +213,67 @@ def reference(cfg: Config, events: list[tuple[str, str]], top_k: int = 10, versi
                 recs.append(([vocab.item_of(i) for i, _ in keep], [v for _, v in keep]))
             out[user] = {"recs": recs, "state": model.state_to_bytes(state)[0], "window": seen}
     return out
+
+
+# ----- helpers ------------------------------------------------------------------------------------------------
+def murmur2(data: bytes) -> int:
+    """Apache Kafka's murmur2 (org.apache.kafka.common.utils.Utils.murmur2), as a signed 32-bit int: the hash
+    Java clients, aiokafka and Faust partition keys with, written here from its published definition."""
+    mask, m, r = 0xFFFFFFFF, 0x5BD1E995, 24
+    length = len(data)
+    h = (0x9747B28C ^ length) & mask
+    for i in range(0, length - length % 4, 4):
+        k = int.from_bytes(data[i:i + 4], "little")
+        k = (k * m) & mask
+        k ^= k >> r
+        k = (k * m) & mask
+        h = ((h * m) & mask) ^ k
+    tail = data[length - length % 4:]
+    if tail:
+        for shift, byte in enumerate(tail):
+            h ^= byte << (8 * shift)
+        h = (h * m) & mask
+    h ^= h >> 13
+    h = (h * m) & mask
+    h ^= h >> 15
+    return h - (1 << 32) if h & 0x80000000 else h
+
+
+def ring_stream(users: int, events: int, items: int = 40, step: int = 1, seed: int = 0,
+                starts: list[int] | None = None) -> list[tuple[str, str]]:
+    """Users walking a ring of items by ``step``, interleaved in time: a rule a few steps can pick up."""
+    rng = random.Random(seed)
+    pos = starts or [rng.randrange(items) for _ in range(users)]
+    out = []
+    for _ in range(events):
+        u = rng.randrange(users)
+        pos[u] = (pos[u] + step) % items
+        out.append((f"u{u}", f"i{pos[u] + 1}"))
+    return out
+
+
+def synthetic_events(n: int, users: int, items: int = 40, seed: int = 1) -> list[tuple[str, str]]:
+    """Skewed activity so that micro-batches hold several events of one user (several step waves)."""
+    rng = random.Random(seed)
+    weights = [1.0 / (u + 1) for u in range(users)]
+    return [(f"u{rng.choices(range(users), weights)[0]}", f"i{rng.randint(1, items)}") for _ in range(n)]
+
+def produce_events(cfg: Config, events: list[tuple[str, str]], ts0: int = 1_700_000_000_000) -> None:
+    produce(cfg, ((u.encode(), event_value(u, i, ts0 + k)) for k, (u, i) in enumerate(events)))
+
+def stored_states(cfg: Config, users: set[str]) -> dict[str, tuple[bytes, int]]:
+    out = {}
+    for user in users:
+        found = find_user(state_dir(cfg), user)
+        assert found is not None, f"no state stored for {user}"
+        out[user] = (found[1].state, found[1].offset)
+    return out
+
+
+def wait_for_version(worker: WorkerProcess, version: str, timeout_s: float = 30.0) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if json.loads(worker.get("/model"))["version"] == version:
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    raise AssertionError(f"worker still serves {json.loads(worker.get('/model'))['version']}, not {version}")

@@ -8,13 +8,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from lrustream.kernel.config import Config
 from stream.topics import create_topics
 from tests.streamkit import WorkerProcess, publish_model, read_topic, recommendations
-
-pytestmark = pytest.mark.kafka
 
 BIG_VALUE_BYTES = 1_030_000  # under the broker's 1 MiB record limit, over the producer's default 1,000,000
 

@@ -35,8 +35,8 @@ from models.base import padded_steps
 from models.lrurec import lru_scan
 from models.store import ModelStore
 from models.vocab import Vocabulary
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 NUM_ITEMS = 60
 LENGTHS = [1, 2, 3, 7, 15, 16, 17, 33, 64, 100, 129, 200, 255, 300]
 

@@ -26,8 +26,6 @@ from stream.serving import Serving
 from stream.topics import create_topics
 from tests.streamkit import build_processor, publish_model
 
-pytestmark = pytest.mark.kafka
-
 
 def _events(first: int, last: int) -> list[Input]:
     """Events of partition 0 at offsets first..last-1, seven users, each event a different item."""

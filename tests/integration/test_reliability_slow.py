@@ -17,10 +17,17 @@ import pytest
 
 from lrustream.kernel.config import Config, load_config
 from stream.topics import create_topics
-from tests.streamkit import WorkerProcess, event_value, produce, publish_model, read_topic, recommendations
-from tests.test_worker import stored_states
+from tests.streamkit import (
+    WorkerProcess,
+    event_value,
+    produce,
+    publish_model,
+    read_topic,
+    recommendations,
+    stored_states,
+)
 
-pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 N_EVENTS = 50_000
 KILLS = 6

@@ -10,13 +10,9 @@ import json
 import random
 from pathlib import Path
 
-import pytest
-
 from lrustream.kernel.config import Config
 from stream.topics import create_topics
 from tests.streamkit import WorkerProcess, produce, publish_model, read_topic, recommendations
-
-pytestmark = pytest.mark.kafka
 
 N_BAD = 10_000
 UNICODE = "λ→😀中\u202e\u00e9ß\U0001f600"

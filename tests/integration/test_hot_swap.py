@@ -18,19 +18,15 @@ from models.store import META, WEIGHTS, ModelStore
 from stream.serving import Serving
 from stream.topics import create_topics
 from stream.updates import announce
-from tests.streamkit import WorkerProcess, publish_model, recommendations
-from tests.test_worker import produce_events, stored_states, synthetic_events
-
-pytestmark = pytest.mark.kafka
-
-
-def wait_for_version(worker: WorkerProcess, version: str, timeout_s: float = 30.0) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        if json.loads(worker.get("/model"))["version"] == version:
-            return time.monotonic() - t0
-        time.sleep(0.05)
-    raise AssertionError(f"worker still serves {json.loads(worker.get('/model'))['version']}, not {version}")
+from tests.streamkit import (
+    WorkerProcess,
+    produce_events,
+    publish_model,
+    recommendations,
+    stored_states,
+    synthetic_events,
+    wait_for_version,
+)
 
 
 def rederived_reference(cfg: Config, version: str, before: list[tuple[str, str]], after: list[tuple[str, str]]

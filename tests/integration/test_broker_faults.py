@@ -10,18 +10,22 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from lrustream.broker import LocalBroker, free_port
 from lrustream.kernel.config import load_config
 from stream.topics import create_topics
 from tests.conftest import JARS_DIR
-from tests.streamkit import WorkerProcess, publish_model, recommendations, reference
-from tests.test_hot_swap import wait_for_version
-from tests.test_worker import produce_events, stored_states, synthetic_events
+from tests.streamkit import (
+    WorkerProcess,
+    produce_events,
+    publish_model,
+    recommendations,
+    reference,
+    stored_states,
+    synthetic_events,
+    wait_for_version,
+)
 from trainer.online import TrainerLoop
-
-pytestmark = pytest.mark.kafka
 
 
 def test_broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice(kafka_overrides: list[str],

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import re
 import shlex
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import pytest
 import yaml
 
 from lrustream.kernel.config import DEFAULT_CONFIG, ConfigError, load_config
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 APPS = ("worker", "trainer")

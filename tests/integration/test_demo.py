@@ -12,8 +12,6 @@ from lrustream.demo import run_demo
 from lrustream.kernel.config import load_config
 from tests.streamkit import read_topic, recommendations
 
-pytestmark = pytest.mark.kafka
-
 
 def test_demo_trains_serves_a_replay_and_reports_latency(kafka_bootstrap: str, kafka_overrides: list[str],
                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

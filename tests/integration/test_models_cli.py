@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from typer.testing import CliRunner
 
 from lrustream.cli import app
@@ -12,8 +11,6 @@ from lrustream.kernel.config import Config
 from models.store import ModelStore, ModelStoreError
 from stream.topics import create_topics
 from tests.streamkit import publish_model, read_topic
-
-pytestmark = pytest.mark.kafka
 
 
 def test_rollback_pins_the_version_announces_it_and_refuses_a_path(kafka_cfg: Config,

@@ -1,4 +1,5 @@
-"""Producer and consumer tools (lrustream/replay.py) and their commands, against the real test broker."""
+"""Producer and consumer tools (lrustream/replay.py, lrustream/recommendations.py) and their commands, against
+the real test broker."""
 
 from __future__ import annotations
 
@@ -23,45 +24,15 @@ from lrustream.recommendations import read_recommendations
 from lrustream.replay import replay
 from stream.events import parse_event
 from stream.topics import create_topics, partition_counts
+from tests.conftest import REPO
+from tests.streamkit import murmur2
 from trainer.data import load_sequences
-
-pytestmark = pytest.mark.kafka
-REPO = Path(__file__).resolve().parent.parent
-
-
-# ----- helpers ------------------------------------------------------------------------------------------------
-def murmur2(data: bytes) -> int:
-    """Apache Kafka's murmur2 (org.apache.kafka.common.utils.Utils.murmur2), as a signed 32-bit int: the hash
-    Java clients, aiokafka and Faust partition keys with, written here from its published definition."""
-    mask, m, r = 0xFFFFFFFF, 0x5BD1E995, 24
-    length = len(data)
-    h = (0x9747B28C ^ length) & mask
-    for i in range(0, length - length % 4, 4):
-        k = int.from_bytes(data[i:i + 4], "little")
-        k = (k * m) & mask
-        k ^= k >> r
-        k = (k * m) & mask
-        h = ((h * m) & mask) ^ k
-    tail = data[length - length % 4:]
-    if tail:
-        for shift, byte in enumerate(tail):
-            h ^= byte << (8 * shift)
-        h = (h * m) & mask
-    h ^= h >> 13
-    h = (h * m) & mask
-    h ^= h >> 15
-    return h - (1 << 32) if h & 0x80000000 else h
 
 
 def java_partition(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
-def test_murmur2_matches_kafkas_own_test_vectors() -> None:
-    vectors = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536,
-               b"a-little-bit-longer-string": -1486304829, b"abc": 479470107,
-               b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971}
-    assert {k: murmur2(k) for k in vectors} == vectors
 
 
 def write_udata(folder: Path, users: int, items: int, seed: int = 0) -> Path:
@@ -230,31 +201,5 @@ def test_recs_piped_into_head_ends_quietly(kafka_cfg: Config, kafka_overrides: l
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
 
 
-class _NotLeaderYet:
-    """A consumer whose partition answers NOT_LEADER a few times, as one does just after topic creation."""
-
-    def __init__(self, failures: int, code: int) -> None:
-        self.failures, self.code, self.calls = failures, code, 0
-
-    def get_watermark_offsets(self, tp, timeout):  # type: ignore[no-untyped-def]
-        from confluent_kafka import KafkaError, KafkaException
-
-        self.calls += 1
-        if self.calls <= self.failures:
-            raise KafkaException(KafkaError(self.code, "Failed to get watermark offsets"))
-        return 0, 42
 
 
-def test_end_offsets_wait_out_a_partition_that_has_no_leader_yet() -> None:
-    """A CI run failed reading recommendations because a new partition answered NOT_LEADER once."""
-    from confluent_kafka import KafkaError, KafkaException
-
-    from lrustream.kernel.kafka import high_watermarks
-
-    consumer = _NotLeaderYet(failures=3, code=KafkaError.NOT_LEADER_FOR_PARTITION)
-    assert high_watermarks(consumer, "t", [0, 1], timeout_s=10) == {0: 42, 1: 42}
-    assert consumer.calls == 5
-    with pytest.raises(KafkaException):  # a real error is not retried
-        high_watermarks(_NotLeaderYet(failures=1, code=KafkaError.TOPIC_AUTHORIZATION_FAILED), "t", [0], 10)
-    with pytest.raises(KafkaException):  # and a transient one not for ever
-        high_watermarks(_NotLeaderYet(failures=10**6, code=KafkaError.NOT_LEADER_FOR_PARTITION), "t", [0], 0.5)

@@ -18,8 +18,7 @@ from safetensors.torch import load_file, save_file
 from models import LinRecConfig, LRURecConfig, SASRecConfig, build_model
 from models.store import META, WEIGHTS, ModelStore, ModelStoreError
 from models.vocab import Vocabulary
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
 
 
 def _store(tmp_path: Path) -> tuple[ModelStore, str, str]:

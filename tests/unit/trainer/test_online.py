@@ -1,13 +1,9 @@
-"""Online learning: the event buffer (time-ordered holdout), the learner (warm start, AdamW moments carried and
-resized), the gate (paired bootstrap; refusals with numbers), and the loop on real Kafka (worker -> training
-examples -> trainer round -> published version -> worker swap, /health and /metrics of the trainer)."""
+"""Online learning without a broker: the event buffer (time-ordered holdout), the learner (warm start, AdamW
+moments carried and resized), the gate (paired bootstrap; refusals with numbers)."""
 
 from __future__ import annotations
 
-import json
 import random
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,31 +12,17 @@ import pytest
 import torch
 
 from lrustream.kernel.config import Config, ModelConfig, load_config
-from models import MODEL_NAMES, build_model, model_config
+from models import MODEL_NAMES, LRURecConfig, build_model, model_config
 from models.store import ModelStore
-from stream.topics import create_topics
-from stream.updates import request_refresh
-from tests.streamkit import WorkerProcess, publish_model, read_topic, recommendations
-from tests.test_hot_swap import wait_for_version
-from tests.test_worker import produce_events
+from tests.streamkit import (
+    publish_model,
+    ring_stream,
+)
 from trainer.buffer import EventBuffer, HeldEvent
 from trainer.evaluate import left_pad
 from trainer.gate import event_metrics, judge, paired_bootstrap
-from trainer.online import OnlineLearner, TrainerLoop, backward_groups, covering_draws, length_groups
+from trainer.online import OnlineLearner, backward_groups, covering_draws, length_groups
 from trainer.optim import make_optimizer, warm_up
-
-
-def ring_stream(users: int, events: int, items: int = 40, step: int = 1, seed: int = 0,
-                starts: list[int] | None = None) -> list[tuple[str, str]]:
-    """Users walking a ring of items by ``step``, interleaved in time: a rule a few steps can pick up."""
-    rng = random.Random(seed)
-    pos = starts or [rng.randrange(items) for _ in range(users)]
-    out = []
-    for _ in range(events):
-        u = rng.randrange(users)
-        pos[u] = (pos[u] + step) % items
-        out.append((f"u{u}", f"i{pos[u] + 1}"))
-    return out
 
 
 def fill(buf: EventBuffer, events: list[tuple[str, str]], history: dict[str, list[str]] | None = None) -> None:
@@ -144,7 +126,7 @@ def test_the_gate_refuses_a_worse_candidate_and_says_why_with_numbers() -> None:
 
 
 def test_a_fresh_optimiser_ramps_its_learning_rate_up() -> None:
-    model = build_model("lrurec", num_items=10, d_model=8, max_len=4)
+    model = build_model(LRURecConfig(d_model=8, max_len=4), num_items=10)
     opt = make_optimizer(model, load_config().train)
     lrs = []
     for _ in range(4):
@@ -348,118 +330,9 @@ def test_a_published_round_removes_the_weights_of_versions_beyond_keep_versions(
     assert s.store.collected(s.v1) and not s.store.collected(published)
 
 
-# ----- on the real broker ------------------------------------------------------------------------------------
-def produce_examples(cfg: Config, users: range) -> None:
-    from confluent_kafka import Producer
-
-    from lrustream.kernel.kafka import producer_config
-
-    producer = Producer(producer_config(cfg))
-    for u in users:
-        producer.produce(cfg.topics.training_examples, json.dumps({"user_id": f"u{u}", "items": ["a", "b"], "new": 1}),
-                         f"u{u}")
-    assert producer.flush(30) == 0
 
 
-@pytest.mark.kafka
-def test_a_restarted_trainer_resumes_where_it_left_off(kafka_cfg: Config) -> None:
-    """Training examples are read once: a new trainer process starts at the offsets the last one committed."""
-    create_topics(kafka_cfg)
-    produce_examples(kafka_cfg, range(0, 40))
-    first = TrainerLoop(kafka_cfg, log_line=print, serve_http=False)
-    deadline = time.monotonic() + 30
-    while first.buffer.seen < 40 and time.monotonic() < deadline:
-        first.poll()
-    first.close()  # commits what it consumed
-    produce_examples(kafka_cfg, range(40, 50))
-    second = TrainerLoop(kafka_cfg, log_line=print, serve_http=False)
-    try:
-        deadline = time.monotonic() + 30
-        while second.buffer.seen < 10 and time.monotonic() < deadline:
-            second.poll()
-        second.poll(timeout_s=2.0)
-    finally:
-        second.close()
-    assert first.buffer.seen == 40
-    assert second.buffer.seen == 10 and set(second.buffer.users) == {f"u{u}" for u in range(40, 50)}
 
 
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
-@pytest.mark.kafka
-def test_refresh_publishes_a_gated_version_the_running_worker_serves(kafka_cfg: Config, kafka_overrides: list[str],
-                                                                     tmp_path: Path) -> None:
-    overrides = [*kafka_overrides, "online.every_seconds=3600", "online.every_events=1000000",
-                 "stream.unknown_items=oov", "online.min_holdout=30", "online.min_steps=30", "online.lr=0.005",
-                 "model.max_len=20", "online.http_port=0"]
-    cfg = load_config(overrides=overrides)
-    create_topics(cfg)
-    v1 = publish_model(cfg)
-    events = ring_stream(30, 600)
-    events[100], events[200] = ("u1", "new-item"), ("u2", "new-item")  # first seen in the stream
-    produce_events(cfg, events)
-    worker = WorkerProcess(overrides, tmp_path / "worker.log").start()
-    loop = TrainerLoop(cfg, log_line=print)
-    trainer_url = f"http://{cfg.http.host}:{loop.http.port}"
-    try:
-        worker.wait_healthy()
-        recommendations(cfg, expect=len(events))
-        examples = read_topic(cfg, cfg.topics.training_examples, idle_s=2)
-        assert examples and all(json.loads(m.value())["items"] for m in examples)
-        deadline = time.monotonic() + 30
-        while loop.buffer.seen < len(events) and time.monotonic() < deadline:
-            loop.poll()
-        assert loop.buffer.seen == len(events), "every served event reached the trainer"
-        request_refresh(cfg, "test")
-        while not loop.requested and time.monotonic() < deadline:
-            loop.poll()
-        assert loop.due()
-        result = loop.round()
-        assert result.published, result.line()
-        wait_for_version(worker, result.published)
-        swap = next(s for s in json.loads(worker.get("/model"))["swaps"] if s["version"] == result.published)
-        delay = swap["at"] - ModelStore(cfg.model_store.dir).info(result.published).created
-        print(f"\nworker served {result.published} {delay:.2f} s after the round published it")
-        model_after = json.loads(worker.get("/model"))
-        produce_events(cfg, events[:20], ts0=1_900_000_000_000)
-        recs = recommendations(cfg, expect=len(events) + 20)
-        health, metrics = _get(f"{trainer_url}/health"), _get(f"{trainer_url}/metrics")
-
-        # a trainer started with a broken learning rate reads the same examples: the gate refuses its candidate
-        broken = TrainerLoop(load_config(overrides=[*overrides, "online.lr=10",
-                                                    f"online.group_id={cfg.online.group_id}-broken"]), log_line=print)
-        try:
-            deadline = time.monotonic() + 30
-            while broken.buffer.seen < len(events) and time.monotonic() < deadline:
-                broken.poll()
-            refused = broken.round()
-        finally:
-            broken.close()
-        produce_events(cfg, events[20:30], ts0=1_950_000_000_000)
-        recs = recommendations(cfg, expect=len(events) + 30)
-    finally:
-        loop.close()
-        worker.stop()
-    assert refused.published is None and refused.refused in {"gate", "non-finite"}, refused.line()
-    assert ModelStore(cfg.model_store.dir).current() == result.published
-    assert {r["model_version"] for r in recs if r["event_ts"] >= 1_950_000_000_000} == {result.published}, \
-        "the worker kept serving the good version"
-    records = [json.loads(line) for line in (Path(cfg.model_store.dir) / "rounds.jsonl").read_text().splitlines()]
-    assert [r["published"] for r in records] == [result.published, None], "both rounds recorded"
-    assert records[0]["gate"]["heldout"] == 60 and records[1]["refused"] == refused.refused
-    new = ModelStore(cfg.model_store.dir).load(result.published)
-    assert "new-item" in new.vocab and new.model.num_items == 41, "the stream's new item got an embedding"
-    assert model_after["num_items"] == 41, "the worker serves the grown vocabulary"
-    after = [r for r in recs if 1_900_000_000_000 <= r["event_ts"] < 1_950_000_000_000]
-    assert len(after) == 20 and {r["model_version"] for r in after} == {result.published}
-    assert ModelStore(cfg.model_store.dir).info(result.published).parent == v1
-    assert health[0] == 200 and json.loads(health[1])["serving"] == result.published
-    assert "lrustream_trainer_published_total 1.0" in metrics[1]
-    assert f'lrustream_trainer_serving_info{{version="{result.published}"}} 1.0' in metrics[1]
-    assert "lrustream_trainer_buffer_events 600.0" in metrics[1]

@@ -6,14 +6,11 @@ import json
 import subprocess
 import time
 
-import pytest
 from confluent_kafka import Consumer, Producer
 
 from lrustream.kernel.config import Config
 from lrustream.kernel.kafka import librdkafka_config, producer_config
 from stream.topics import create_topics, partition_counts, topic_specs
-
-pytestmark = pytest.mark.kafka
 
 
 def _consume(cfg: Config, topic: str, n: int, timeout_s: float = 30.0) -> list:

@@ -4,50 +4,27 @@ crash (SIGKILL) and rebalance safety; bad input to the dead-letter topic."""
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from rocksdict import Rdict
 
 from lrustream.kernel.config import Config, load_config
-from state.store import PartitionStore, find_user
 from stream.topics import create_topics
-from stream.worker import state_dir
 from tests.streamkit import (
     WorkerProcess,
     end_offsets,
     event_value,
     produce,
+    produce_events,
     publish_model,
     read_topic,
     recommendations,
     reference,
+    stored_states,
+    synthetic_events,
 )
-
-pytestmark = pytest.mark.kafka
-
-
-def synthetic_events(n: int, users: int, items: int = 40, seed: int = 1) -> list[tuple[str, str]]:
-    """Skewed activity so that micro-batches hold several events of one user (several step waves)."""
-    rng = random.Random(seed)
-    weights = [1.0 / (u + 1) for u in range(users)]
-    return [(f"u{rng.choices(range(users), weights)[0]}", f"i{rng.randint(1, items)}") for _ in range(n)]
-
-
-def produce_events(cfg: Config, events: list[tuple[str, str]], ts0: int = 1_700_000_000_000) -> None:
-    produce(cfg, ((u.encode(), event_value(u, i, ts0 + k)) for k, (u, i) in enumerate(events)))
-
-
-def stored_states(cfg: Config, users: set[str]) -> dict[str, tuple[bytes, int]]:
-    out = {}
-    for user in users:
-        found = find_user(state_dir(cfg), user)
-        assert found is not None, f"no state stored for {user}"
-        out[user] = (found[1].state, found[1].offset)
-    return out
 
 
 def assert_matches_reference(recs: list[dict], ref: dict[str, dict]) -> None:
@@ -228,31 +205,8 @@ def _dedupe(recs: list[dict]) -> list[dict]:
     return out
 
 
-def test_partition_store_survives_reopen(tmp_path: Path) -> None:
-    from state.record import UserRecord
-
-    part = PartitionStore(tmp_path / "p0")
-    part.write({b"u:x": UserRecord(b"\x00" * 8, "v1", np.array([3, -1], np.int32), ["new"], 0, 7, 1).encode()}, 4)
-    part.close()
-    again = PartitionStore(tmp_path / "p0")
-    record = again.get("x")
-    assert record is not None and record.offset == 7 and record.unknown == ["new"] and again.changelog_offset == 4
-    again.close()
 
 
-def test_the_state_count_is_rocksdbs_estimate_not_a_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """/metrics reads the count on the event loop: it must not iterate every key (issue 14)."""
-    from state.record import UserRecord
-    from state.store import StateStore
-
-    store = StateStore(tmp_path / "state")
-    record = UserRecord(b"\x00" * 8, "v1", np.array([3], np.int32), [], 0, 7, 1)
-    for p in range(3):
-        store.commit({p: ({f"u{k}": record for k in range(2000)}, 10)})
-    monkeypatch.setattr(Rdict, "keys", lambda *a, **k: (_ for _ in ()).throw(AssertionError("scanned")))
-    monkeypatch.setattr(Rdict, "items", lambda *a, **k: (_ for _ in ()).throw(AssertionError("scanned")))
-    assert 0.95 * 6000 <= store.count() <= 1.05 * 6000
-    store.close()
 
 
 def test_state_changing_endpoint_requires_the_configured_token(kafka_cfg: Config, kafka_overrides: list[str],

@@ -87,8 +87,9 @@ def broker_fetch(config: ConfigOpt = None, overrides: Overrides = None) -> None:
 # ----- config / topics ---------------------------------------------------------------------------------------
 @config_app.command("show")
 def config_show(config: ConfigOpt = None, overrides: Overrides = None) -> None:
-    """Print the merged configuration (defaults <- file <- overrides) as YAML. Secrets are masked."""
-    cfg = cfg_of(config, overrides)
+    """Print the merged configuration (defaults <- file <- overrides) as YAML, after every check (``model.name``
+    against the model registry too). Secrets are masked."""
+    cfg = model_cfg_of(config, overrides)
     if cfg.kafka.security.sasl_password:
         cfg.kafka.security.sasl_password = "***"
     if cfg.http.token:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,9 +87,11 @@ def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
 
 
-def load_checkpoint(path: Path, *, setup: dict[str, Any], model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], LoopState]:
-    """Restore model, optimiser and RNG in place; returns the best weights and the loop state."""
+def load_checkpoint(path: Path, *, setup: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    retired_hparams: Collection[str] = ()) -> tuple[dict[str, torch.Tensor], LoopState]:
+    """Restore model, optimiser and RNG in place; returns the best weights and the loop state. Hyper-parameters
+    in ``retired_hparams`` (recorded by older code for a model that never read them) do not count as a
+    difference of set-up."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["lrustream"])
@@ -97,7 +100,8 @@ def load_checkpoint(path: Path, *, setup: dict[str, Any], model: torch.nn.Module
         raise CheckpointError(f"{path}: not a readable training checkpoint ({exc})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, this version reads {FORMAT}")
-    diff = _differences(meta["setup"], setup)
+    saved_hparams = {k: v for k, v in meta["setup"].get("hparams", {}).items() if k not in retired_hparams}
+    diff = _differences({**meta["setup"], "hparams": saved_hparams}, setup)
     if diff:
         raise CheckpointError(f"{path} was written for another set-up ({'; '.join(diff)}); "
                               "start afresh without --resume or restore that set-up")

@@ -120,7 +120,8 @@ class _Run:
         self.started, self.seconds_before = time.monotonic(), self.hist.seconds
 
     def _restore(self, checkpoint: Path) -> None:
-        self.best_state, loop = load_checkpoint(checkpoint, setup=self.setup, model=self.model, optimizer=self.opt)
+        self.best_state, loop = load_checkpoint(checkpoint, setup=self.setup, model=self.model, optimizer=self.opt,
+                                                retired_hparams=type(self.model.config).retired)
         self.hist = History(**{**loop.history, "device": str(self.device), "stopped_because": ""})
         self.hist.resumed_at.append(self.hist.steps_done)
         self.bad_rounds, self.running = loop.bad_rounds, torch.tensor(loop.running_loss, device=self.device)

@@ -162,8 +162,8 @@ def test_kills_and_a_burst_lose_nothing_and_apply_nothing_twice(kafka_cfg: Confi
                 backlog = _busy(worker)
                 frozen_s = _zombie(worker, other, kafka_cfg.topics.partitions, burst)
                 # reported, not asserted: whether the resumed batch reaches its commit (and is fenced) before the
-                # group's rebalance catches up with it varies from run to run; tests/test_fencing.py pins the
-                # fencing itself down, this tier the outcome (every state equal to the clean run's)
+                # group's rebalance catches up with it varies from run to run; tests/integration/test_fencing.py
+                # pins the fencing itself down, this tier the outcome (every state equal to the clean run's)
                 deadline = time.monotonic() + 20
                 while sum(fenced := _fenced(worker, other)) == 0 and time.monotonic() < deadline:
                     time.sleep(0.5)

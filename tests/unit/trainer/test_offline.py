@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import safe_open, save_file
 
 from lrustream.kernel.config import load_config
 from models import MODEL_NAMES, LinRecConfig, LRURecConfig, build_model, config_class
@@ -198,6 +199,23 @@ def test_a_checkpoint_from_another_set_up_or_a_damaged_one_is_refused(tmp_path: 
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="not a readable training checkpoint"):
         train(_fresh("lrurec"), split, cfg.train, torch.device("cpu"), progress=False, checkpoint=ckpt, resume=True)
+
+
+def test_a_linrec_checkpoint_of_the_older_code_resumes(tmp_path: Path) -> None:
+    """Older code recorded LinRec's attn_dropout (which LinRec never read) among the checkpoint's hyper-parameters;
+    the registry's LinRecConfig retires it, and such a checkpoint still resumes."""
+    cfg, split = _tiny_run(tmp_path)
+    cut, _ = _tiny_run(tmp_path, **{"train.max_steps": 20})
+    ckpt = tmp_path / "old.safetensors"
+    train(_fresh("linrec"), split, cut.train, torch.device("cpu"), progress=False, checkpoint=ckpt)
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    old = json.loads(meta["lrustream"])
+    old["setup"]["hparams"]["attn_dropout"] = 0.2
+    save_file(tensors, str(ckpt), metadata={**meta, "lrustream": json.dumps(old)})
+    resumed = train(_fresh("linrec"), split, cfg.train, torch.device("cpu"), progress=False, checkpoint=ckpt,
+                    resume=True)
+    assert resumed.resumed_at == [20] and resumed.steps_done == 60
 
 
 def test_train_command_resumes_the_run_in_its_out_folder(tmp_path: Path) -> None:

@@ -162,7 +162,7 @@ def test_cli_prints_one_line_not_a_traceback_and_config_show_masks_secrets(tmp_p
 @pytest.mark.parametrize("command", [["train", "--data", "nowhere"], ["worker"]], ids=["train", "worker"])
 def test_a_command_that_builds_or_loads_a_model_refuses_an_unknown_model_name_first(command: list[str]) -> None:
     """The kernel's schema lists no models (it imports none): the model registry checks ``model.name``, in the CLI,
-    before the command reads data or starts serving (tests/test_models.py checks the message itself)."""
+    before the command reads data or starts serving (tests/unit/models/test_models.py checks the message itself)."""
     bad = subprocess.run([sys.executable, "-m", "lrustream.cli", *command, "model.name=gru4rec"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode == 2, bad.stderr

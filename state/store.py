@@ -20,7 +20,7 @@ from typing import Any
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
 from lrustream.kernel.errors import LrustreamError
-from lrustream.kernel.kafka import produce
+from lrustream.kernel.kafka import flush, produce
 from state.record import UserRecord, updated_ms_of
 
 log = logging.getLogger("lrustream.state")
@@ -195,8 +195,7 @@ class Changelog:
 
         producer = self._writers[partition]
         deadline = time.monotonic() + self.flush_timeout_s
-        while (remaining := producer.flush(0.5)) and time.monotonic() < deadline:
-            self._check_stopping()
+        remaining = flush(producer, self.flush_timeout_s, before_wait=lambda _pending: self._check_stopping())
         if errors:
             raise KafkaException(errors[0])
         if remaining:

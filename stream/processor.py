@@ -58,7 +58,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from lrustream.kernel.config import StreamConfig, TopicsConfig
 from lrustream.kernel.errors import LrustreamError
-from lrustream.kernel.kafka import produce
+from lrustream.kernel.kafka import flush, produce
 from models.base import padded_steps
 from models.vocab import Vocabulary
 from state.record import UserRecord, push_items
@@ -454,17 +454,17 @@ class Processor:
         if self.stopping.is_set():
             raise Stopping("stopping while the producer queue was full")
 
+    def _stop_flushing(self, pending: int) -> None:
+        if self.stopping.is_set():
+            raise Stopping(f"stopping with {pending} records not acknowledged")
+
     def _delivered(self, err: Any, msg: Any) -> None:
         if err is not None:
             self._errors.append(str(err))
 
     def _await_acks(self, timeout_s: float = 60.0) -> None:
         """Wait (in half-second slices, so a stop is seen) until every record produced so far is acknowledged."""
-        deadline = time.monotonic() + timeout_s
-        while (remaining := self.producer.flush(0.5)) and time.monotonic() < deadline:
-            if self.stopping.is_set():
-                raise Stopping(f"stopping with {remaining} records not acknowledged")
-        if remaining:
+        if remaining := flush(self.producer, timeout_s, before_wait=self._stop_flushing):
             self._errors.append(f"{remaining} records still pending after {timeout_s:.0f} s")
         if self._errors:
             raise OutputError(f"output not acknowledged ({self._errors[0]}); the batch will be retried")

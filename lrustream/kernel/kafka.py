@@ -7,8 +7,9 @@
 - Producing: :func:`produce` is the only place that hands a record to librdkafka. When librdkafka's local
   queue is full ``Producer.produce`` raises ``BufferError`` instead of waiting; :func:`produce` serves delivery
   callbacks until there is room (confluent-kafka-python #16, "Queue full"). :class:`Deliveries` collects the
-  delivery reports, :func:`await_deliveries` waits for them and raises :class:`KafkaUnavailable` for any that
-  failed or never came; :func:`produce_all` is the three together.
+  delivery reports; :func:`flush` waits for them a slice at a time, so that a stopping worker is not held up;
+  :func:`await_deliveries` waits for them and raises :class:`KafkaUnavailable` for any that failed or never
+  came; :func:`produce_all` is produce, Deliveries and await_deliveries together.
 - Metadata and admin: :func:`admin`, :func:`topic_partitions`, :func:`high_watermarks` (retrying what is only
   "not ready yet", :func:`transient`).
 - Errors: :class:`KafkaUnavailable` (Kafka did not take or acknowledge what we sent, or cannot be reached) and
@@ -137,6 +138,18 @@ class Deliveries:
         self.failed += 1
         if self.first_error is None:
             self.first_error = err.str() if hasattr(err, "str") else str(err)
+
+
+def flush(producer: Any, timeout_s: float, before_wait: Callable[[int], None] | None = None,
+          slice_s: float = 0.5) -> int:
+    """Wait up to ``timeout_s`` until every record handed to ``producer`` is acknowledged, ``slice_s`` at a time;
+    between slices ``before_wait(records still pending)`` runs and may raise to stop waiting (a worker that is
+    stopping sees it within a slice). Returns how many records are still pending (0: all acknowledged)."""
+    deadline = time.monotonic() + timeout_s
+    while (remaining := producer.flush(slice_s)) and time.monotonic() < deadline:
+        if before_wait is not None:
+            before_wait(remaining)
+    return remaining
 
 
 def await_deliveries(producer: Any, deliveries: Deliveries, what: str, timeout_s: float = 30.0) -> None:

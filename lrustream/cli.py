@@ -296,17 +296,28 @@ def bench_changelog(
 @bench_app.command("stream")
 def bench_stream(
     data: Annotated[str, typer.Option(help="Data set to replay.")] = "../shared/data/ml-1m-subset-users1-2999",
-    events: Annotated[int, typer.Option(help="Events pre-loaded and drained.")] = 100_000,
-    latency_rate: Annotated[float, typer.Option(help="Steady rate (events/s) of the latency phase.")] = 2_000.0,
-    latency_events: Annotated[int, typer.Option(help="Events in the latency phase.")] = 20_000,
+    events: Annotated[int, typer.Option(help="Events pre-loaded and drained by each contender.")] = 100_000,
+    latency_rates: Annotated[
+        str, typer.Option(help="Steady rates (events/s) of the latency phases, in turn.")
+    ] = "1000,2000,5000",
+    latency_seconds: Annotated[float, typer.Option(help="Seconds of replay in each latency phase.")] = 10.0,
+    latency_wait: Annotated[
+        float, typer.Option(help="Longest wait (s) after a phase's replay for its recommendations.")
+    ] = 10.0,
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:
-    """One worker vs a bare forwarding Faust agent on the same broker: events/s, then p50/p99 latency."""
-    from lrustream.bench.stream import run
+    """One worker vs a plain confluent-kafka forwarder and a bare forwarding Faust agent on the same broker:
+    events/s and the worker's ratio to each, then its p50/p99/p99.9 latency (queueing, processing, total)
+    at each rate."""
+    from lrustream.bench.stream import latency_plan, run
 
+    try:
+        plan = latency_plan(latency_rates, latency_seconds, latency_wait)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     model_cfg_of(config, overrides)  # validate before starting anything
-    run(overrides or [], data, events, latency_rate, latency_events, Path(".lrustream/bench"), log=echo)
+    run(overrides or [], data, events, Path(".lrustream/bench"), plan, log=echo)
 
 
 @app.command("trainer")

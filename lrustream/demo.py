@@ -1,6 +1,10 @@
 """The main job, end to end on one machine: local broker, a model, a worker, a data-set replay, and the
 recommendations flowing out with their latency. What ``make demo`` runs.
 
+The summary gives the event-to-recommendation latency (the record's emitted_ts - kafka_ts) as p50, p99 and
+p99.9 and, when the records carry ``received_ts``, split into queueing (kafka_ts to the worker's consumer
+handing the event over) and processing (from there to the recommendation); see ``lrustream/children.py``.
+
 Everything it starts is ordinary: the broker is ``lrustream broker start``'s, the worker is a
 ``lrustream worker`` subprocess, the replay is ``lrustream produce``'s code. It leaves the broker running
 (``lrustream broker stop`` ends it) and stops the worker when the replay has been served.
@@ -19,7 +23,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lrustream.children import percentile, spawn_cli, stop, wait_healthy
+from lrustream.children import (
+    format_stages,
+    latency_stages,
+    spawn_cli,
+    stage_percentiles,
+    stop,
+    timestamps,
+    wait_healthy,
+)
 from lrustream.kernel.config import Config, resolve_path
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -74,8 +86,9 @@ def start_worker(config: Path | None, overrides: list[str], log_path: Path) -> s
     return spawn_cli([*args, *overrides, "stream.unknown_items=oov"], log_path)
 
 
-def watch(cfg: Config, expect: int, timeout_s: float, log: Callable[[str], None]) -> list[float]:
-    """Read new recommendations, print a sample line per second, return event-to-recommendation latencies."""
+def watch(cfg: Config, expect: int, timeout_s: float, log: Callable[[str], None]) -> list[dict[str, int]]:
+    """Read new recommendations, print a sample line per second, return each one's latency timestamps
+    (:func:`lrustream.children.timestamps`)."""
     from confluent_kafka import Consumer, TopicPartition
 
     from lrustream.kernel.kafka import high_watermarks, librdkafka_config, topic_partitions
@@ -85,22 +98,23 @@ def watch(cfg: Config, expect: int, timeout_s: float, log: Callable[[str], None]
     ends = [TopicPartition(topic, p, end)
             for p, end in high_watermarks(consumer, topic, topic_partitions(consumer, topic)).items()]
     consumer.assign(ends)  # only what this run produces
-    latencies: list[float] = []
+    seen: list[dict[str, int]] = []
     t0 = last_print = time.monotonic()
     try:
-        while len(latencies) < expect and time.monotonic() - t0 < timeout_s:
+        while len(seen) < expect and time.monotonic() - t0 < timeout_s:
             for msg in consumer.consume(num_messages=1000, timeout=0.5):
                 if msg.error():
                     continue
                 rec = json.loads(msg.value())
-                latencies.append((rec["emitted_ts"] - rec["kafka_ts"]) / 1000 if rec.get("kafka_ts") else 0.0)
+                seen.append(timestamps(rec))
                 if time.monotonic() - last_print >= 1.0:
                     last_print = time.monotonic()
-                    log(f"  [{len(latencies):>7} recs, {latencies[-1] * 1000:6.1f} ms] user {rec['user_id']} "
+                    ms = rec["emitted_ts"] - rec["kafka_ts"] if rec.get("kafka_ts") else 0
+                    log(f"  [{len(seen):>7} recs, {ms:6.1f} ms] user {rec['user_id']} "
                         f"(model {rec['model_version']}) -> {', '.join(rec['items'][:5])}")
     finally:
         consumer.close()
-    return latencies
+    return seen
 
 
 def run_demo(cfg: Config, config: Path | None, overrides: list[str], data: str | None, events: int, rate: float,
@@ -126,18 +140,22 @@ def run_demo(cfg: Config, config: Path | None, overrides: list[str], data: str |
         producer = threading.Thread(target=lambda: sent.append(replay(cfg, data, rate, events, False)), daemon=True)
         started = time.monotonic()
         producer.start()
-        latencies = watch(cfg, events, timeout_s=events / rate + 120, log=log)
+        records = watch(cfg, events, timeout_s=events / rate + 120, log=log)
         producer.join(timeout=5)
-        summarise(latencies, sent[0] if sent else 0, time.monotonic() - started, log)
+        summarise(records, sent[0] if sent else 0, time.monotonic() - started, log)
     finally:
         stop([proc])
     log("done. The broker keeps running (lrustream broker stop); re-run `make demo` any time.")
 
 
-def summarise(latencies: list[float], sent: int, seconds: float, log: Callable[[str], None]) -> None:
-    if not latencies:
+def summarise(records: list[dict[str, int]], sent: int, seconds: float, log: Callable[[str], None]) -> None:
+    """The summary line (total latency p50 / p99 / p99.9) and, when the records carry received_ts, the split."""
+    if not records:
         log("no recommendations arrived (see .lrustream/demo/worker.log)")
         return
-    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
-    log(f"summary: {sent} events published, {len(latencies)} recommendations in {seconds:.1f} s; "
-        f"event-to-recommendation latency p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
+    summary = stage_percentiles(latency_stages(records))
+    latency = format_stages(summary, ["total"]) if summary else "unknown (no record carries kafka_ts)"
+    log(f"summary: {sent} events published, {len(records)} recommendations in {seconds:.1f} s; "
+        f"event-to-recommendation latency {latency}")
+    if "queueing" in summary:
+        log(f"  by stage: {format_stages(summary, ['queueing', 'processing'])}")

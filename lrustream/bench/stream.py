@@ -1,24 +1,56 @@
-"""Streaming benchmark: one worker draining a replayed data set vs a bare Faust agent that only forwards
-events (the ceiling of the stack on the same broker), then latency at a steady sub-saturation rate.
+"""Streaming benchmark (``lrustream bench stream``): how far one worker is from the ceiling of the stack, and
+its event-to-recommendation latency at steady rates.
 
-Throughput is measured from the output records' broker timestamps (count / span), identically for both,
-so process start-up and group joins are excluded. Run: ``lrustream bench stream``.
+Throughput. Three contenders each drain the same pre-loaded replay (``--events``) from their own topics on the
+same broker: a plain confluent-kafka forwarder (:func:`forwarder`: poll, then ``consume(n, 0)``, each record
+produced unchanged), a bare Faust agent that only forwards (:func:`bare_agent`), and one worker. Each one's
+events/s is its output records' count over their broker-timestamp span, identically for all three, so process
+start-up and group joins are excluded. The worker's figure is reported as a ratio to both: the forwarder is
+the ceiling of any Python Kafka client here, the bare agent that of the Faust stack the worker is built on.
+
+Latency. After its drain the worker gets fresh events at each ``--latency-rates`` rate in turn (default 1,000,
+2,000 and 5,000 events/s, ``--latency-seconds`` each). A phase counts the recommendations of its own events
+(kafka_ts at or after the phase's start) that come out within ``--latency-wait`` seconds of its replay's end;
+an event with none by then counts as infinitely late (a percentile that reaches it reads "unserved"), so a rate
+the worker cannot keep up with is never flattered. Each phase reports p50, p99 and p99.9 of the total
+(emitted_ts - kafka_ts) and, when the records carry received_ts, of queueing (received_ts - kafka_ts) and
+processing (emitted_ts - received_ts); a phase also says how many events of earlier phases were still queued
+when it started.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import signal
 import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from subprocess import Popen
+from typing import Any
 
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, Producer
 
-from lrustream.children import percentile, spawn, spawn_cli, stop
+from lrustream.children import (
+    QUANTILES,
+    STAGES,
+    format_stages,
+    latency_stages,
+    spawn,
+    spawn_cli,
+    stage_percentiles,
+    stop,
+    timestamps,
+)
 from lrustream.kernel.config import Config, load_config
-from lrustream.kernel.kafka import librdkafka_config
+from lrustream.kernel.kafka import client_logger, flush, librdkafka_config, produce, producer_config
+
+CONTENDERS = ("forwarder", "bare", "worker")
+LATENCY_RATES = (1_000.0, 2_000.0, 5_000.0)
+Log = Callable[[str], None]
 
 
 def bare_agent(cfg: Config) -> None:
@@ -45,32 +77,75 @@ def bare_agent(cfg: Config) -> None:
     faust.Worker(app, loglevel="warning").execute_from_commandline()
 
 
-def output_stats(cfg: Config, expect: int, timeout_s: float, since_ms: int = 0) -> tuple[int, float, list[float]]:
-    """(records, records/s over their broker-timestamp span, event-to-recommendation latencies in s of the
-    records whose input event was produced at or after ``since_ms``)."""
-    topic = cfg.topics.recommendations
-    consumer = Consumer(librdkafka_config(cfg, **{"group.id": f"bench-{uuid.uuid4().hex[:6]}",
-                                                  "auto.offset.reset": "earliest", "enable.auto.commit": False}))
-    consumer.subscribe([topic])
-    stamps: list[int] = []
-    latencies: list[float] = []
-    deadline = time.monotonic() + timeout_s
+def forwarder(cfg: Config, batch: int = 5_000) -> None:
+    """A plain confluent-kafka consumer and producer forwarding each input record (key, value, headers)
+    unchanged to the recommendations topic until SIGTERM: wait for one record, take what else is already
+    fetched without waiting, produce them all (:func:`lrustream.kernel.kafka.produce`), serve deliveries."""
+    consumer = Consumer(librdkafka_config(cfg, logger=client_logger(), **{
+        "group.id": f"{cfg.stream.app_id}-forwarder", "auto.offset.reset": "earliest"}))
+    producer = Producer(producer_config(cfg, logger=client_logger()))
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
+    consumer.subscribe([cfg.topics.interactions])
     try:
-        while len(stamps) < expect and time.monotonic() < deadline:
-            for msg in consumer.consume(num_messages=5000, timeout=0.5):
-                if msg.error():
-                    continue
-                stamps.append(msg.timestamp()[1])
-                try:
-                    rec = json.loads(msg.value())
-                    if isinstance(rec, dict) and rec.get("kafka_ts") and rec["kafka_ts"] >= since_ms:
-                        latencies.append((rec["emitted_ts"] - rec["kafka_ts"]) / 1000)
-                except ValueError:
-                    pass
+        while not stopping:
+            first = consumer.poll(0.5)
+            if first is None:
+                producer.poll(0)
+                continue
+            for msg in [first, *consumer.consume(batch, 0)]:
+                if not msg.error():  # no timestamp passed: the output's CreateTime is when it was forwarded
+                    produce(producer, cfg.topics.recommendations, msg.value(), msg.key(), headers=msg.headers())
+            producer.poll(0)
     finally:
+        flush(producer, 10)
         consumer.close()
-    span = (max(stamps) - min(stamps)) / 1000 if len(stamps) > 1 else float("nan")
-    return len(stamps), len(stamps) / span if span else float("nan"), latencies
+
+
+class Output:
+    """Reads a contender's output topic from its start, for the whole run: every record's broker timestamp
+    and, while :meth:`watch` is set, the latency timestamps of the records produced for events at or after it."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.consumer = Consumer(librdkafka_config(cfg, **{
+            "group.id": f"bench-{uuid.uuid4().hex[:6]}", "auto.offset.reset": "earliest",
+            "enable.auto.commit": False}))
+        self.consumer.subscribe([cfg.topics.recommendations])
+        self.stamps: list[int] = []
+        self.since_ms: int | None = None
+        self.records: list[dict[str, int]] = []
+
+    def watch(self, since_ms: int) -> None:
+        """From now on keep the records whose input event was produced at or after ``since_ms`` (only those)."""
+        self.since_ms, self.records = since_ms, []
+
+    def read(self, expect: int, timeout_s: float) -> int:
+        """Read until ``expect`` records in all have come out, or ``timeout_s``; returns how many have."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.stamps) < expect and time.monotonic() < deadline:
+            for msg in self.consumer.consume(num_messages=5000, timeout=0.5):
+                if not msg.error():
+                    self._keep(msg)
+        return len(self.stamps)
+
+    def _keep(self, msg: Any) -> None:
+        self.stamps.append(msg.timestamp()[1])
+        if self.since_ms is None:
+            return
+        try:
+            rec = timestamps(json.loads(msg.value()))
+        except ValueError:
+            return
+        if rec.get("kafka_ts", -1) >= self.since_ms:
+            self.records.append(rec)
+
+    def rate(self) -> float:
+        """Records per second over their broker-timestamp span (nan for fewer than two, or no span)."""
+        span = (max(self.stamps) - min(self.stamps)) / 1000 if len(self.stamps) > 1 else 0.0
+        return len(self.stamps) / span if span else float("nan")
+
+    def close(self) -> None:
+        self.consumer.close()
 
 
 def _overrides(base: list[str], tag: str, tmp: Path) -> list[str]:
@@ -95,43 +170,145 @@ def publish_random_model(cfg: Config, data: str) -> None:
     ModelStore(cfg.model_store.dir).publish(model, vocab)
 
 
-def run(base: list[str], data: str, events: int, latency_rate: float, latency_events: int, workdir: Path,
-        log: Callable[[str], None] = print) -> dict[str, float]:
+@dataclass(frozen=True)
+class LatencyPlan:
+    """The latency phases: one per rate (events/s), ``seconds`` of replay each, then at most ``wait_s`` more for
+    their recommendations."""
+
+    rates: tuple[float, ...] = LATENCY_RATES
+    seconds: float = 10.0
+    wait_s: float = 10.0
+
+
+def latency_plan(rates: str, seconds: float, wait_s: float) -> LatencyPlan:
+    """The plan the options describe (``rates`` "1000,2000,5000"); ValueError naming the option at fault."""
+    try:
+        parsed = tuple(float(x) for x in rates.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--latency-rates must be numbers separated by commas, got {rates!r}") from None
+    if not parsed or not all(0 < r < math.inf for r in parsed):
+        raise ValueError(f"--latency-rates must be positive events/s, got {rates!r}")
+    if seconds <= 0 or wait_s < 0:
+        raise ValueError(f"--latency-seconds must be positive and --latency-wait not negative, got {seconds:g} "
+                         f"and {wait_s:g}")
+    return LatencyPlan(parsed, seconds, wait_s)
+
+
+def input_rate(records: list[dict[str, int]]) -> float:
+    """Events/s actually produced, from the served records' kafka_ts span (the replay forgives stalls rather
+    than catching up in a burst, so on a busy machine this can fall short of the rate asked for)."""
+    stamps = [r["kafka_ts"] for r in records if "kafka_ts" in r]
+    span_s = (max(stamps) - min(stamps)) / 1000 if len(stamps) > 1 else 0.0
+    return (len(stamps) - 1) / span_s if span_s else float("nan")
+
+
+def phase_figures(rate: float, stages: dict[str, list[float]], sent: int, input_per_s: float,
+                  backlog: int) -> dict[str, float]:
+    """One latency phase as flat results: ``worker_<rate>_{sent,input_per_s,served,backlog}`` and
+    ``worker_<rate>_<stage>_<p50|p99|p99.9>_ms`` for the stages present (inf: reached unserved events)."""
+    served = len(stages["total"])
+    prefix = f"worker_{rate:g}_"
+    out = {prefix + "sent": float(sent), prefix + "input_per_s": input_per_s, prefix + "served": float(served),
+           prefix + "backlog": float(backlog)}
+    for stage, figures in stage_percentiles(stages, unserved=max(0, sent - served)).items():
+        out.update({f"{prefix}{stage}_{name}_ms": figures[name] for name, _ in QUANTILES})
+    return out
+
+
+def phase_lines(rate: float, figures: dict[str, float], wait_s: float) -> list[str]:
+    """What a phase prints: counts and total latency, then the per-stage split when there is one."""
+    prefix = f"worker_{rate:g}_"
+    summary = {stage: {name: figures[f"{prefix}{stage}_{name}_ms"] for name, _ in QUANTILES}
+               for stage in STAGES if f"{prefix}{stage}_p50_ms" in figures}
+    sent, served, backlog = (int(figures[prefix + k]) for k in ("sent", "served", "backlog"))
+    lines = [f"worker @ {rate:,.0f} events/s (served input at {figures[prefix + 'input_per_s']:,.0f}/s): {sent} "
+             f"events sent ({backlog} earlier ones still queued), {served} served within {wait_s:g} s of the last",
+             f"  latency {format_stages(summary, ['total'])}" if summary else "  latency: no records"]
+    if "queueing" in summary:
+        lines.append(f"  by stage: {format_stages(summary, ['queueing', 'processing'])}")
+    return lines
+
+
+def latency_phase(cfg: Config, data: str, output: Output, rate: float, plan: LatencyPlan,
+                  sent_before: int) -> tuple[int, dict[str, float]]:
+    """Replay ``rate * plan.seconds`` fresh events at ``rate`` (the data set's first events, once more) and read
+    their recommendations until all are out or ``plan.wait_s`` after the replay; returns (events sent, figures)."""
+    from lrustream.replay import replay
+
+    backlog = max(0, sent_before - len(output.stamps))  # as of the end of the previous wait
+    since = int(time.time() * 1000)
+    output.watch(since)
+    sent = replay(cfg, data, rate, max(1, round(rate * plan.seconds)), False)
+    output.read(sent_before + sent, plan.wait_s)
+    stages = latency_stages(output.records, since)
+    return sent, phase_figures(rate, stages, sent, input_rate(output.records), backlog)
+
+
+def latency_phases(cfg: Config, data: str, output: Output, plan: LatencyPlan, sent_before: int,
+                   log: Log) -> dict[str, float]:
+    results: dict[str, float] = {}
+    for rate in plan.rates:
+        sent, figures = latency_phase(cfg, data, output, rate, plan, sent_before)
+        sent_before += sent
+        results.update(figures)
+        for line in phase_lines(rate, figures, plan.wait_s):
+            log(line)
+    return results
+
+
+def start(kind: str, cfg: Config, overrides: list[str], data: str, tmp: Path) -> Popen:
+    if kind == "worker":
+        publish_random_model(cfg, data)
+        return spawn_cli(["worker", "--loglevel", "warning", *overrides], tmp / "log")
+    return spawn(["-m", "lrustream.bench.stream", kind, *overrides], tmp / "log")
+
+
+def contender(kind: str, base: list[str], data: str, events: int, workdir: Path, plan: LatencyPlan,
+              log: Log) -> dict[str, float]:
+    """Pre-load ``events`` on fresh topics, start ``kind``, measure its drain (and, for the worker, latency)."""
     from lrustream.replay import replay
     from stream.topics import create_topics
 
-    results: dict[str, float] = {}
-    for kind in ("bare", "worker"):
-        tag = f"{kind}-{uuid.uuid4().hex[:6]}"
-        tmp = workdir.resolve() / tag
-        tmp.mkdir(parents=True, exist_ok=True)
-        overrides = _overrides(base, tag, tmp)
-        cfg = load_config(overrides=overrides)
-        create_topics(cfg)
-        replay(cfg, data, None, events, False)
+    tag = f"{kind}-{uuid.uuid4().hex[:6]}"
+    tmp = workdir.resolve() / tag
+    tmp.mkdir(parents=True, exist_ok=True)
+    overrides = _overrides(base, tag, tmp)
+    cfg = load_config(overrides=overrides)
+    create_topics(cfg)
+    sent = replay(cfg, data, None, events, False)
+    proc = start(kind, cfg, overrides, data, tmp)
+    output = Output(cfg)
+    try:
+        n = output.read(sent, timeout_s=sent / 500 + 120)
+        results = {f"{kind}_events_per_s": output.rate()}
+        log(f"{kind:9s}: {n} of {sent} events out, {results[f'{kind}_events_per_s']:,.0f} events/s "
+            f"(drain of a pre-loaded topic)")
         if kind == "worker":
-            publish_random_model(cfg, data)
-            proc = spawn_cli(["worker", "--loglevel", "warning", *overrides], tmp / "log")
-        else:
-            proc = spawn(["-m", "lrustream.bench.stream", *overrides], tmp / "log")
-        try:
-            n, rate, _ = output_stats(cfg, events, timeout_s=events / 500 + 120)
-            log(f"{kind:6s}: {n} of {events} events out, {rate:,.0f} events/s (drain of a pre-loaded topic)")
-            results[f"{kind}_events_per_s"] = rate
-            if kind == "worker":
-                t0, since = time.monotonic(), int(time.time() * 1000)
-                replay(cfg, data, latency_rate, latency_events, False)  # the data set's first events, once more
-                _, _, steady = output_stats(cfg, events + latency_events, timeout_s=120, since_ms=since)
-                results.update(p50_ms=percentile(steady, 0.5) * 1000, p99_ms=percentile(steady, 0.99) * 1000)
-                log(f"worker: latency at {latency_rate:,.0f} events/s over {len(steady)} events "
-                    f"({time.monotonic() - t0:.0f} s): p50 {results['p50_ms']:.1f} ms, p99 {results['p99_ms']:.1f} ms")
-        finally:
-            stop([proc])
-    ratio = results["worker_events_per_s"] / results["bare_events_per_s"]
-    log(f"worker / bare agent throughput: {ratio:.0%}")
-    results["ratio"] = ratio
+            results.update(latency_phases(cfg, data, output, plan, sent, log))
+        return results
+    finally:
+        output.close()
+        stop([proc])
+
+
+def ratios(results: dict[str, float], log: Log) -> dict[str, float]:
+    worker, bare, fwd = (results[f"{k}_events_per_s"] for k in ("worker", "bare", "forwarder"))
+    out = {"worker_vs_forwarder": worker / fwd, "worker_vs_bare": worker / bare, "bare_vs_forwarder": bare / fwd}
+    log(f"worker throughput: {out['worker_vs_forwarder']:.0%} of the plain forwarder, "
+        f"{out['worker_vs_bare']:.0%} of the bare Faust agent (which is {out['bare_vs_forwarder']:.0%} of the "
+        f"forwarder)")
+    return out
+
+
+def run(base: list[str], data: str, events: int, workdir: Path, plan: LatencyPlan = LatencyPlan(),
+        log: Log = print) -> dict[str, float]:
+    """The whole benchmark (module docstring); returns every figure it printed, by name."""
+    results: dict[str, float] = {}
+    for kind in CONTENDERS:
+        results.update(contender(kind, base, data, events, workdir, plan, log))
+    results.update(ratios(results, log))
     return results
 
 
 if __name__ == "__main__":
-    bare_agent(load_config(overrides=sys.argv[1:]))
+    {"bare": bare_agent, "forwarder": forwarder}[sys.argv[1]](load_config(overrides=sys.argv[2:]))

@@ -43,6 +43,13 @@ class Vocabulary:
             raise KeyError(idx)
         return self._items[idx]
 
+    def items_of(self, ids: list[int]) -> list[str]:
+        """``item_of`` for many ids at once."""
+        if ids and not 0 < min(ids) <= max(ids) < len(self._items):
+            raise KeyError(next(i for i in ids if not 0 < i < len(self._items)))
+        items = self._items
+        return [items[i] for i in ids]
+
     def items(self) -> list[str]:
         """External ids in model-id order (model id = position + 1)."""
         return self._items[1:]

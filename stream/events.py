@@ -6,7 +6,8 @@ A record that breaks the contract is refused with :class:`BadEvent`, whose messa
 stable prefix (the part before the first ``:``): the worker dead-letters the record with that reason, metrics
 count by the prefix, operators grep for it. ``stream/README.md`` lists the prefixes.
 
-Parsing runs for every event, so it is one ``json.loads`` plus plain ``isinstance`` checks and one regex.
+Parsing runs for every event, so it is one ``orjson.loads`` (``json.loads`` only for what orjson refuses) plus
+plain ``isinstance`` checks and one regex.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from lrustream.kernel.errors import LrustreamError
 
@@ -90,6 +93,10 @@ def _event_ts(obj: dict[str, Any], kafka_ts_ms: int | None) -> int:
     return _check_ts(value)
 
 
+_MISSING = object()
+_CHECKED_NUMBERS = ("user_id", "item_id", "event_id", "ts")
+
+
 def _decode(value: bytes | None, max_value_bytes: int) -> dict[str, Any]:
     """Size first (a huge value must not be decoded at all), then strict UTF-8, then one JSON object."""
     if not value:
@@ -97,8 +104,16 @@ def _decode(value: bytes | None, max_value_bytes: int) -> dict[str, Any]:
     if len(value) > max_value_bytes:
         raise BadEvent(f"oversized value: {len(value)} bytes > {max_value_bytes}")
     try:
-        # decode explicitly: json.loads(bytes) would also accept UTF-16/32, which the contract does not
-        obj = json.loads(value.decode("utf-8"))
+        obj = orjson.loads(value)  # UTF-8 only, as the contract says; a tenth of json's cost
+    except orjson.JSONDecodeError:
+        obj = _MISSING
+    if isinstance(obj, dict) and any(type(obj.get(name)) is float for name in _CHECKED_NUMBERS):
+        obj = _MISSING  # orjson reads an integer beyond 64 bits as a float: json tells the two apart
+    try:
+        # what orjson refuses, json decides (it alone reads NaN, lone surrogates, ints beyond 64 bits); decode
+        # explicitly: json.loads(bytes) would also accept UTF-16/32, which the contract does not
+        if obj is _MISSING:
+            obj = json.loads(value.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         detail = " ".join(str(exc).split())[:100]
         raise BadEvent(f"malformed JSON: {detail or type(exc).__name__}") from None

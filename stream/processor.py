@@ -1,20 +1,26 @@
-"""The per-micro-batch work of a streaming worker, independent of Faust so it can be reasoned about and tested.
+"""The per-micro-batch work of a streaming worker, independent of Kafka's consumer so it can be reasoned about and
+tested.
 
-For one micro-batch of raw input records (any users, any partitions) :meth:`Processor.process`:
+For one micro-batch of raw input records (any users, any partitions) :meth:`Processor.apply`:
 
 1. restores a partition's states from the changelog the first time it is seen since a rebalance;
-2. guards against consumer skips (faust-streaming #596): if a partition's first offset is past the last
-   applied offset + 1, the missing records are fetched directly from Kafka, in bounded chunks, and applied
-   and committed first, chunk by chunk (all of them, or the batch fails);
+2. guards against consumer skips (faust-streaming #596, kept for any consumer): if a partition's first offset is
+   past the last applied offset + 1, the missing records are fetched directly from Kafka, in bounded chunks, and
+   applied and committed first, chunk by chunk (all of them, or the batch fails);
 3. skips records at or below the offset already applied (redelivery after a crash: never applied twice);
 4. parses and validates each record; bad ones go to the dead-letter topic with a reason;
 5. advances every user's state by all of its events in the batch with ONE batched ``model.steps`` call
    (exactly ``step`` per event, in offset order; padded to a fixed minimum of rows so a user's numbers never
    depend on how the stream was cut into batches); a state made by another model version is first
    re-derived from the user's stored item window with the serving model (``prefill``);
-6. scores, filters items already in the user's window, and emits one recommendation per served event;
-7. waits until recommendations and dead letters are acknowledged, then commits the states (changelog, then
-   local RocksDB). Only after ``process`` returns may the input offsets be committed.
+6. scores, filters items already in the user's window, and produces one recommendation per served event,
+   without waiting for its acknowledgement; the new states are pending, in memory, where later batches read
+   them.
+
+7. :meth:`Processor.commit`, for everything applied since the last commit (stream/pipeline.py calls it on an
+   interval), waits until the recommendations and dead letters are acknowledged, then commits the states
+   (changelog, then local RocksDB). Only after ``commit`` returns may the input offsets up to the offsets it
+   returns be committed. :meth:`Processor.process` is ``apply`` and ``commit`` together.
 
 So after any crash every event yields at least one recommendation, and every state has applied every event
 exactly once. A consumer that must not see repeats de-duplicates recommendations by
@@ -27,17 +33,19 @@ Faults are of two kinds, and ``process`` tells them apart so that one record can
   that still raise are dead-lettered ("processing failed: ..."). A dead-letter copy keeps the original key,
   value, timestamp and headers; one too big for the dead-letter topic is written truncated, with headers that
   say so (``lrustream.truncated``, ``lrustream.original.size``, ``lrustream.original.sha256``).
-- **An infrastructure fault** (outputs or changelog not acknowledged, disk errors) raises out of ``process``
-  with nothing committed; the caller retries the whole batch (stream/worker.py: bounded back-off, ``/health``
-  degraded, ``lrustream_batch_retries_total``). A retried batch emits its recommendations again: a consumer
-  sees repeats only for the events of that batch, with the same ``source`` (de-duplicated as above).
+- **An infrastructure fault** (outputs or changelog not acknowledged, disk errors) raises out of ``apply`` or
+  ``commit`` with nothing committed; the caller discards what is pending and applies every event since the
+  last commit again (stream/pipeline.py: bounded back-off, ``/health`` degraded,
+  ``lrustream_batch_retries_total``). Those events' recommendations are emitted again: a consumer sees repeats
+  only for them, with the same ``source`` (de-duplicated as above).
 - **A partition that moved** while the batch was in flight (a rebalance) makes the changelog refuse the commit
   (``state.store.Fenced``: another worker has claimed the partition since, state/README.md); it is retried like
   an infrastructure fault, and the retry claims and restores the partition first, so it applies only what the
   new owner has not.
 
-``stopping`` (set on SIGTERM) makes a batch that waits for acknowledgements give up within half a second
-(:class:`Stopping`); nothing of it is committed, so it is redelivered to whoever owns the partition next.
+``stopping`` (set a grace period after SIGTERM, stream/worker.py) makes a commit that waits for acknowledgements
+give up within half a second (:class:`Stopping`); nothing of it is committed, so it is redelivered to whoever
+owns the partition next.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
 from confluent_kafka import KafkaError, KafkaException
 
@@ -100,6 +109,7 @@ class Input:
     value: bytes | None
     timestamp_ms: int | None
     headers: list[tuple[str, bytes]] | None = None
+    received_ms: int | None = None  # when the consumer handed it to the worker (the queueing/processing split)
 
 
 @dataclass(slots=True)
@@ -145,8 +155,10 @@ class Processor:
         self.vocab_of = vocab_of  # a version's vocabulary: ids in windows stored under it mean its items
         self.metrics.set_version(serving.version)
         self.stopping = threading.Event()  # set from another thread: abandon the batch in hand (see Stopping)
-        self._errors: list[str] = []
+        self._errors: list[str] = []  # delivery failures of outputs produced since the last commit
         self._refused_too_large: list[tuple[Input, str]] = []  # dead letters the DLQ topic refused as too big
+        # applied and not committed yet: partition -> (records by user, highest input offset)
+        self._pending: dict[int, tuple[dict[str, UserRecord], int]] = {}
 
     # ----- model swap -------------------------------------------------------------------------------------------
     def swap(self, serving: Serving) -> None:
@@ -156,24 +168,74 @@ class Processor:
 
     # ----- one micro-batch --------------------------------------------------------------------------------------
     def process(self, batch: list[Input]) -> BatchResult:
-        result = BatchResult()
+        """Apply ``batch`` and commit it (with whatever was applied before and not committed yet); on failure
+        nothing of it is committed, and the next call starts from the committed states."""
         try:
-            for p in sorted({i.partition for i in batch}):
-                self.store.ensure_ready(p)
-                self._fill_gap(p, min(i.offset for i in batch if i.partition == p), result)
-            outputs = self._apply_batch(batch, result)
-        except Fenced as exc:  # counted here: the caller may be gone by now (a rebalance cancels Faust's agent)
+            result = self.apply(batch)
+            self.commit()
+        except BaseException:
+            self.discard()
+            raise
+        return result
+
+    def apply(self, batch: list[Input]) -> BatchResult:
+        """Steps 1-6: advance the states and produce the outputs without waiting for acknowledgements. The new
+        states are pending (read by the next batches, never by anyone else) until :meth:`commit`."""
+        result = BatchResult()
+        for p in sorted({i.partition for i in batch}):
+            self.store.ensure_ready(p)
+            self._fill_gap(p, min(i.offset for i in batch if i.partition == p), result)
+        outputs = self._apply_batch(batch, result)
+        self.producer.poll(0)  # serve delivery reports as they come, so the producer's queue never fills with them
+        self._observe(batch, result, outputs)
+        return result
+
+    @property
+    def pending(self) -> bool:
+        """Whether anything was applied and not committed yet."""
+        return bool(self._pending)
+
+    def commit(self) -> dict[int, int]:
+        """Step 7 for everything applied since the last commit: wait until its outputs are acknowledged, then
+        commit its states and applied-offset markers (state/README.md). Returns, per partition, the highest input
+        offset now committed: the input offsets up to it may be committed to the consumer group. On failure
+        nothing is committed, and :meth:`discard` must be called before anything else."""
+        if not self._pending:
+            return {}
+        self._settle_outputs()
+        pending, applied = self._pending, {p: offset for p, (_, offset) in self._pending.items()}
+        try:
+            self.store.commit(pending)
+        except Fenced as exc:  # counted here: the caller may be gone by now (a rebalance cancels a batch)
             self.metrics.fenced.inc()
             log.warning("%s; nothing of this batch is committed here", exc)
             raise
-        self._observe(batch, result, outputs)
-        return result
+        self._pending = {}
+        return applied
+
+    def discard(self) -> None:
+        """Forget what was applied and not committed (after a failed apply or commit, or a lost partition): the
+        next batch reads the committed states; the inputs are applied again (redelivered or retried)."""
+        self._pending = {}
+        self._errors = []
+        self._refused_too_large = []
+
+    def _applied(self, p: int) -> int:
+        """The highest input offset of partition ``p`` applied so far, committed or not."""
+        if p in self._pending:
+            return self._pending[p][1]
+        return self.store.applied_offset(p)
+
+    def _get(self, p: int, user: str) -> UserRecord | None:
+        if p in self._pending and (record := self._pending[p][0].get(user)) is not None:
+            return record
+        return self.store.get(p, user)
 
     def _fill_gap(self, p: int, first: int, result: BatchResult) -> None:
         """Apply the offsets the consumer skipped (faust-streaming #596) between partition ``p``'s applied marker
         and ``first``: fetched directly, in bounded chunks, each applied and committed like a micro-batch. ``fetch``
         yields the whole range or raises (GapFillError), so the marker never passes an offset not applied."""
-        applied = self.store.applied_offset(p)
+        applied = self._applied(p)
         if applied < 0 or first <= applied + 1 or self.fetch is None:
             return
         log.warning("partition %d: consumer skipped offsets %d..%d; fetching them directly", p, applied + 1,
@@ -181,27 +243,28 @@ class Processor:
         for chunk in self.fetch(p, applied + 1, first - 1):
             result.gap_filled += len(chunk)
             self._apply_batch(chunk, result)
+            self.commit()
 
     def _apply_batch(self, batch: list[Input], result: BatchResult) -> list[dict[str, Any]]:
-        """Steps 3-7 for records whose partitions are ready and gap-free; returns the recommendations emitted."""
+        """Steps 3-6 for records whose partitions are ready and gap-free; returns the recommendations emitted."""
         by_part: dict[int, list[Input]] = {}
         for inp in batch:
             by_part.setdefault(inp.partition, []).append(inp)
-        applied = {p: self.store.applied_offset(p) for p in by_part}
+        applied = {p: self._applied(p) for p in by_part}
         todo = [i for p, inputs in sorted(by_part.items()) for i in sorted(inputs, key=lambda i: i.offset)
                 if i.offset > applied[p]]
         result.skipped += len(batch) - len(todo)
         dead: list[tuple[Input, str]] = []
         served = self._parse(todo, dead)
         records, outputs = self._apply_isolating(served, result, dead)
-        self._errors = []
         if self.stream.emit_training_examples:
             self._examples(records, outputs)
         self._emit(outputs, dead)
-        commits = {p: ({}, max([applied[p], *(i.offset for i in by_part[p])])) for p in by_part}
+        for p, inputs in by_part.items():
+            pending, _ = self._pending.get(p, ({}, -1))
+            self._pending[p] = (pending, max([applied[p], *(i.offset for i in inputs)]))
         for (p, user), record in records.items():
-            commits[p][0][user] = record
-        self.store.commit(commits)
+            self._pending[p][0][user] = record
         result.served += len(outputs)
         result.dead_lettered += len(dead)
         return outputs
@@ -284,7 +347,7 @@ class Processor:
         records: dict[tuple[int, str], UserRecord] = {}
         stale: list[tuple[int, str]] = []
         for (p, user) in per_user:
-            record = known[(p, user)] if (p, user) in known else self.store.get(p, user)
+            record = known[(p, user)] if (p, user) in known else self._get(p, user)
             if record is None:
                 blob = model.state_to_bytes(model.init_state(1), self.state_dtype)[0]
                 record = UserRecord(blob, version)
@@ -373,20 +436,24 @@ class Processor:
             scores.scatter_(1, windows, float("-inf"))
         k = min(self.stream.top_k, serving.num_items)
         top_scores, top_items = torch.topk(scores, k, dim=1)
-        top_scores, top_items = top_scores.tolist(), top_items.tolist()
-        item_of, version = serving.vocab.item_of, serving.version
+        excluded = bool(torch.isinf(top_scores).any())  # fewer than k items left to recommend for some event
+        rounded, top_items = np.round(top_scores.double().numpy(), 6).tolist(), top_items.tolist()
+        items_of, version = serving.vocab.items_of, serving.version
         outputs = []
-        for s, items, scs in zip(events, top_items, top_scores, strict=True):
-            keep = [(i, sc) for i, sc in zip(items, scs, strict=True) if sc != float("-inf")]
+        for s, items, scs in zip(events, top_items, rounded, strict=True):
+            if excluded:
+                items, scs = [i for i, sc in zip(items, scs, strict=True) if sc != float("-inf")], \
+                    [sc for sc in scs if sc != float("-inf")]
             outputs.append({
                 "user_id": s.event.user_id,
-                "items": [item_of(i) for i, _ in keep],
-                "scores": [round(sc, 6) for _, sc in keep],
+                "items": items_of(items),
+                "scores": scs,
                 "model_version": version,
                 "source": {"partition": s.inp.partition, "offset": s.inp.offset},
                 "event_id": s.event.event_id,
                 "event_ts": s.event.ts,
                 "kafka_ts": s.inp.timestamp_ms,
+                "received_ts": s.inp.received_ms,
                 "emitted_ts": 0,
             })
         return outputs
@@ -410,15 +477,18 @@ class Processor:
 
     # ----- output -----------------------------------------------------------------------------------------------
     def _emit(self, outputs: list[dict[str, Any]], dead: list[tuple[Input, str]]) -> None:
-        """Produce recommendations and dead letters and wait for their acknowledgement."""
+        """Produce recommendations and dead letters (acknowledged by the next :meth:`commit`)."""
         now = int(time.time() * 1000)
         for out in outputs:
             out["emitted_ts"] = now
-            self._produce(self.topics.recommendations, out["user_id"].encode(),
-                          json.dumps(out, separators=(",", ":")).encode(), None)
+            self._produce(self.topics.recommendations, out["user_id"].encode(), _json(out), None)
         for inp, reason in dead:
             self._dead_letter(inp, reason, DLQ_MAX_RECORD_BYTES)
             self.metrics.dlq.labels(reason=reason.split(":")[0]).inc()
+
+    def _settle_outputs(self) -> None:
+        """Wait until every output produced so far is acknowledged; dead letters the topic refused as too large
+        are sent again as headers only."""
         self._await_acks()
         refused, self._refused_too_large = self._refused_too_large, []
         for inp, reason in refused:  # the topic's own limit is lower than ours: headers only
@@ -481,6 +551,15 @@ class Processor:
         for out in outputs:
             if out["kafka_ts"]:
                 m.e2r_latency.observe(max(0.0, (out["emitted_ts"] - out["kafka_ts"]) / 1000))
+
+
+def _json(record: dict[str, Any]) -> bytes:
+    """A recommendation's JSON: orjson (a tenth of json.dumps's cost); json for what orjson refuses (a user id
+    with a lone surrogate, which a JSON event can carry)."""
+    try:
+        return orjson.dumps(record)
+    except orjson.JSONEncodeError:
+        return json.dumps(record, separators=(",", ":")).encode()
 
 
 def _failure(prefix: str, exc: BaseException) -> str:

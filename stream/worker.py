@@ -1,12 +1,13 @@
-"""The Faust application of a streaming worker: one agent that micro-batches input events across users and
-hands each batch to :class:`stream.processor.Processor`, plus the operator HTTP endpoints. What a batch applies,
-emits and commits, and which faults are retried, is the contract in stream/processor.py's docstring (stated
-there only); here is what runs around it: the retries, the hot swap, housekeeping and the stop on a signal.
+"""The Faust application of a streaming worker: the input loop (stream/pipeline.py, its own thread) plus the
+operator HTTP endpoints, the hot swap, housekeeping and the stop on a signal. What a batch applies, emits and
+commits is the contract in stream/processor.py's docstring; how batches are taken, committed and retried is
+stream/pipeline.py's (each stated there only).
 
-Why no Faust table: table writes need ``current_event()``, which ``take()`` batches do not have
-(faust-streaming #497), and Faust's recovery has open races after hard kills (#596). The state store
-(state/README.md) has its own changelog and offset guard instead; Faust is the consumer-group member, the
-micro-batcher (``take_events`` acknowledges a batch only after our loop body returns) and the web server.
+Faust hosts the process: the web server, the timers and tasks, the signals. It no longer consumes the input
+(issue 16): its stream delivers ~5,700 events/s at most on the 2-core machine and acknowledges a batch when the
+loop body returns, so outputs could not stay in flight across batches. Nor are states a Faust table: table
+writes need ``current_event()`` (faust-streaming #497), and its recovery has open races after hard kills
+(#596); the state store (state/README.md) has its own changelog and offset guard instead.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import asyncio
 import functools
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Iterator
@@ -23,16 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import faust
-from faust.types import TP
+from faust.app.base import BootStrategy
 from faust.web import Request, Response, View
 
 from lrustream.kernel.config import Config, resolve_path
 from lrustream.kernel.http import bearer_authorised, check_http_exposure
 from lrustream.kernel.kafka import faust_broker_settings, librdkafka_config, producer_config, quiet_logger
 from models.store import ModelStore
-from state.store import Changelog, Fenced, StateStore
+from state.store import Changelog, StateStore
 from stream.health import Liveness
 from stream.metrics import WorkerMetrics
+from stream.pipeline import Pipeline
 from stream.processor import Fetch, GapFillError, Input, Processor
 from stream.serving import Serving
 from stream.topics import create_topics, topic_id
@@ -41,6 +42,7 @@ log = logging.getLogger("lrustream.worker")
 
 RETRY_LOAD_AFTER_S = 10.0  # a version that failed to load for a transient reason (file missing, I/O) is tried again
 MAX_SWAPS_KEPT = 100  # what /model remembers of swaps and refusals
+STOP_GRACE_S = 2.0  # after a stop signal, how long the last commit may wait for the broker
 
 
 def fetch_range(cfg: Config, chunk_size: int = 1000, stall_s: float = 30.0) -> Fetch:
@@ -104,10 +106,8 @@ class Worker:
                                    state_dtype=cfg.state.dtype, fetch=fetch_range(cfg), metrics=self.metrics,
                                    vocab_of=functools.lru_cache(maxsize=8)(self.model_store.vocabulary))
         self.started = time.time()
-        self.batches = 0
         self.liveness = Liveness(cfg.stream.stall_after_s)
-        self.last_offsets: dict[int, int] = {}  # per input partition, the last offset handed to us
-        self.swap_lock = asyncio.Lock()
+        self.pipeline = Pipeline(cfg, self.processor, self.store, self.metrics, self.liveness)
         self.swaps: list[dict[str, Any]] = []  # what happened to each announced version (served / refused why)
         self.app = self._build_app()
 
@@ -116,37 +116,16 @@ class Worker:
         cfg = self.cfg
         datadir = resolve_path(cfg.state.dir) / "faust" / cfg.stream.app_id
         datadir.mkdir(parents=True, exist_ok=True)
-        app = faust.App(
+        app = _ServiceHost(
             cfg.stream.app_id, **faust_broker_settings(cfg), datadir=str(datadir), store="memory://",
             topic_partitions=cfg.topics.partitions, topic_allow_declare=False, topic_disable_leader=True,
             consumer_auto_offset_reset="earliest", web_enabled=True, web_bind=cfg.http.host,
-            web_port=cfg.http.port, web_host=cfg.http.host, broker_commit_every=cfg.stream.batch_size,
-            stream_wait_empty=False, producer_acks=-1, logging_config=None,
-            broker_session_timeout=cfg.stream.session_timeout_s,
-            broker_heartbeat_interval=min(3.0, cfg.stream.session_timeout_s / 3),
+            web_port=cfg.http.port, web_host=cfg.http.host, logging_config=None,
         )
-        topic = app.topic(cfg.topics.interactions, key_type=bytes, value_type=bytes,
-                          key_serializer="raw", value_serializer="raw")
-        within = cfg.stream.linger_ms / 1000
 
-        async def serve(stream: faust.StreamT) -> None:
-            async for events in stream.take_events(cfg.stream.batch_size, within=within):
-                batch = [Input(e.message.partition, e.message.offset, e.message.key, e.message.value,
-                               int(e.message.timestamp * 1000) if e.message.timestamp else None,
-                               _header_list(e.message.headers)) for e in events]
-                async with self.swap_lock:
-                    await self._process(batch)
-                self._observe_lag(batch)
-
-        app.agent(topic, name="serve", concurrency=1)(serve)
-
-        @app.on_partitions_revoked.connect
-        async def on_revoked(app: faust.App, revoked: set[TP], **kwargs: Any) -> None:
-            self.store.mark_stale()
-
-        @app.on_partitions_assigned.connect
-        async def on_assigned(app: faust.App, assigned: set[TP], **kwargs: Any) -> None:
-            self.store.mark_stale()
+        @app.task
+        async def consume() -> None:
+            await self._run_pipeline()
 
         @app.timer(interval=housekeeping_interval_s(cfg))
         async def housekeeping() -> None:
@@ -194,9 +173,8 @@ class Worker:
                                "at": time.time()})
             del self.swaps[:-MAX_SWAPS_KEPT]
             return False
-        async with self.swap_lock:
-            old = self.processor.serving.version
-            self.processor.swap(serving)
+        old = self.processor.serving.version
+        await asyncio.wrap_future(self.pipeline.between_batches(functools.partial(self.processor.swap, serving)))
         took = time.monotonic() - t0
         log.warning("now serving model version %s (was %s); swap took %.3f s", version, old, took)
         self.swaps.append({"version": version, "ok": True, "previous": old, "seconds": round(took, 3),
@@ -204,36 +182,17 @@ class Worker:
         del self.swaps[:-MAX_SWAPS_KEPT]
         return True
 
-    async def _process(self, batch: list[Input]) -> None:
-        """Apply a batch; on infrastructure faults retry it with bounded back-off (never drop, never acknowledge
-        unapplied events; poison records are dead-lettered inside ``process``). Once the worker is stopping the
-        batch is abandoned unacknowledged: the agent is cancelled, so Faust does not commit its offsets.
-
-        A batch refused because another worker claimed one of its partitions (:class:`Fenced`; why a retry is
-        safe: state/README.md) is retried the same way. The back-off is jittered so that two workers that both
-        believe they own a partition (one has not yet heard of the rebalance) do not keep fencing each other in
-        step."""
-        delay = 0.2
-        self.liveness.started()
-        while True:
-            try:
-                await asyncio.to_thread(self.processor.process, batch)
-                self.batches += 1
-                self.liveness.finished()
-                return
-            except Exception as exc:
-                if self.processor.stopping.is_set():
-                    raise asyncio.CancelledError from exc
-                if isinstance(exc, Fenced):  # counted and logged by the processor
-                    log.warning("retrying the micro-batch after claiming and restoring its partitions again")
-                else:
-                    self.liveness.failed(exc)
-                    self.metrics.batch_retries.inc()
-                    log.error("micro-batch of %d events failed (%s); retrying in %.1f s", len(batch), exc, delay,
-                              exc_info=delay == 0.2)
-                self.store.mark_stale()
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, 5.0)
+    async def _run_pipeline(self) -> None:
+        """The input loop on its own thread, for the app's lifetime; a loop that dies ends the process (its
+        orchestrator restarts it; nothing uncommitted is lost, stream/pipeline.py)."""
+        thread = self.pipeline.start()
+        try:
+            while thread.is_alive():
+                await asyncio.sleep(0.2)
+        finally:
+            self.pipeline.request_stop()
+        if not self.pipeline.stop_requested.is_set():
+            _exit_now("the input loop ended unexpectedly")
 
     async def _housekeep(self) -> None:
         """Every ``housekeeping_interval_s``, whether events flow or not, between two micro-batches: claim and
@@ -241,13 +200,13 @@ class Worker:
         here, and a former owner is fenced now rather than at the next event), then delete the states idle for
         ``state.ttl_days`` with one bounded scan per partition (state/README.md). A failure is retried next time."""
         partitions = self.assigned()
-        async with self.swap_lock:
-            try:
-                expired = await asyncio.to_thread(self._housekeep_now, partitions)
-            except Exception as exc:
-                log.warning("housekeeping (restoring idle partitions, expiring idle states) failed (%s); trying "
-                            "again in %.0f s", exc, housekeeping_interval_s(self.cfg))
-                return
+        try:
+            job = self.pipeline.between_batches(functools.partial(self._housekeep_now, partitions))
+            expired = await asyncio.wrap_future(job)
+        except Exception as exc:
+            log.warning("housekeeping (restoring idle partitions, expiring idle states) failed (%s); trying "
+                        "again in %.0f s", exc, housekeeping_interval_s(self.cfg))
+            return
         self.metrics.expired.inc(expired)
 
     def _housekeep_now(self, partitions: list[int]) -> int:
@@ -259,34 +218,15 @@ class Worker:
         cutoff_ms = int((time.time() - ttl_s) * 1000)
         return sum(self.store.expire(p, cutoff_ms) for p in self.store.ready_partitions())
 
-    def _observe_lag(self, batch: list[Input]) -> None:
-        last: dict[int, int] = {}
-        for inp in batch:
-            last[inp.partition] = max(last.get(inp.partition, -1), inp.offset)
-        self.last_offsets.update(last)
-        for p, offset in last.items():
-            if (behind := self._behind(p, offset)) is not None:
-                self.metrics.lag.labels(partition=str(p)).set(behind)
-
-    def _behind(self, partition: int, offset: int) -> int | None:
-        """Events in ``partition`` after ``offset`` as the consumer last saw its end (None when unknown)."""
-        try:
-            high = self.app.consumer.highwater(TP(self.cfg.topics.interactions, partition))
-        except Exception:
-            return None
-        return None if high is None else max(0, high - offset - 1)
-
     def pending(self, partitions: list[int]) -> int | None:
-        """Events in ``partitions`` past the last one handed to us (None when nothing is known yet)."""
-        known = [self._behind(p, self.last_offsets[p]) for p in partitions if p in self.last_offsets]
-        counts = [n for n in known if n is not None]
-        return sum(counts) if counts else None
+        """Events in ``partitions`` past the last one applied (None when nothing is known yet)."""
+        return self.pipeline.behind(partitions)
 
     def health(self) -> tuple[dict[str, Any], int]:
         partitions = self.assigned()
         status, reason = self.liveness.report(self.pending(partitions))
         body = {"status": status, "model_version": self.processor.serving.version, "partitions": partitions,
-                "batches": self.batches, "uptime_s": round(time.time() - self.started, 1)}
+                "batches": self.pipeline.batches, "uptime_s": round(time.time() - self.started, 1)}
         if reason:
             body["reason"] = reason
         if (since := self.liveness.busy_since) is not None:
@@ -295,11 +235,7 @@ class Worker:
 
     def assigned(self) -> list[int]:
         """Input partitions this worker currently owns (empty before the group has assigned any)."""
-        try:
-            tps = self.app.consumer.assignment()
-        except Exception:
-            return []
-        return sorted(tp.partition for tp in tps if tp.topic == self.cfg.topics.interactions)
+        return list(self.pipeline.assignment)
 
     # ----- operator HTTP ------------------------------------------------------------------------------------
     def authorised(self, request: Request) -> bool:
@@ -340,7 +276,7 @@ class Worker:
 
     # ----- lifecycle ----------------------------------------------------------------------------------------
     def run(self, loglevel: str = "info") -> None:
-        """Blocks until SIGINT/SIGTERM; Faust commits acknowledged offsets on a clean stop."""
+        """Blocks until SIGINT/SIGTERM; a clean stop commits what was applied (stream/pipeline.py)."""
         create_topics(self.cfg)
         if self.http_warning:
             log.warning(self.http_warning)
@@ -349,25 +285,45 @@ class Worker:
         try:
             worker.execute_from_commandline()
         finally:
+            self.pipeline.request_stop()
+            self.pipeline.join(self.cfg.stream.stop_timeout_s)
             self.store.close()
 
     def stop_processing(self) -> None:
-        """On SIGTERM/SIGINT: a batch blocked on acknowledgements or a full producer queue gives up now (see
-        Processor), and the process exits ``stream.stop_timeout_s`` later if Faust's own stop has not finished
-        (with the broker gone, its consumer waits on requests for minutes). Exiting then is a crash, which the
-        durability contract (stream/processor.py) covers: nothing uncommitted is lost, it is redelivered."""
+        """On SIGTERM/SIGINT: the input loop stops after the batch in hand and commits what it applied; if that
+        is not done within a grace period (the broker is gone), waits for acknowledgements or a full producer
+        queue give up (see Processor) and it is left uncommitted; the process exits ``stream.stop_timeout_s``
+        after the signal whatever Faust's own stop is doing. Exiting then is a crash, which the durability
+        contract (stream/processor.py) covers: nothing uncommitted is lost, it is redelivered."""
+        self.pipeline.request_stop()
+        timeout_s = self.cfg.stream.stop_timeout_s
+        hurry = threading.Timer(min(STOP_GRACE_S, timeout_s / 2), self._give_up_waiting)
+        watchdog = threading.Timer(timeout_s, _exit_now, [f"still stopping {timeout_s:.0f} s after the signal"])
+        for timer in (hurry, watchdog):
+            timer.daemon = True
+            timer.start()
+
+    def _give_up_waiting(self) -> None:
         self.processor.stopping.set()
         if self.store.changelog is not None:
             self.store.changelog.stopping.set()
-        timeout_s = self.cfg.stream.stop_timeout_s
-        watchdog = threading.Timer(timeout_s, _exit_now, [f"still stopping {timeout_s:.0f} s after the signal"])
-        watchdog.daemon = True
-        watchdog.start()
+
+
+class _NoKafkaBoot(BootStrategy):
+    """Faust starts no consumer, producer or conductor of its own: the input loop has its own clients."""
+
+    enable_kafka = False
+
+
+class _ServiceHost(faust.App):
+    """The Faust app of a worker: web endpoints, timers and tasks (module docstring)."""
+
+    BootStrategy = _NoKafkaBoot
 
 
 class _StopSignalWorker(faust.Worker):
-    """faust.Worker that reports SIGTERM/SIGINT before stopping. Faust cancels the agent, but the batch runs in
-    a thread that a cancel cannot reach: a batch waiting for a dead broker would keep the process alive for a
+    """faust.Worker that reports SIGTERM/SIGINT before stopping. Faust cancels its tasks, but the input loop runs
+    in a thread that a cancel cannot reach: a batch waiting for a dead broker would keep the process alive for a
     minute (issue 14). ``_schedule_shutdown`` is mode's one entry point for both signals."""
 
     def __init__(self, *args: Any, on_stop_signal: Any, **kwargs: Any) -> None:
@@ -384,13 +340,6 @@ def _exit_now(why: str) -> None:
               why)
     logging.shutdown()
     os._exit(1)
-
-
-def _header_list(headers: Any) -> list[tuple[str, bytes]] | None:
-    """Faust gives a record's headers as a list of pairs or a mapping; the processor keeps pairs."""
-    if not headers:
-        return None
-    return list(headers.items()) if hasattr(headers, "items") else list(headers)
 
 
 def housekeeping_interval_s(cfg: Config) -> float:

@@ -140,8 +140,9 @@ class TrainConfig:
 @dataclass
 class StreamConfig:
     app_id: str = "lrustream-worker"
-    batch_size: int = 512
-    linger_ms: int = 20
+    batch_size: int = 512  # the most events one step of the input loop takes (it takes what is there: no linger)
+    linger_ms: int = 20  # unused since issue 16 (batches take what is there); kept so that older configs load
+    commit_interval_ms: int = 1000  # states and input offsets are committed this often (stream/pipeline.py)
     top_k: int = 10
     exclude_seen: bool = True
     unknown_items: str = "dlq"  # dlq | oov
@@ -336,6 +337,7 @@ RULES: dict[str, Rule] = {
     "train.num_threads": _at_least(0),
     "stream.batch_size": _at_least(1),
     "stream.linger_ms": _at_least(0),
+    "stream.commit_interval_ms": _at_least(1),
     "stream.top_k": _at_least(1),
     "stream.unknown_items": _one_of("dlq", "oov"),
     "stream.max_value_bytes": _at_least(1),

@@ -206,3 +206,47 @@ def test_stopping_abandons_a_batch_that_waits_for_acknowledgements(tmp_path: Pat
         processor.process([_event("u1", "i3", 0)])
     assert time.monotonic() - t0 < 2.0, "the stop was seen within a flush slice"
     assert processor.store.applied_offset(0) == -1
+
+
+def test_batches_applied_without_a_commit_build_on_each_other_and_reach_the_store_only_at_the_commit(
+        tmp_path: Path) -> None:
+    """The pipelined path (stream/pipeline.py): ``apply`` leaves states pending, later batches read them, and
+    ``commit`` makes them durable at once; the outcome equals one ``process`` per batch."""
+    events = [_event("u1", "i3", 0), _event("u2", "i7", 1), _event("u1", "i4", 2), _event("u1", "i9", 3)]
+    stepwise, _ = _processor(tmp_path, RecordingProducer(), "stepwise")
+    for event in events:
+        stepwise.process([event])
+    producer = RecordingProducer()
+    processor, topics = _processor(tmp_path, producer)
+    for event in events:
+        processor.apply([event])
+    assert processor.pending and processor.store.get(0, "u1") is None and processor.store.applied_offset(0) < 0
+    assert processor.commit() == {0: 3}
+    assert not processor.pending and processor.commit() == {}
+    for user in ("u1", "u2"):
+        assert processor.store.get(0, user).state == stepwise.store.get(0, user).state
+    got = [json.loads(r["value"]) for r in _sent(producer, topics.recommendations)]
+    want = [json.loads(v) for t, v in stepwise.producer.sent if t == topics.recommendations]
+    assert [(r["source"], r["items"]) for r in got] == [(r["source"], r["items"]) for r in want]
+
+
+def test_discarded_batches_leave_the_committed_states_and_are_applied_again_in_full(tmp_path: Path) -> None:
+    producer = RecordingProducer()
+    processor, _ = _processor(tmp_path, producer)
+    processor.process([_event("u1", "i3", 0)])
+    committed = processor.store.get(0, "u1").state
+    processor.apply([_event("u1", "i4", 1), _event("u1", "i5", 2)])
+    processor.discard()
+    assert not processor.pending and processor.store.get(0, "u1").state == committed
+    result = processor.process([_event("u1", "i4", 1), _event("u1", "i5", 2)])
+    assert (result.served, result.skipped) == (2, 0), "nothing discarded counts as applied"
+
+
+def test_a_commit_whose_outputs_are_not_acknowledged_commits_nothing(tmp_path: Path) -> None:
+    producer = RecordingProducer(fail=lambda record: KafkaError(KafkaError._MSG_TIMED_OUT))
+    processor, _ = _processor(tmp_path, producer)
+    processor.apply([_event("u1", "i3", 0)])
+    with pytest.raises(OutputError):
+        processor.commit()
+    processor.discard()
+    assert processor.store.get(0, "u1") is None and processor.store.applied_offset(0) < 0

@@ -149,9 +149,12 @@ class SeqRecModel(nn.Module):
     def score(self, h: torch.Tensor) -> torch.Tensor:
         """Tied-embedding scores over item ids 0..N: [.., d] -> [.., N + 1]; padding column is -inf."""
         emb, bias = self.item_table()
-        logits = h @ emb[: self.num_items + 1].T
-        if bias is not None:
-            logits = logits + bias[: self.num_items + 1]
+        if bias is not None and h.dim() == 2:
+            logits = torch.addmm(bias[: self.num_items + 1], h, emb[: self.num_items + 1].T)  # one pass, not two
+        else:
+            logits = h @ emb[: self.num_items + 1].T
+            if bias is not None:
+                logits = logits + bias[: self.num_items + 1]
         logits[..., 0] = float("-inf")
         return logits
 

@@ -9,15 +9,16 @@ the web endpoints, the timers and the process's lifecycle (stream/worker.py).
 
 The loop, one turn at a time:
 
-1. **Take what is there.** Wait for the first record only while nothing is pending, then take every record
-   already fetched, up to ``stream.batch_size``: no linger, so a lone event is served at once and a backlog
-   makes batches large by itself.
+1. **Take what is there.** Wait for the first record (no longer than until the next commit is due), then take
+   every record already fetched, up to ``stream.batch_size``: no linger, so a lone event is served at once and
+   a backlog makes batches large by itself.
 2. **Apply** the batch (:meth:`stream.processor.Processor.apply`): recommendations and dead letters are produced
    and left in flight; the new states are pending in memory, read by the next batches.
-3. **Commit on an interval.** Every ``stream.commit_interval_ms`` (and before a rebalance, a swap or
-   housekeeping, and on a clean stop) :meth:`~stream.processor.Processor.commit` waits until everything produced
-   so far is acknowledged and commits the states and applied-offset markers; only then are the input offsets
-   committed to the group (asynchronously: the markers already make a redelivered event a no-op for the states).
+3. **Commit on an interval.** Every ``stream.commit_interval_ms`` (and before a rebalance, and on a clean
+   stop) :meth:`~stream.processor.Processor.commit` waits until everything produced so far is acknowledged and
+   commits the states and applied-offset markers; only then are the input offsets committed to the group
+   (asynchronously: the markers already make a redelivered event a no-op for the states). Jobs from other
+   threads (a hot swap, a slice of housekeeping) run between two turns.
 
 So every guarantee of stream/processor.py's contract holds for the events since the last commit as a whole: a
 crash before the commit redelivers them all, and their recommendations may be emitted again. A failure of
@@ -33,6 +34,7 @@ its next event (``mark_stale``, state/README.md).
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import threading
@@ -81,8 +83,9 @@ class Pipeline:
 
     # ----- other threads ----------------------------------------------------------------------------------------
     def between_batches(self, job: Callable[[], Any]) -> Future[Any]:
-        """Run ``job`` on the loop's thread with nothing pending (after a commit), between two batches; at once,
-        here, when the loop is not running. Hot swaps and housekeeping go through this."""
+        """Run ``job`` on the loop's thread between two batches (what they applied may not be committed yet:
+        a job must not depend on it); at once, here, when the loop is not running. Hot swaps and housekeeping go
+        through this; a job keeps the loop from taking events while it runs, so keep each one short."""
         future: Future[Any] = Future()
         with self._jobs_lock:
             running = self._thread is not None and self._thread.is_alive()
@@ -108,15 +111,19 @@ class Pipeline:
     def run(self) -> None:
         from confluent_kafka import Consumer
 
+        # What exists now (modules, the Faust app, the first model) lives as long as the process: a full
+        # collection walked all of it, stalling events for ~150 ms every few seconds (issue 16). Frozen, it is
+        # never walked; a swapped-in model is a few hundred objects, not worth freezing (frozen garbage is kept).
+        gc.freeze()
         self._consumer = consumer = Consumer(self._consumer_config())
         consumer.subscribe([self.topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost)
         try:
             while not self.stop_requested.is_set():
                 if batch := self._take(consumer):
                     self._apply(batch)
-                if self._uncommitted and (time.monotonic() - self._last_commit >= self.interval_s or self._jobs):
+                if self._uncommitted and time.monotonic() - self._last_commit >= self.interval_s:
                     self._commit()
-                if self._jobs and not self._uncommitted:
+                if self._jobs:
                     self._run_jobs()
             if self._uncommitted and not self.processor.stopping.is_set():
                 self._commit()  # a clean stop commits what it applied (a stop that must hurry abandons it)
@@ -136,10 +143,12 @@ class Pipeline:
     def _take(self, consumer: Any) -> list[Input]:
         """Step 1: the first record (waiting only until the next commit is due, or a while when idle), then every
         record already fetched, up to the batch size."""
-        if self._uncommitted:
-            wait_s = max(0.0, self._last_commit + self.interval_s - time.monotonic())
+        if self._jobs:
+            wait_s = 0.0
+        elif self._uncommitted:
+            wait_s = min(IDLE_POLL_S, max(0.0, self._last_commit + self.interval_s - time.monotonic()))
         else:
-            wait_s = 0.0 if self._jobs else IDLE_POLL_S
+            wait_s = IDLE_POLL_S
         first = consumer.poll(wait_s)
         if first is None:
             return []
@@ -273,8 +282,14 @@ class Pipeline:
 
     # ----- rebalances (librdkafka calls these from poll/consume, on this thread) --------------------------------
     def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
+        """Claim and restore the new partitions now, not at their first event (which would wait for it)."""
         self.assignment = sorted({*self.assignment, *(tp.partition for tp in partitions)})
         self.store.mark_stale()
+        for tp in partitions:
+            try:
+                self.store.ensure_ready(tp.partition)
+            except Exception as exc:  # the partition's first batch tries again
+                log.warning("partition %d not restored on assignment (%s); its first batch will", tp.partition, exc)
 
     def _revoked(self, consumer: Any, partitions: list[Any]) -> None:
         if self._uncommitted:

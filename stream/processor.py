@@ -436,17 +436,19 @@ class Processor:
             scores.scatter_(1, windows, float("-inf"))
         k = min(self.stream.top_k, serving.num_items)
         top_scores, top_items = torch.topk(scores, k, dim=1)
-        excluded = bool(torch.isinf(top_scores).any())  # fewer than k items left to recommend for some event
-        rounded, top_items = np.round(top_scores.double().numpy(), 6).tolist(), top_items.tolist()
-        items_of, version = serving.vocab.items_of, serving.version
+        excluded = bool((top_scores == float("-inf")).any())  # fewer than k items left to recommend for some event
+        rounded = np.round(top_scores.double().numpy(), 6).tolist()
+        names = serving.vocab.items_of(top_items[top_scores != float("-inf")].tolist())  # row by row, one check
+        start = 0
+        version = serving.version
         outputs = []
-        for s, items, scs in zip(events, top_items, rounded, strict=True):
+        for s, scs in zip(events, rounded, strict=True):
             if excluded:
-                items, scs = [i for i, sc in zip(items, scs, strict=True) if sc != float("-inf")], \
-                    [sc for sc in scs if sc != float("-inf")]
+                scs = [sc for sc in scs if sc != float("-inf")]
+            start += len(scs)
             outputs.append({
                 "user_id": s.event.user_id,
-                "items": items_of(items),
+                "items": names[start - len(scs):start],
                 "scores": scs,
                 "model_version": version,
                 "source": {"partition": s.inp.partition, "offset": s.inp.offset},

@@ -42,6 +42,7 @@ log = logging.getLogger("lrustream.worker")
 
 RETRY_LOAD_AFTER_S = 10.0  # a version that failed to load for a transient reason (file missing, I/O) is tried again
 MAX_SWAPS_KEPT = 100  # what /model remembers of swaps and refusals
+EXPIRY_SCAN, EXPIRY_SLICE = 10_000, 1_000  # idle states looked at per partition per housekeeping run, per step
 STOP_GRACE_S = 2.0  # after a stop signal, how long the last commit may wait for the broker
 
 
@@ -174,7 +175,7 @@ class Worker:
             del self.swaps[:-MAX_SWAPS_KEPT]
             return False
         old = self.processor.serving.version
-        await asyncio.wrap_future(self.pipeline.between_batches(functools.partial(self.processor.swap, serving)))
+        await self._between_batches(self.processor.swap, serving)
         took = time.monotonic() - t0
         log.warning("now serving model version %s (was %s); swap took %.3f s", version, old, took)
         self.swaps.append({"version": version, "ok": True, "previous": old, "seconds": round(took, 3),
@@ -198,25 +199,29 @@ class Worker:
         """Every ``housekeeping_interval_s``, whether events flow or not, between two micro-batches: claim and
         restore the partitions this worker owns that no event has made ready yet (their states are then current
         here, and a former owner is fenced now rather than at the next event), then delete the states idle for
-        ``state.ttl_days`` with one bounded scan per partition (state/README.md). A failure is retried next time."""
+        ``state.ttl_days``, scanning up to EXPIRY_SCAN records per partition (state/README.md) in slices of
+        EXPIRY_SLICE with batches in between, so events never wait for a whole scan. A failure is retried next
+        time."""
         partitions = self.assigned()
+        ttl_s = self.cfg.state.ttl_days * 86_400
+        expired = 0
         try:
-            job = self.pipeline.between_batches(functools.partial(self._housekeep_now, partitions))
-            expired = await asyncio.wrap_future(job)
+            await self._between_batches(self._ensure_ready, partitions)
+            cutoff_ms = int((time.time() - ttl_s) * 1000)
+            for p in self.store.ready_partitions() if ttl_s > 0 else []:
+                for _ in range(EXPIRY_SCAN // EXPIRY_SLICE):
+                    expired += await self._between_batches(self.store.expire, p, cutoff_ms, EXPIRY_SLICE)
         except Exception as exc:
             log.warning("housekeeping (restoring idle partitions, expiring idle states) failed (%s); trying "
                         "again in %.0f s", exc, housekeeping_interval_s(self.cfg))
-            return
         self.metrics.expired.inc(expired)
 
-    def _housekeep_now(self, partitions: list[int]) -> int:
+    async def _between_batches(self, job: Any, *args: Any) -> Any:
+        return await asyncio.wrap_future(self.pipeline.between_batches(functools.partial(job, *args)))
+
+    def _ensure_ready(self, partitions: list[int]) -> None:
         for p in partitions:
             self.store.ensure_ready(p)
-        ttl_s = self.cfg.state.ttl_days * 86_400
-        if ttl_s <= 0:
-            return 0
-        cutoff_ms = int((time.time() - ttl_s) * 1000)
-        return sum(self.store.expire(p, cutoff_ms) for p in self.store.ready_partitions())
 
     def pending(self, partitions: list[int]) -> int | None:
         """Events in ``partitions`` past the last one applied (None when nothing is known yet)."""

@@ -70,6 +70,7 @@ class Pipeline:
         self.liveness = liveness
         self.interval_s = cfg.stream.commit_interval_ms / 1000
         self.stop_requested = threading.Event()
+        self.ready = threading.Event()  # set once the first assignment is restored: /health says "ok" from then on
         self.assignment: list[int] = []  # input partitions this worker owns now
         self.last_offsets: dict[int, int] = {}  # per input partition, the last offset applied
         self.high_watermarks: dict[int, int] = {}  # per input partition, the end as the consumer last saw it
@@ -115,6 +116,7 @@ class Pipeline:
         # collection walked all of it, stalling events for ~150 ms every few seconds (issue 16). Frozen, it is
         # never walked; a swapped-in model is a few hundred objects, not worth freezing (frozen garbage is kept).
         gc.freeze()
+        self.processor.warm_up()
         self._consumer = consumer = Consumer(self._consumer_config())
         consumer.subscribe([self.topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost)
         try:
@@ -290,6 +292,7 @@ class Pipeline:
                 self.store.ensure_ready(tp.partition)
             except Exception as exc:  # the partition's first batch tries again
                 log.warning("partition %d not restored on assignment (%s); its first batch will", tp.partition, exc)
+        self.ready.set()
 
     def _revoked(self, consumer: Any, partitions: list[Any]) -> None:
         if self._uncommitted:

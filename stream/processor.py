@@ -190,6 +190,14 @@ class Processor:
         self._observe(batch, result, outputs)
         return result
 
+    def warm_up(self) -> None:
+        """One batch's model work on nothing (no state read or written): the first call of each kernel costs
+        far more than the next, and would otherwise land on the first events."""
+        model, rows = self.serving.model, self.stream.min_step_rows
+        with torch.inference_mode():
+            _, hidden = padded_steps(model, model.init_state(rows), torch.ones(rows, 2, dtype=torch.long), rows)
+            torch.topk(model.score(hidden[:, -1]), min(self.stream.top_k, self.serving.num_items), dim=1)
+
     @property
     def pending(self) -> bool:
         """Whether anything was applied and not committed yet."""

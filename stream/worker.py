@@ -230,6 +230,8 @@ class Worker:
     def health(self) -> tuple[dict[str, Any], int]:
         partitions = self.assigned()
         status, reason = self.liveness.report(self.pending(partitions))
+        if not self.pipeline.ready.is_set():
+            status, reason = "starting", "joining the consumer group and restoring the partitions it assigns"
         body = {"status": status, "model_version": self.processor.serving.version, "partitions": partitions,
                 "batches": self.pipeline.batches, "uptime_s": round(time.time() - self.started, 1)}
         if reason:

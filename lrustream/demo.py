@@ -36,6 +36,7 @@ from lrustream.kernel.config import Config, resolve_path
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DEMO_DATA = "ml-1m-subset-users1-2999"
+WARM_UP_MS = 5_000  # the summary's steady-state line leaves out the events of the replay's first seconds
 
 
 def pick_data(data: str | None, workdir: Path, log: Callable[[str], None]) -> str:
@@ -159,3 +160,8 @@ def summarise(records: list[dict[str, int]], sent: int, seconds: float, log: Cal
         f"event-to-recommendation latency {latency}")
     if "queueing" in summary:
         log(f"  by stage: {format_stages(summary, ['queueing', 'processing'])}")
+    stamps = [r["kafka_ts"] for r in records if r.get("kafka_ts", 0) > 0]
+    steady = stage_percentiles(latency_stages(records, since_ms=min(stamps) + WARM_UP_MS)) if stamps else {}
+    if steady:
+        log(f"  steady state (events after the replay's first {WARM_UP_MS / 1000:g} s, while a freshly started "
+            f"broker and worker warm up): {format_stages(steady)}")

@@ -103,3 +103,14 @@ def test_demo_summary_prints_p999_and_the_split_when_there_is_one() -> None:
     out.clear()
     summarise([{"kafka_ts": 10, "emitted_ts": 15}], sent=1, seconds=1.0, log=out.append)
     assert len(out) == 1 and "p99.9 5.0 ms" in out[0]
+
+
+def test_the_demo_summary_adds_the_steady_state_after_the_warm_up_when_the_replay_lasts_longer() -> None:
+    from lrustream.demo import WARM_UP_MS
+
+    records = [{"kafka_ts": 1000, "received_ts": 1300, "emitted_ts": 1400},  # a cold start
+               {"kafka_ts": 1000 + WARM_UP_MS, "received_ts": 1002 + WARM_UP_MS, "emitted_ts": 1005 + WARM_UP_MS}]
+    out: list[str] = []
+    summarise(records, sent=2, seconds=6.0, log=out.append)
+    assert len(out) == 3 and "p99 400.0 ms" in out[0]
+    assert out[2].startswith("  steady state (events after the replay's first 5 s") and "total p50 5.0 ms" in out[2]

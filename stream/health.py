@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 class Liveness:
     stall_after_s: float = 60.0
     progress_at: float = field(default_factory=time.monotonic)  # last finished micro-batch (or start-up)
-    busy_since: float | None = None  # the micro-batch in hand, retries included
+    busy_since: float | None = None  # the work in hand: events applied since the last commit, retries included
     error: str | None = None  # the last failure of the micro-batch in hand
 
     def started(self, now: float | None = None) -> None:

@@ -74,7 +74,7 @@ class Pipeline:
         self.assignment: list[int] = []  # input partitions this worker owns now
         self.last_offsets: dict[int, int] = {}  # per input partition, the last offset applied
         self.high_watermarks: dict[int, int] = {}  # per input partition, the end as the consumer last saw it
-        self.batches = 0
+        self.batches = 0  # batches applied (a retry of everything since the last commit counts once)
         self._uncommitted: list[Input] = []  # every input applied since the last commit (a retry applies them again)
         self._last_commit = time.monotonic()
         self._jobs: list[tuple[Callable[[], Any], Future[Any]]] = []
@@ -172,8 +172,10 @@ class Pipeline:
         log.debug("input consumer: %s", err)
 
     def _apply(self, batch: list[Input]) -> None:
-        """Step 2, or, on failure, a retry of everything since the last commit (module docstring)."""
-        self.liveness.started()
+        """Step 2, or, on failure, a retry of everything since the last commit (module docstring). What /health
+        calls the micro-batch in progress is that: from the first batch after a commit to the next commit."""
+        if not self._uncommitted:
+            self.liveness.started()
         self._uncommitted += batch
         try:
             self.processor.apply(batch)
@@ -181,7 +183,7 @@ class Pipeline:
             self._recover(exc)
         else:
             self._observe(batch)
-            self.liveness.finished()
+            self.batches += 1
 
     def _commit(self) -> None:
         """Step 3: the states, then the input offsets."""
@@ -197,7 +199,7 @@ class Pipeline:
 
         self._uncommitted = []
         self._last_commit = time.monotonic()
-        self.batches += 1
+        self.liveness.finished()
         if not committed:
             return
         offsets = [TopicPartition(self.topic, p, offset + 1) for p, offset in committed.items()]
@@ -227,7 +229,7 @@ class Pipeline:
                 exc = again
                 continue
             self._observe(batch)
-            self.liveness.finished()
+            self.batches += 1
             self._commit_offsets(self._applied_of(batch))
             return
 
@@ -315,6 +317,7 @@ class Pipeline:
         self.processor.discard()
         self._uncommitted = []
         self._last_commit = time.monotonic()
+        self.liveness.finished()
 
     def _forget(self, partitions: list[Any]) -> None:
         gone = {tp.partition for tp in partitions}

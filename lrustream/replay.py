@@ -6,6 +6,7 @@ partitioned as ``stream/README.md`` requires; lrustream/recommendations.py reads
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from collections.abc import Iterator
@@ -108,12 +109,16 @@ def replay(cfg: Config, data: str, rate: float | None = None, limit: int | None 
     producer = Producer(producer_config(cfg, logger=client_logger(), **({"linger.ms": 1} if rate else {})))
     deliveries = Deliveries()
     bar = _progress_bar(progress, total)
+    collecting = gc.isenabled()
+    gc.disable()  # a full collection walks the whole loaded data set: a paced replay would stall, then burst
     try:
         sent = _publish(producer, cfg.topics.interactions, events, rate, deliveries, bar)
     except KeyboardInterrupt:
         producer.flush(5)  # what was handed over is not lost on Ctrl-C
         raise
     finally:
+        if collecting:
+            gc.enable()
         if bar is not None:
             bar.close()
     await_deliveries(producer, deliveries, f"{sent} events to {cfg.topics.interactions} on "

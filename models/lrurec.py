@@ -184,31 +184,17 @@ class LRULayer(nn.Module):
         last = torch.stack([h_re.view(-1, bsz, length)[..., -1].T, h_im.view(-1, bsz, length)[..., -1].T], dim=1)
         return y, last
 
+    def step_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lambda [2, H], gamma [H]): what one step of the recurrence multiplies by."""
+        nu, theta, gamma = self.lambda_parts()
+        return lambda_powers(nu, theta, 2)[1], gamma
+
     def steps(self, h: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k events per row: h [B, 2, H], x [B, k, d], mask [B, k] -> (y [B, k, d], h after them). Padding
         positions keep the state. The projections run once over all k positions; only the elementwise
         recurrence h = lambda * h + u loops."""
-        nu, theta, gamma = self.lambda_parts()
-        lam = lambda_powers(nu, theta, 2)[1]  # [2, H]
+        lam, gamma = self.step_parts()
         u = self.drive(x, mask, gamma)  # [B, k, 2, H]
-        if x.shape[1] > 1 and not bool((mask[:, 1:] <= mask[:, :-1]).all()):
-            return self._steps_with_holes(h, u, x, mask, lam)
-        # Each row's events come first, its padding after (as the worker lays a batch out): the recurrence runs
-        # unmasked, and each row's state is read back at its last event. lambda * h is written as
-        # h * (re, re) + flip(h) * (-im, im): the same products and sums as complex_mul, in fewer operations.
-        diag, cross = torch.stack([lam[0], lam[0]]), torch.stack([-lam[1], lam[1]])
-        h0, hs = h, []
-        for t in range(x.shape[1]):
-            h = h * diag + h.flip(-2) * cross + u[:, t]
-            hs.append(h)
-        states = torch.stack(hs, dim=1)  # [B, k, 2, H]; past a row's last event never read
-        count = mask.sum(1)
-        last = states[torch.arange(len(count)), (count - 1).clamp(min=0)]
-        return self.readout(states, x), torch.where((count > 0)[:, None, None], last, h0)
-
-    def _steps_with_holes(self, h: torch.Tensor, u: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
-                          lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``steps`` for any mask: each position is masked on its own."""
         hs = []
         for t in range(x.shape[1]):
             h = torch.where(mask[:, t, None, None], complex_mul(lam, h) + u[:, t], h)
@@ -323,8 +309,7 @@ class LRURec(SeqRecModel):
         new_states = []
         for i, block in enumerate(self.blocks):
             layer = block.lru_layer
-            nu, theta, gamma = layer.lambda_parts()
-            lam = lambda_powers(nu, theta, 2)[1]
+            lam, gamma = layer.step_parts()
             hs, last = recur_packed(state[:, i], layer.drive(x, real, gamma), start, count, lam)
             x = block.feed_forward(layer.readout(hs, x))
             new_states.append(last)

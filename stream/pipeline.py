@@ -197,9 +197,7 @@ class Pipeline:
     def _commit_offsets(self, committed: dict[int, int], asynchronous: bool = True) -> None:
         from confluent_kafka import KafkaException, TopicPartition
 
-        self._uncommitted = []
-        self._last_commit = time.monotonic()
-        self.liveness.finished()
+        self._end_unit()
         if not committed:
             return
         offsets = [TopicPartition(self.topic, p, offset + 1) for p, offset in committed.items()]
@@ -315,6 +313,10 @@ class Pipeline:
 
     def _drop_uncommitted(self) -> None:
         self.processor.discard()
+        self._end_unit()
+
+    def _end_unit(self) -> None:
+        """The work since the last commit is committed or given up: a new unit starts with the next batch."""
         self._uncommitted = []
         self._last_commit = time.monotonic()
         self.liveness.finished()

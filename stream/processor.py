@@ -444,9 +444,10 @@ class Processor:
             scores.scatter_(1, windows, float("-inf"))
         k = min(self.stream.top_k, serving.num_items)
         top_scores, top_items = torch.topk(scores, k, dim=1)
-        excluded = bool((top_scores == float("-inf")).any())  # fewer than k items left to recommend for some event
+        kept = top_scores != float("-inf")
+        excluded = not bool(kept.all())  # fewer than k items left to recommend for some event
         rounded = np.round(top_scores.double().numpy(), 6).tolist()
-        names = serving.vocab.items_of(top_items[top_scores != float("-inf")].tolist())  # row by row, one check
+        names = serving.vocab.items_of(top_items[kept].tolist())  # row by row, one check
         start = 0
         version = serving.version
         outputs = []

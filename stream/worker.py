@@ -190,8 +190,9 @@ class Worker:
         try:
             while thread.is_alive():
                 await asyncio.sleep(0.2)
-        finally:
+        except asyncio.CancelledError:  # the app is stopping
             self.pipeline.request_stop()
+            raise
         if not self.pipeline.stop_requested.is_set():
             _exit_now("the input loop ended unexpectedly")
 

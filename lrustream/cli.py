@@ -449,13 +449,16 @@ def demo_cmd(
     events: Annotated[int, typer.Option(help="Events to replay.")] = 20_000,
     rate: Annotated[float, typer.Option(help="Replay rate, events/s.")] = 2_000.0,
     train_minutes: Annotated[float, typer.Option(help="Training budget when no model is stored yet.")] = 2.0,
+    warm_up_seconds: Annotated[float, typer.Option(
+        min=0, help="Replay this many seconds of events first, reported apart from the timed ones.")] = 5.0,
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:
     """The main job: broker, model (trained if none), worker, a replay, recommendations with their latency."""
     from lrustream.demo import run_demo
 
-    run_demo(model_cfg_of(config, overrides), config, overrides or [], data, events, rate, train_minutes, log=echo)
+    run_demo(model_cfg_of(config, overrides), config, overrides or [], data, events, rate, train_minutes, log=echo,
+             warm_up_s=warm_up_seconds)
 
 
 # ----- producer and consumer tools ------------------------------------------------------------------------------

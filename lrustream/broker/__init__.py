@@ -27,6 +27,7 @@ from pathlib import Path
 
 import psutil
 
+from lrustream.kernel.config import BrokerConfig
 from lrustream.kernel.errors import LrustreamError
 
 POM = Path(__file__).with_name("pom.xml")
@@ -119,6 +120,7 @@ class LocalBroker:
         controller_port: int = 0,
         heap: str = "512m",
         start_timeout_s: float = 60.0,
+        jvm_options: str = BrokerConfig.jvm_options,
         log_level: str = "WARN",
         sasl_port: int = 0,
         sasl_users: dict[str, str] | None = None,
@@ -130,6 +132,7 @@ class LocalBroker:
         self.controller_port = controller_port or port + 1
         self.heap = heap
         self.start_timeout_s = start_timeout_s
+        self.jvm_options = jvm_options.split()
         self.log_level = log_level
         self.sasl_port = sasl_port  # when set: a SASL_PLAINTEXT listener too (mechanism PLAIN, ``sasl_users``)
         self.sasl_users = sasl_users or {}
@@ -137,7 +140,8 @@ class LocalBroker:
     @classmethod
     def from_config(cls, cfg) -> LocalBroker:  # cfg: lrustream.kernel.config.Config
         b = cfg.broker
-        return cls(b.data_dir, b.jars_dir, b.host, b.port, b.controller_port, b.heap, b.start_timeout_s)
+        return cls(b.data_dir, b.jars_dir, b.host, b.port, b.controller_port, b.heap, b.start_timeout_s,
+                   jvm_options=b.jvm_options)
 
     # ----- paths -------------------------------------------------------------------------------------------
     @property
@@ -260,6 +264,7 @@ class LocalBroker:
             "offsets.topic.num.partitions": "4",
             "transaction.state.log.replication.factor": "1",
             "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "1",
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
@@ -307,7 +312,7 @@ class LocalBroker:
             raise BrokerError(f"formatting KRaft storage failed: {lines[-1] if lines else proc.returncode}")
 
     def _launch(self, java: str, jars: Path) -> int:
-        cmd = [java, f"-Xmx{self.heap}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+        cmd = [java, f"-Xmx{self.heap}", *self.jvm_options, "-Djava.awt.headless=true",
                f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.properties'}",
                "-cp", f"{jars}/*", MAIN_CLASS, str(self.properties_file)]
         with open(self.log_file, "ab") as log:

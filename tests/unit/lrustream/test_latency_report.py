@@ -105,12 +105,12 @@ def test_demo_summary_prints_p999_and_the_split_when_there_is_one() -> None:
     assert len(out) == 1 and "p99.9 5.0 ms" in out[0]
 
 
-def test_the_demo_summary_adds_the_steady_state_after_the_warm_up_when_the_replay_lasts_longer() -> None:
-    from lrustream.demo import WARM_UP_MS
-
-    records = [{"kafka_ts": 1000, "received_ts": 1300, "emitted_ts": 1400},  # a cold start
-               {"kafka_ts": 1000 + WARM_UP_MS, "received_ts": 1002 + WARM_UP_MS, "emitted_ts": 1005 + WARM_UP_MS}]
+def test_the_demo_summary_times_the_events_after_the_warm_up_and_reports_the_warm_up_apart() -> None:
+    records = [{"kafka_ts": 1005, "received_ts": 1007, "emitted_ts": 1010},
+               {"kafka_ts": 1000, "received_ts": 1300, "emitted_ts": 1400}]  # sent first: a cold start
     out: list[str] = []
-    summarise(records, sent=2, seconds=6.0, log=out.append)
-    assert len(out) == 3 and "p99 400.0 ms" in out[0]
-    assert out[2].startswith("  steady state (events after the replay's first 5 s") and "total p50 5.0 ms" in out[2]
+    summarise(records, sent=2, seconds=6.0, log=out.append, warm_up=1)
+    assert out[0].startswith("summary: 2 events published (1 warm-up, then 1 timed), 2 recommendations in 6.0 s; "
+                             "event-to-recommendation latency of the timed events total p50 5.0 ms")
+    assert "total p50 5.0 ms, p99 5.0 ms" in out[0] and "queueing p50 2.0 ms" in out[1]
+    assert out[2].startswith("  warm-up (the first 1 events") and "total p50 400.0 ms" in out[2]

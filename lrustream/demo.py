@@ -86,9 +86,9 @@ def start_worker(config: Path | None, overrides: list[str], log_path: Path) -> s
     return spawn_cli([*args, *overrides, "stream.unknown_items=oov"], log_path)
 
 
-def watch(cfg: Config, expect: int, timeout_s: float, log: Callable[[str], None]) -> list[dict[str, int]]:
-    """Read new recommendations, print a sample line per second, return each one's latency timestamps
-    (:func:`lrustream.children.timestamps`)."""
+def watch(cfg: Config, expect: Callable[[], int], timeout_s: float, log: Callable[[str], None]) -> list[dict[str, int]]:
+    """Read new recommendations until ``expect()`` have arrived (or ``timeout_s``), print a sample line per second,
+    return each one's latency timestamps (:func:`lrustream.children.timestamps`)."""
     from confluent_kafka import Consumer, TopicPartition
 
     from lrustream.kernel.kafka import high_watermarks, librdkafka_config, topic_partitions
@@ -104,7 +104,7 @@ def watch(cfg: Config, expect: int, timeout_s: float, log: Callable[[str], None]
     seen: list[dict[str, int]] = []
     t0 = last_print = time.monotonic()
     try:
-        while len(seen) < expect and time.monotonic() - t0 < timeout_s:
+        while len(seen) < expect() and time.monotonic() - t0 < timeout_s:
             for msg in consumer.consume(num_messages=1000, timeout=0.5):
                 if msg.error():
                     continue
@@ -148,7 +148,8 @@ def run_demo(cfg: Config, config: Path | None, overrides: list[str], data: str |
         producer = threading.Thread(target=lambda: sent.append(replay(cfg, data, rate, total, False)), daemon=True)
         started = time.monotonic()
         producer.start()
-        records = watch(cfg, total, timeout_s=total / rate + 120, log=log)
+        # until the replay ends it may send all of them; then exactly what it sent (the data may hold fewer)
+        records = watch(cfg, lambda: sent[0] if sent else total, timeout_s=total / rate + 120, log=log)
         producer.join(timeout=5)
         summarise(records, sent[0] if sent else 0, time.monotonic() - started, log, warm_up)
     finally:

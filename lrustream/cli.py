@@ -6,6 +6,8 @@ line on stderr and exit non-zero (2 for bad configuration or arguments, 1 for ev
 
 from __future__ import annotations
 
+import getpass
+import socket
 import sys
 import time
 from pathlib import Path
@@ -236,6 +238,42 @@ def models_unpin(config: ConfigOpt = None, overrides: Overrides = None) -> None:
 
     was = ModelStore(cfg_of(config, overrides).model_store.dir).unpin()
     echo(f"unpinned {was}; the next published version will be served" if was else "nothing was pinned")
+
+
+items_app = typer.Typer(no_args_is_help=True, help="Catalogue control: block and unblock items on every worker.")
+app.add_typer(items_app, name="items")
+ItemArg = Annotated[str, typer.Argument(help="The item id, as events carry it.")]
+
+
+@items_app.command("block")
+def items_block(item: ItemArg, config: ConfigOpt = None, overrides: Overrides = None) -> None:
+    """No recommendation emitted after a worker has read this (seconds) holds the item, on every worker."""
+    _set_item_status(item, "blocked", config, overrides)
+
+
+@items_app.command("unblock")
+def items_unblock(item: ItemArg, config: ConfigOpt = None, overrides: Overrides = None) -> None:
+    """Let the item be recommended again."""
+    _set_item_status(item, "active", config, overrides)
+
+
+@items_app.command("list")
+def items_list(config: ConfigOpt = None, overrides: Overrides = None) -> None:
+    """The items blocked now, one per line, as the items topic says."""
+    from stream.catalogue import read_blocked
+
+    for item in sorted(read_blocked(cfg_of(config, overrides))):
+        echo(item)
+
+
+def _set_item_status(item: str, status: str, config: Path | None, overrides: list[str] | None) -> None:
+    from stream.catalogue import set_status
+    from stream.topics import create_topics
+
+    cfg = cfg_of(config, overrides)
+    create_topics(cfg)
+    set_status(cfg, item, status, by=f"{getpass.getuser()}@{socket.gethostname()}")
+    echo(f"{item} is {status} on {cfg.topics.items}; workers apply it within seconds")
 
 
 def _pin(version: str, reason: str, config: Path | None, overrides: list[str] | None) -> None:

@@ -41,6 +41,8 @@ class WorkerMetrics:
         self.states = Gauge("lrustream_states", "User states in this worker's local store (RocksDB's estimate)",
                             registry=r)
         self.events_per_s = Gauge("lrustream_events_per_second", "Input events/s over the last 10 s", registry=r)
+        self.blocked_items = Gauge("lrustream_blocked_items", "Items the items topic blocks, as this worker read it",
+                                   registry=r)
         self.model_version = Gauge("lrustream_model_info", "Serving model version", ["version"], registry=r)
         self._window: deque[tuple[float, int]] = deque()
 

@@ -159,12 +159,26 @@ class Processor:
         self._refused_too_large: list[tuple[Input, str]] = []  # dead letters the DLQ topic refused as too big
         # applied and not committed yet: partition -> (records by user, highest input offset)
         self._pending: dict[int, tuple[dict[str, UserRecord], int]] = {}
+        self.blocked: frozenset[str] = frozenset()  # items never to recommend (stream/catalogue.py)
+        self._blocked_columns: torch.Tensor | None = None  # their columns in the serving vocabulary
 
-    # ----- model swap -------------------------------------------------------------------------------------------
+    # ----- model swap, catalogue --------------------------------------------------------------------------------
     def swap(self, serving: Serving) -> None:
         """Serve another version from the next micro-batch on (states are re-derived lazily, per user)."""
         self.serving = serving
         self.metrics.set_version(serving.version)
+        self._blocked_columns = self._columns(self.blocked)
+
+    def block(self, items: frozenset[str]) -> None:
+        """From the next micro-batch on, recommend none of ``items`` (and every other item again)."""
+        self.blocked = items
+        self._blocked_columns = self._columns(items)
+
+    def _columns(self, items: frozenset[str]) -> torch.Tensor | None:
+        """The score columns of ``items`` that the serving vocabulary knows (internal id = column)."""
+        vocab = self.serving.vocab
+        ids = sorted(i for item in items if (i := vocab.get(item)) is not None and 0 < i <= self.serving.num_items)
+        return torch.tensor(ids, dtype=torch.long) if ids else None
 
     # ----- one micro-batch --------------------------------------------------------------------------------------
     def process(self, batch: list[Input]) -> BatchResult:
@@ -442,6 +456,8 @@ class Processor:
         scores = serving.model.score(h)[:n]
         if self.stream.exclude_seen:
             scores.scatter_(1, windows, float("-inf"))
+        if self._blocked_columns is not None:
+            scores[:, self._blocked_columns] = float("-inf")
         k = min(self.stream.top_k, serving.num_items)
         top_scores, top_items = torch.topk(scores, k, dim=1)
         kept = top_scores != float("-inf")

@@ -30,6 +30,7 @@ def topic_specs(cfg: Config) -> list[TopicSpec]:
         TopicSpec(t.training_examples, n, {}),
         TopicSpec(t.model_updates, 1, {}),
         TopicSpec(t.state_changelog, n, compacted),
+        TopicSpec(t.items, 1, compacted),
     ]
 
 

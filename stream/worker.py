@@ -44,6 +44,8 @@ RETRY_LOAD_AFTER_S = 10.0  # a version that failed to load for a transient reaso
 MAX_SWAPS_KEPT = 100  # what /model remembers of swaps and refusals
 EXPIRY_SCAN, EXPIRY_SLICE = 10_000, 1_000  # idle states looked at per partition per housekeeping run, per step
 STOP_GRACE_S = 2.0  # after a stop signal, how long the last commit may wait for the broker
+CATALOGUE_WAIT_S = 30.0  # the first event waits at most this long for the items topic to be read to its end
+CATALOGUE_RETRY_S = 10.0  # an items topic that could not be read is tried again after this long
 
 
 def fetch_range(cfg: Config, chunk_size: int = 1000, stall_s: float = 30.0) -> Fetch:
@@ -110,6 +112,7 @@ class Worker:
         self.liveness = Liveness(cfg.stream.stall_after_s)
         self.pipeline = Pipeline(cfg, self.processor, self.store, self.metrics, self.liveness)
         self.swaps: list[dict[str, Any]] = []  # what happened to each announced version (served / refused why)
+        self.catalogue_read = asyncio.Event()  # the items topic was read to its end once (or could not be)
         self.app = self._build_app()
 
     # ----- the Faust app ------------------------------------------------------------------------------------
@@ -135,6 +138,10 @@ class Worker:
         @app.task
         async def follow_model_updates() -> None:
             await self._follow_model_updates()
+
+        @app.task
+        async def follow_catalogue() -> None:
+            await self._follow_catalogue()
 
         self._add_views(app)
         return app
@@ -183,9 +190,46 @@ class Worker:
         del self.swaps[:-MAX_SWAPS_KEPT]
         return True
 
+    # ----- catalogue control -------------------------------------------------------------------------------------
+    async def _follow_catalogue(self) -> None:
+        """Read the items topic (stream/catalogue.py) to its end before the first event, then follow it; each
+        change applies between two micro-batches. A topic that cannot be read never stops serving: it is logged,
+        and read again from its beginning after CATALOGUE_RETRY_S."""
+        from stream.catalogue import Blocked, CatalogueFollower
+
+        while True:
+            blocked, follower = Blocked(), None
+            try:
+                follower = await asyncio.to_thread(CatalogueFollower, self.cfg)
+                blocked.apply(await asyncio.to_thread(follower.read_to_end, CATALOGUE_WAIT_S))
+                await self._block(blocked)
+                self.catalogue_read.set()
+                while True:
+                    if blocked.apply(await asyncio.to_thread(follower.poll, 0.5)):
+                        await self._block(blocked)
+            except Exception as exc:
+                log.error("the items topic %r cannot be read (%s): serving without catalogue changes until it "
+                          "can (lrustream topics create makes it); trying again in %.0f s",
+                          self.cfg.topics.items, exc, CATALOGUE_RETRY_S)
+                self.catalogue_read.set()
+            finally:
+                if follower is not None:
+                    follower.close()
+            await asyncio.sleep(CATALOGUE_RETRY_S)
+
+    async def _block(self, blocked: Any) -> None:
+        await self._between_batches(self.processor.block, frozenset(blocked.items))
+        self.metrics.blocked_items.set(len(blocked.items))
+
+    # ----- the input loop ---------------------------------------------------------------------------------------
     async def _run_pipeline(self) -> None:
         """The input loop on its own thread, for the app's lifetime; a loop that dies ends the process (its
-        orchestrator restarts it; nothing uncommitted is lost, stream/pipeline.py)."""
+        orchestrator restarts it; nothing uncommitted is lost, stream/pipeline.py). It starts once the items
+        topic has been read (or after CATALOGUE_WAIT_S), so that no blocked item is served at start-up."""
+        try:
+            await asyncio.wait_for(self.catalogue_read.wait(), CATALOGUE_WAIT_S)
+        except TimeoutError:
+            log.error("the items topic was not read within %.0f s: serving before it is", CATALOGUE_WAIT_S)
         thread = self.pipeline.start()
         try:
             while thread.is_alive():

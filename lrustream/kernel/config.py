@@ -60,6 +60,9 @@ class TopicsConfig:
     training_examples: str = "training-examples"
     model_updates: str = "model-updates"
     state_changelog: str = "lrustream-state-changelog"
+    items: str = "items"
+    """Catalogue control, compacted: key = item id, value ``{"status": "blocked" | "active"}``
+    (stream/catalogue.py)."""
     partitions: int = 4
     replication_factor: int = 1
 

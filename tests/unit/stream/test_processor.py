@@ -250,3 +250,26 @@ def test_a_commit_whose_outputs_are_not_acknowledged_commits_nothing(tmp_path: P
         processor.commit()
     processor.discard()
     assert processor.store.get(0, "u1") is None and processor.store.applied_offset(0) < 0
+
+
+def test_blocked_items_leave_every_ranking_the_others_keep_their_order_and_an_unknown_item_is_harmless(
+        tmp_path: Path) -> None:
+    events = [_event(f"u{k % 5}", f"i{k % 40 + 1}", k) for k in range(30)]
+    clean, topics = _processor(tmp_path, RecordingProducer(), "clean")
+    clean.process(events)
+    want = [json.loads(r["value"]) for r in _sent(clean.producer, topics.recommendations)]
+    blocked = {want[0]["items"][0], want[0]["items"][3]}
+    producer = RecordingProducer()
+    processor, _ = _processor(tmp_path, producer)
+    processor.block(frozenset(blocked | {"not-in-the-catalogue"}))
+    processor.process(events)
+    got = [json.loads(r["value"]) for r in _sent(producer, topics.recommendations)]
+    for g, w in zip(got, want, strict=True):
+        assert not blocked & set(g["items"]) and len(g["items"]) == len(w["items"])
+        kept = [i for i in w["items"] if i not in blocked]
+        assert g["items"][:len(kept)] == kept  # the rest move up; the states are the same, so the order is too
+    processor.block(frozenset())
+    processor.process([_event("u0", "i1", 30)])
+    clean.process([_event("u0", "i1", 30)])
+    assert json.loads(_sent(producer, topics.recommendations)[-1]["value"])["items"] == \
+        json.loads(_sent(clean.producer, topics.recommendations)[-1]["value"])["items"]

@@ -33,6 +33,9 @@ class WorkerMetrics:
                                     buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096))
         self.step_latency = Histogram("lrustream_model_step_seconds", "Model step + scoring time per micro-batch",
                                       registry=r, buckets=LATENCY_BUCKETS)
+        self.commit_latency = Histogram("lrustream_commit_seconds",
+                                        "One commit (outputs acknowledged, changelog transaction, RocksDB); the "
+                                        "input loop takes no event meanwhile", registry=r, buckets=LATENCY_BUCKETS)
         self.e2r_latency = Histogram("lrustream_event_to_recommendation_seconds",
                                      "Event timestamp (Kafka) to recommendation produced", registry=r,
                                      buckets=LATENCY_BUCKETS)

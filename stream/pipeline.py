@@ -187,11 +187,13 @@ class Pipeline:
 
     def _commit(self) -> None:
         """Step 3: the states, then the input offsets."""
+        started = time.perf_counter()
         try:
             committed = self.processor.commit()
         except Exception as exc:
             self._recover(exc)
             return
+        self.metrics.commit_latency.observe(time.perf_counter() - started)
         self._commit_offsets(committed)
 
     def _commit_offsets(self, committed: dict[int, int], asynchronous: bool = True) -> None:

@@ -78,6 +78,7 @@ def test_each_event_yields_one_recommendation_equal_to_sequential_step(kafka_cfg
     shown = json.loads(out.output)
     assert shown["window"] == [f"i{i}" for i in ref["u0"]["window"]] and shown["model_version"] == version
     assert "lrustream_event_to_recommendation_seconds_bucket" in metrics
+    assert "lrustream_commit_seconds_count" in metrics and "lrustream_commit_seconds_count 0.0" not in metrics
 
 
 def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(kafka_cfg: Config, kafka_overrides: list[str],

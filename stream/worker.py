@@ -202,11 +202,11 @@ class Worker:
             try:
                 follower = await asyncio.to_thread(CatalogueFollower, self.cfg)
                 blocked.apply(await asyncio.to_thread(follower.read_to_end, CATALOGUE_WAIT_S))
-                await self._block(blocked)
+                await self._block(frozenset(blocked.items))
                 self.catalogue_read.set()
                 while True:
                     if blocked.apply(await asyncio.to_thread(follower.poll, 0.5)):
-                        await self._block(blocked)
+                        await self._block(frozenset(blocked.items))
             except Exception as exc:
                 log.error("the items topic %r cannot be read (%s): serving without catalogue changes until it "
                           "can (lrustream topics create makes it); trying again in %.0f s",
@@ -217,9 +217,9 @@ class Worker:
                     follower.close()
             await asyncio.sleep(CATALOGUE_RETRY_S)
 
-    async def _block(self, blocked: Any) -> None:
-        await self._between_batches(self.processor.block, frozenset(blocked.items))
-        self.metrics.blocked_items.set(len(blocked.items))
+    async def _block(self, items: frozenset[str]) -> None:
+        await self._between_batches(self.processor.block, items)
+        self.metrics.blocked_items.set(len(items))
 
     # ----- the input loop ---------------------------------------------------------------------------------------
     async def _run_pipeline(self) -> None:

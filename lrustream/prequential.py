@@ -160,6 +160,7 @@ def _overrides(base: list[str], tag: str, root: Path, online_every: int) -> list
             f"topics.recommendations=preq-{tag}-out", f"topics.dlq=preq-{tag}-dlq",
             f"topics.state_changelog=preq-{tag}-changelog",
             f"topics.training_examples=preq-{tag}-train", f"topics.model_updates=preq-{tag}-updates",
+            f"topics.items=preq-{tag}-items",
             f"stream.app_id=preq-{tag}", f"online.group_id=preq-{tag}-trainer", f"state.dir={root / 'state'}",
             f"model_store.dir={root / 'models'}", "stream.unknown_items=oov", f"online.every_events={online_every}",
             "online.every_seconds=1000000", f"http.port={_free_port()}",

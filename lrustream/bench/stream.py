@@ -152,6 +152,7 @@ def _overrides(base: list[str], tag: str, tmp: Path) -> list[str]:
     return [*base, f"topics.interactions=bench-{tag}-in", f"topics.recommendations=bench-{tag}-out",
             f"topics.dlq=bench-{tag}-dlq", f"topics.state_changelog=bench-{tag}-changelog",
             f"topics.training_examples=bench-{tag}-train", f"topics.model_updates=bench-{tag}-updates",
+            f"topics.items=bench-{tag}-items",
             f"stream.app_id=bench-{tag}", f"state.dir={tmp / 'state'}", f"model_store.dir={tmp / 'models'}",
             "stream.unknown_items=oov"]
 

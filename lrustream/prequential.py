@@ -211,15 +211,9 @@ class Recommendations:
     """The worker's recommendations topic, read from the beginning by assignment (no consumer group to join)."""
 
     def __init__(self, cfg: Config) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+        from lrustream.kernel.kafka import assigned_reader
 
-        from lrustream.kernel.kafka import librdkafka_config, topic_partitions
-
-        topic = cfg.topics.recommendations
-        self.consumer = Consumer(librdkafka_config(cfg, **{"group.id": f"preq-{uuid.uuid4().hex[:6]}",
-                                                           "enable.auto.commit": False}))
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
-                              for p in topic_partitions(self.consumer, topic, 30)])
+        self.consumer, _ = assigned_reader(cfg, cfg.topics.recommendations, "preq", from_beginning=True)
         self.records: list[dict] = []
         self.sources: set[tuple[int, int]] = set()  # the events answered so far
 

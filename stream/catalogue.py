@@ -19,18 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from typing import Any
 
 from lrustream.kernel.config import Config
 from lrustream.kernel.errors import LrustreamError
-from lrustream.kernel.kafka import (
-    high_watermarks,
-    librdkafka_config,
-    produce_all,
-    producer_config,
-    topic_partitions,
-)
+from lrustream.kernel.kafka import assigned_reader, high_watermarks, produce_all, producer_config
 from stream.events import MAX_ID_CHARS
 
 log = logging.getLogger("lrustream.catalogue")
@@ -51,16 +44,14 @@ def check_item_id(item: str) -> str:
 def parse(key: bytes | None, value: bytes | None) -> tuple[str, bool] | None:
     """``(item, blocked)`` from one control record; None (logged) when it is not one."""
     try:
-        item = key.decode() if key else ""
-        if not item or len(item) > MAX_ID_CHARS:
-            raise ValueError(f"key {key!r} is not an item id")
+        item = check_item_id(key.decode() if key else "")
         if value is None:
             return item, False
         status = json.loads(value).get("status")
         if status not in STATUSES:
             raise ValueError(f"status {status!r} is not one of {STATUSES}")
         return item, status == "blocked"
-    except (ValueError, AttributeError) as exc:  # undecodable, not JSON, not an object, unknown status
+    except (ValueError, AttributeError) as exc:  # not an id, undecodable, not JSON, not an object, unknown status
         log.warning("ignoring a malformed items record: %s", exc)
         return None
 
@@ -90,13 +81,9 @@ class CatalogueFollower:
     """Reads the items topic from its beginning, on its own (see :class:`stream.updates.UpdateFollower`)."""
 
     def __init__(self, cfg: Config) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
         self.topic = cfg.topics.items
-        self.consumer = Consumer(librdkafka_config(cfg, **{
-            "group.id": f"{cfg.stream.app_id}-items-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}))
-        self.partitions = topic_partitions(self.consumer, self.topic, 30)
-        self.consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in self.partitions])
+        self.consumer, self.partitions = assigned_reader(cfg, self.topic, f"{cfg.stream.app_id}-items",
+                                                         from_beginning=True)
 
     def poll(self, timeout_s: float, max_records: int = 1000) -> list[tuple[bytes | None, bytes | None]]:
         """The records that arrived, waiting up to ``timeout_s`` for the first."""

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from typing import Any
 
 from lrustream.kernel.config import Config
-from lrustream.kernel.kafka import librdkafka_config, produce_all, producer_config, topic_partitions
+from lrustream.kernel.kafka import assigned_reader, produce_all, producer_config
 
 log = logging.getLogger("lrustream.updates")
 
@@ -31,12 +30,8 @@ class UpdateFollower:
     restart, and no committed offset to look up (that lookup can hang for ever, librdkafka #5586)."""
 
     def __init__(self, cfg: Config) -> None:
-        from confluent_kafka import OFFSET_END, Consumer, TopicPartition
-
-        topic = cfg.topics.model_updates
-        self.consumer = Consumer(librdkafka_config(cfg, **{
-            "group.id": f"{cfg.stream.app_id}-updates-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}))
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in topic_partitions(self.consumer, topic, 30)])
+        self.consumer, _ = assigned_reader(cfg, cfg.topics.model_updates, f"{cfg.stream.app_id}-updates",
+                                           from_beginning=False)
 
     def next_message(self, timeout_s: float) -> dict[str, Any] | None:
         """The next announcement or refresh request, parsed; None on timeout or a malformed message."""

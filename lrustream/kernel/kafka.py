@@ -181,6 +181,27 @@ def admin(cfg: Config) -> Any:
     return AdminClient(librdkafka_config(cfg, logger=quiet_logger()))
 
 
+def assigned_reader(cfg: Config, topic: str, group_prefix: str, from_beginning: bool,
+                    timeout_s: float = 30.0) -> tuple[Any, list[int]]:
+    """A consumer that reads every partition of ``topic`` by assignment, from its beginning or its end, and its
+    partitions: no group to join or rebalance, nothing committed (the group id, ``group_prefix`` plus a random
+    tail, only names it). :class:`MissingTopic` when the topic is not there."""
+    import uuid
+
+    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
+
+    consumer = Consumer(librdkafka_config(cfg, **{"group.id": f"{group_prefix}-{uuid.uuid4().hex[:8]}",
+                                                  "enable.auto.commit": False}))
+    try:
+        partitions = topic_partitions(consumer, topic, timeout_s)
+    except LrustreamError:
+        consumer.close()
+        raise
+    start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+    consumer.assign([TopicPartition(topic, p, start) for p in partitions])
+    return consumer, partitions
+
+
 def topic_partitions(consumer: Any, topic: str, timeout_s: float = 10.0) -> list[int]:
     """The partition numbers of ``topic``; :class:`MissingTopic` with the fix when it is not there."""
     md = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)

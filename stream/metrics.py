@@ -47,15 +47,17 @@ class WorkerMetrics:
         self.blocked_items = Gauge("lrustream_blocked_items", "Items the items topic blocks, as this worker read it",
                                    registry=r)
         self.model_version = Gauge("lrustream_model_info", "Serving model version", ["version"], registry=r)
-        self._window: deque[tuple[float, int]] = deque()
+        self._window: deque[tuple[float, int]] = deque()  # (when, events) per batch of the last 10 s
+        self._window_events = 0  # their sum, kept as batches come and go (a batch is a few events at low rates)
 
     def observe_rate(self, n: int, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         self._window.append((now, n))
-        while self._window and now - self._window[0][0] > 10.0:
-            self._window.popleft()
+        self._window_events += n
+        while now - self._window[0][0] > 10.0:
+            self._window_events -= self._window.popleft()[1]
         span = max(now - self._window[0][0], 1.0)
-        self.events_per_s.set(sum(k for _, k in self._window) / span)
+        self.events_per_s.set(self._window_events / span)
 
     def set_version(self, version: str) -> None:
         self.model_version.clear()

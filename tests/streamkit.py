@@ -216,29 +216,6 @@ def reference(cfg: Config, events: list[tuple[str, str]], top_k: int = 10, versi
 
 
 # ----- helpers ------------------------------------------------------------------------------------------------
-def murmur2(data: bytes) -> int:
-    """Apache Kafka's murmur2 (org.apache.kafka.common.utils.Utils.murmur2), as a signed 32-bit int: the hash
-    Java clients, aiokafka and Faust partition keys with, written here from its published definition."""
-    mask, m, r = 0xFFFFFFFF, 0x5BD1E995, 24
-    length = len(data)
-    h = (0x9747B28C ^ length) & mask
-    for i in range(0, length - length % 4, 4):
-        k = int.from_bytes(data[i:i + 4], "little")
-        k = (k * m) & mask
-        k ^= k >> r
-        k = (k * m) & mask
-        h = ((h * m) & mask) ^ k
-    tail = data[length - length % 4:]
-    if tail:
-        for shift, byte in enumerate(tail):
-            h ^= byte << (8 * shift)
-        h = (h * m) & mask
-    h ^= h >> 13
-    h = (h * m) & mask
-    h ^= h >> 15
-    return h - (1 << 32) if h & 0x80000000 else h
-
-
 def ring_stream(users: int, events: int, items: int = 40, step: int = 1, seed: int = 0,
                 starts: list[int] | None = None) -> list[tuple[str, str]]:
     """Users walking a ring of items by ``step``, interleaved in time: a rule a few steps can pick up."""

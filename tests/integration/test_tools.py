@@ -19,20 +19,13 @@ from typer.testing import CliRunner
 from lrustream.cli import app
 from lrustream.kernel.config import Config
 from lrustream.kernel.errors import LrustreamError, UsageError
-from lrustream.kernel.kafka import KafkaUnavailable, MissingTopic, librdkafka_config, producer_config
+from lrustream.kernel.kafka import KafkaUnavailable, MissingTopic, librdkafka_config, partition_of, producer_config
 from lrustream.recommendations import read_recommendations
 from lrustream.replay import replay
 from stream.events import parse_event
 from stream.topics import create_topics, partition_counts
 from tests.conftest import REPO
-from tests.streamkit import murmur2
 from trainer.data import load_sequences
-
-
-def java_partition(key: bytes, partitions: int) -> int:
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
-
-
 
 
 def write_udata(folder: Path, users: int, items: int, seed: int = 0) -> Path:
@@ -92,7 +85,7 @@ def test_replay_publishes_valid_events_keyed_and_partitioned_like_java_clients(k
     for msg in sorted(msgs, key=lambda m: (m.partition(), m.offset())):
         ev = parse_event(msg.value(), msg.key(), msg.timestamp()[1])
         assert msg.key() == ev.user_id.encode()
-        assert msg.partition() == java_partition(msg.key(), partitions), ev.user_id
+        assert msg.partition() == partition_of(msg.key(), partitions), ev.user_id
         got.setdefault(ev.user_id, []).append((ev.item_id, ev.ts))
     want: dict[str, list[tuple[str, int]]] = {}
     for user, item, ts in expected:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.streamkit import murmur2
+from lrustream.kernel.kafka import murmur2
 
 
 def test_murmur2_matches_kafkas_own_test_vectors() -> None:

@@ -331,6 +331,27 @@ def bench_changelog(
     commit_cost(librdkafka_config(cfg_of(config, overrides)), partitions, records, log=echo)
 
 
+@bench_app.command("requests")
+def bench_requests(
+    data: Annotated[str, typer.Option(help="Data set whose events make the states.")] = (
+        "../shared/data/ml-1m-subset-users1-2999"),
+    events: Annotated[int, typer.Option(help="Events applied before the first request.")] = 20_000,
+    rate: Annotated[float, typer.Option(help="Requests per second.")] = 200.0,
+    seconds: Annotated[float, typer.Option(help="Seconds of requests in each phase.")] = 10.0,
+    stream_rate: Annotated[float, typer.Option(help="Events/s replayed during the last phase.")] = 1_000.0,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """GET /recommendations/{user} at a steady rate against one worker: p50/p99/p99.9 for users it holds, for
+    users it has never seen (popular fallback), and for users it holds while events stream in."""
+    from lrustream.bench.requests import run
+
+    if rate <= 0 or seconds <= 0 or stream_rate <= 0:
+        raise UsageError("--rate, --seconds and --stream-rate must be positive")
+    model_cfg_of(config, overrides)  # validate before starting anything
+    run(overrides or [], data, events, rate, seconds, stream_rate, Path(".lrustream/bench"), log=echo)
+
+
 @bench_app.command("stream")
 def bench_stream(
     data: Annotated[str, typer.Option(help="Data set to replay.")] = "../shared/data/ml-1m-subset-users1-2999",

@@ -86,9 +86,11 @@ def start_worker(config: Path | None, overrides: list[str], log_path: Path) -> s
     return spawn_cli([*args, *overrides, "stream.unknown_items=oov"], log_path)
 
 
-def watch(cfg: Config, expect: Callable[[], int], timeout_s: float, log: Callable[[str], None]) -> list[dict[str, int]]:
+def watch(cfg: Config, expect: Callable[[], int], timeout_s: float, log: Callable[[str], None],
+          last_users: list[str] | None = None) -> list[dict[str, int]]:
     """Read new recommendations until ``expect()`` have arrived (or ``timeout_s``), print a sample line per second,
-    return each one's latency timestamps (:func:`lrustream.children.timestamps`)."""
+    return each one's latency timestamps (:func:`lrustream.children.timestamps`); ``last_users`` ends with the
+    users of the last records read (the latest last)."""
     from confluent_kafka import Consumer, TopicPartition
 
     from lrustream.kernel.kafka import high_watermarks, librdkafka_config, topic_partitions
@@ -110,6 +112,8 @@ def watch(cfg: Config, expect: Callable[[], int], timeout_s: float, log: Callabl
                     continue
                 rec = json.loads(msg.value())
                 seen.append(timestamps(rec))
+                if last_users is not None:
+                    last_users[:] = [*(u for u in last_users[-9:] if u != rec["user_id"]), rec["user_id"]]
                 if time.monotonic() - last_print >= 1.0:
                     last_print = time.monotonic()
                     ms = rec["emitted_ts"] - rec["kafka_ts"] if rec.get("kafka_ts") else 0
@@ -149,12 +153,30 @@ def run_demo(cfg: Config, config: Path | None, overrides: list[str], data: str |
         started = time.monotonic()
         producer.start()
         # until the replay ends it may send all of them; then exactly what it sent (the data may hold fewer)
-        records = watch(cfg, lambda: sent[0] if sent else total, timeout_s=total / rate + 120, log=log)
+        last_users: list[str] = []
+        records = watch(cfg, lambda: sent[0] if sent else total, timeout_s=total / rate + 120, log=log,
+                        last_users=last_users)
         producer.join(timeout=5)
         summarise(records, sent[0] if sent else 0, time.monotonic() - started, log, warm_up)
+        ask(cfg, [*last_users[-2:], "a-user-never-seen"], log)
     finally:
         stop([proc])
     log("done. The broker keeps running (lrustream broker stop); re-run `make demo` any time.")
+
+
+def ask(cfg: Config, users: list[str], log: Callable[[str], None]) -> None:
+    """Ask the worker for each user's top-5 now, as an application would (lrustream.client): the demo asks for
+    the users served last and for one it has never seen (the popular fallback)."""
+    from lrustream.client import Client
+
+    with Client(cfg) as client:
+        for user in users:
+            started = time.perf_counter()
+            answer = client.recommend(user, k=5)
+            took_ms = (time.perf_counter() - started) * 1000
+            how = f"popular fallback {answer['items']}" if answer.get("fallback") else (
+                f"{answer['items']} (model {answer['model_version']})")
+            log(f"request: GET /recommendations/{user}?k=5 -> {how} in {took_ms:.1f} ms")
 
 
 def summarise(records: list[dict[str, int]], sent: int, seconds: float, log: Callable[[str], None],

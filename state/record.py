@@ -10,7 +10,10 @@ A record is everything needed to serve the user's next event without re-reading 
 - ``partition``/``offset``: the last input event applied (``offset`` -1 = none): an event whose offset is not
   newer is never applied again;
 - ``updated_ms``: wall-clock time of the last update, for operators and for expiry (the state TTL reads it from
-  the header alone: :func:`updated_ms_of`).
+  the header alone: :func:`updated_ms_of`);
+- ``hidden``: the model's top-layer output after the last event (float32 bytes), what scoring needs: a request
+  for the user's top-K (stream/queries.py) is one product with the item table, without advancing the state.
+  Empty in records written before format 2, and after a re-derivation until the next event.
 
 The encoding is a fixed little-endian header plus length-prefixed sections, versioned by its first byte so
 that old records stay readable after a format change.
@@ -25,13 +28,14 @@ import numpy as np
 
 from lrustream.kernel.errors import LrustreamError
 
-FORMAT = 1
-_HEADER = struct.Struct("<BiqqHIH")  # format, partition, offset, updated_ms, len(version), len(state), n_unknown
+FORMAT = 2
+_HEADER_V1 = struct.Struct("<BiqqHIH")  # format, partition, offset, updated_ms, len(version), len(state), n_unknown
+_HEADER = struct.Struct("<BiqqHIHI")  # format 2 adds len(hidden); hidden follows the state
 
 
 def updated_ms_of(blob: bytes) -> int:
-    """An encoded record's ``updated_ms`` without decoding the rest."""
-    return _HEADER.unpack_from(blob)[3]
+    """An encoded record's ``updated_ms`` without decoding the rest (at the same place in every format)."""
+    return _HEADER_V1.unpack_from(blob)[3]
 
 
 class RecordError(LrustreamError, ValueError):
@@ -47,6 +51,7 @@ class UserRecord:
     partition: int = -1
     offset: int = -1
     updated_ms: int = 0
+    hidden: bytes = b""
 
     def external_window(self, item_of: callable) -> list[str]:  # type: ignore[valid-type]
         """The window as external item ids (``item_of`` maps known internal ids)."""
@@ -58,9 +63,10 @@ class UserRecord:
         window = np.ascontiguousarray(self.window, dtype="<i4")
         parts = [
             _HEADER.pack(FORMAT, self.partition, self.offset, self.updated_ms, len(version), len(self.state),
-                         len(unknown)),
+                         len(unknown), len(self.hidden)),
             version,
             self.state,
+            self.hidden,
             struct.pack("<I", len(window)),
             window.tobytes(),
         ]
@@ -71,14 +77,21 @@ class UserRecord:
     @classmethod
     def decode(cls, blob: bytes) -> UserRecord:
         try:
-            fmt, partition, offset, updated, n_ver, n_state, n_unknown = _HEADER.unpack_from(blob, 0)
-            if fmt != FORMAT:
+            fmt = blob[0] if blob else -1
+            if fmt == 1:
+                _, partition, offset, updated, n_ver, n_state, n_unknown = _HEADER_V1.unpack_from(blob, 0)
+                n_hidden, pos = 0, _HEADER_V1.size
+            elif fmt == FORMAT:
+                _, partition, offset, updated, n_ver, n_state, n_unknown, n_hidden = _HEADER.unpack_from(blob, 0)
+                pos = _HEADER.size
+            else:
                 raise RecordError(f"unknown state record format {fmt}")
-            pos = _HEADER.size
             version = blob[pos: pos + n_ver].decode()
             pos += n_ver
             state = bytes(blob[pos: pos + n_state])
             pos += n_state
+            hidden = bytes(blob[pos: pos + n_hidden])
+            pos += n_hidden
             (n_win,) = struct.unpack_from("<I", blob, pos)
             pos += 4
             window = np.frombuffer(blob, dtype="<i4", count=n_win, offset=pos).astype(np.int32)
@@ -92,9 +105,9 @@ class UserRecord:
             if isinstance(exc, RecordError):
                 raise
             raise RecordError(f"corrupt state record: {exc}") from None
-        if pos != len(blob) or len(state) != n_state:
+        if pos != len(blob) or len(state) != n_state or len(hidden) != n_hidden:
             raise RecordError("corrupt state record: length mismatch")
-        return cls(state, version, window, unknown, partition, offset, updated)
+        return cls(state, version, window, unknown, partition, offset, updated, hidden)
 
 
 def push_item(window: np.ndarray, unknown: list[str], item: int | str, max_len: int) -> tuple[np.ndarray, list[str]]:

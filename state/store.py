@@ -105,6 +105,10 @@ class PartitionStore:
         self.db.close()
 
 
+class NotReady(LrustreamError):
+    """A read of a partition this process has not restored since the last rebalance."""
+
+
 class Changelog:
     """The changelog topic: partition ``p`` mirrors the store of input partition ``p`` (compacted by key).
 
@@ -374,6 +378,14 @@ class StateStore:
 
     def get(self, p: int, user: str) -> UserRecord | None:
         return self.partition(p).get(user)
+
+    def read(self, p: int, user: str) -> UserRecord | None:
+        """:meth:`get` for readers on other threads (requests): the committed record, from a partition restored
+        since the last rebalance only (:class:`NotReady` otherwise: being restored, or not this process's)."""
+        part = self._parts.get(p)
+        if p not in self._ready or part is None:
+            raise NotReady(f"partition {p} is not restored here (it is being restored, or another worker owns it)")
+        return part.get(user)
 
     def applied_offset(self, p: int) -> int:
         return self.partition(p).applied_offset

@@ -48,7 +48,7 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _check_id(value: Any, name: str) -> str:
+def check_id(value: Any, name: str) -> str:
     """Canonical text of an id (str kept exactly, int as ``str(int)``) or BadEvent saying what is wrong."""
     if isinstance(value, str):
         text = value
@@ -72,7 +72,7 @@ def _required_id(obj: dict[str, Any], name: str) -> str:
     value = obj.get(name)
     if value is None:  # absent and null mean the same: the producer did not say
         raise BadEvent(f"missing field {name}")
-    return _check_id(value, name)
+    return check_id(value, name)
 
 
 def _check_ts(value: int) -> int:
@@ -140,7 +140,7 @@ def parse_event(value: bytes | None, key: bytes | None, kafka_ts_ms: int | None,
             raise BadEvent("key does not match user_id")
     ts = _event_ts(obj, kafka_ts_ms)
     raw_event_id = obj.get("event_id")
-    event_id = None if raw_event_id is None else _check_id(raw_event_id, "event_id")
+    event_id = None if raw_event_id is None else check_id(raw_event_id, "event_id")
     return Event(user_id, item_id, ts, event_id)
 
 
@@ -148,12 +148,12 @@ def encode_event(user_id: str | int, item_id: str | int, ts: int,
                  event_id: str | int | None = None) -> tuple[bytes, bytes]:
     """(key, value) as producers must send them; refuses (BadEvent) what :func:`parse_event` would refuse,
     so a producer fails at the source instead of filling the dead-letter topic."""
-    user = _check_id(user_id, "user_id")
-    body: dict[str, Any] = {"user_id": user, "item_id": _check_id(item_id, "item_id")}
+    user = check_id(user_id, "user_id")
+    body: dict[str, Any] = {"user_id": user, "item_id": check_id(item_id, "item_id")}
     if isinstance(ts, bool) or not isinstance(ts, int):
         raise BadEvent(f"wrong type for ts: {_type_name(ts)}")
     body["ts"] = _check_ts(ts)
     if event_id is not None:
-        body["event_id"] = _check_id(event_id, "event_id")
+        body["event_id"] = check_id(event_id, "event_id")
     value = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return user.encode("utf-8"), value

@@ -47,6 +47,13 @@ class WorkerMetrics:
         self.blocked_items = Gauge("lrustream_blocked_items", "Items the items topic blocks, as this worker read it",
                                    registry=r)
         self.model_version = Gauge("lrustream_model_info", "Serving model version", ["version"], registry=r)
+        self.requests = Counter("lrustream_requests", "GET /recommendations requests, by answer: model, popular "
+                                "(fallback), redirect (another worker owns the user), unavailable, bad", ["answer"],
+                                registry=r)
+        self.request_latency = Histogram("lrustream_request_seconds", "GET /recommendations answered here, "
+                                         "request to response", registry=r, buckets=LATENCY_BUCKETS)
+        self.popular = Gauge("lrustream_popular_item_weight", "The popular fallback's top items (recency-weighted "
+                             "events, stream/popular.py) as this worker counts them", ["item"], registry=r)
         self._window: deque[tuple[float, int]] = deque()  # (when, events) per batch of the last 10 s
         self._window_events = 0  # their sum, kept as batches come and go (a batch is a few events at low rates)
 
@@ -62,6 +69,11 @@ class WorkerMetrics:
     def set_version(self, version: str) -> None:
         self.model_version.clear()
         self.model_version.labels(version=version).set(1)
+
+    def set_popular(self, items: list[str], weights: list[float]) -> None:
+        self.popular.clear()
+        for item, weight in zip(items, weights, strict=True):
+            self.popular.labels(item=item).set(weight)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -49,6 +49,7 @@ from state.store import Fenced, StateStore
 from stream.health import Liveness
 from stream.metrics import WorkerMetrics
 from stream.processor import Input, Processor
+from stream.queries import worker_client_id
 
 log = logging.getLogger("lrustream.worker")
 
@@ -136,7 +137,8 @@ class Pipeline:
     def _consumer_config(self) -> dict[str, Any]:
         stream = self.cfg.stream
         return librdkafka_config(self.cfg, **{
-            "group.id": stream.app_id, "enable.auto.commit": False, "enable.auto.offset.store": False,
+            "group.id": stream.app_id, "client.id": worker_client_id(self.cfg),  # the group says who owns what
+            "enable.auto.commit": False, "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest", "session.timeout.ms": int(stream.session_timeout_s * 1000),
             "heartbeat.interval.ms": int(min(3.0, stream.session_timeout_s / 3) * 1000),
             "partition.assignment.strategy": "range",

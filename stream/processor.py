@@ -50,6 +50,7 @@ owns the partition next.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -75,6 +76,7 @@ from state.store import Fenced, StateError, StateStore
 from stream.events import BadEvent, Event, parse_event
 from stream.examples import encode_example
 from stream.metrics import WorkerMetrics
+from stream.popular import Popularity
 from stream.serving import Serving
 
 log = logging.getLogger("lrustream.worker")
@@ -159,6 +161,7 @@ class Processor:
         self._refused_too_large: list[tuple[Input, str]] = []  # dead letters the DLQ topic refused as too big
         # applied and not committed yet: partition -> (records by user, highest input offset)
         self._pending: dict[int, tuple[dict[str, UserRecord], int]] = {}
+        self.popular = Popularity(stream.popular_half_life_s)  # the cold-start fallback, from the events applied
         self.blocked: frozenset[str] = frozenset()  # items never to recommend (stream/catalogue.py)
         self._blocked_columns: torch.Tensor | None = None  # their columns in the serving vocabulary
 
@@ -179,6 +182,64 @@ class Processor:
         vocab = self.serving.vocab
         ids = sorted(i for item in items if (i := vocab.get(item)) is not None and 0 < i <= self.serving.num_items)
         return torch.tensor(ids, dtype=torch.long) if ids else None
+
+    # ----- requests (any thread) ---------------------------------------------------------------------------------
+    def lookup(self, p: int, user: str) -> UserRecord | None:
+        """The user's latest record: applied, or committed (None: no state). Safe from any thread: a batch
+        replaces a record rather than change it, so a reader sees one record whole; the newest applied one may
+        still be discarded by a failed commit (stream/pipeline.py). Raises state.store.NotReady for a partition
+        not restored here since the last rebalance."""
+        pending = self._pending.get(p)
+        if pending is not None and (record := pending[0].get(user)) is not None:
+            return record
+        return self.store.read(p, user)
+
+    def recommend(self, p: int, user: str, k: int, exclude: Iterable[str] = ()) -> dict[str, Any]:
+        """A user's top-``k`` now, without advancing the state (stream/README.md, "Requests"): the record's
+        last top-layer output scored as the user's last event was (so the answer equals that event's
+        recommendation when nothing changed since), minus ``exclude`` (external ids), the blocked items and, with
+        ``stream.exclude_seen``, the window; the popular fallback for a user without state or without a known
+        item in its window. Any thread (reads only)."""
+        serving, blocked = self.serving, self._blocked_columns  # one version for the whole answer
+        record = self.lookup(p, user)
+        now_ms = int(time.time() * 1000)
+        if record is not None:
+            record = self._current(record, serving)
+        excluded = [i for x in exclude if (i := serving.vocab.get(x)) is not None and 0 < i <= serving.num_items]
+        seen = np.zeros(0, dtype=np.int32) if record is None else _known_ids(record.window, serving.num_items)
+        out: dict[str, Any] = {"user_id": user, "items": [], "scores": [], "model_version": serving.version,
+                               "source": "request", "partition": p, "event_id": None, "event_ts": None,
+                               "kafka_ts": None, "received_ts": now_ms, "emitted_ts": now_ms}
+        if not len(seen):  # no state, or no item the model knows in its window
+            out["items"], out["scores"] = self.popular_top(k, excluded)
+            out["fallback"] = "popular"
+            return out
+        masked = torch.tensor(sorted({*excluded, *(blocked.tolist() if blocked is not None else [])}),
+                              dtype=torch.long)
+        with torch.inference_mode():
+            h = self._hidden(record, serving)
+            windows = torch.from_numpy(seen.astype(np.int64)[None]) if self.stream.exclude_seen else None
+            (out["items"], out["scores"]), = serving.top(h[None], windows, k, self.stream.min_step_rows,
+                                                         masked if len(masked) else None)
+        return out
+
+    def _current(self, record: UserRecord, serving: Serving) -> UserRecord:
+        """The record as ``serving`` sees it: a copy re-derived from its window when another version made it."""
+        if record.version == serving.version:
+            return record
+        record = dataclasses.replace(record)
+        self._rederive([record], serving)
+        return record
+
+    def _hidden(self, record: UserRecord, serving: Serving) -> torch.Tensor:
+        """The top-layer output after the user's last event: stored with the record, or (a record re-derived,
+        or written before the record kept it) the model's steps over the window from a fresh state."""
+        model = serving.model
+        if len(record.hidden) == 4 * model.d_model:
+            return torch.from_numpy(np.frombuffer(record.hidden, dtype=np.float32).copy())
+        items = torch.from_numpy(np.where(record.window > 0, record.window, model.oov_index).astype(np.int64))
+        _, hidden = padded_steps(model, model.init_state(1), items[None], self.stream.min_step_rows)
+        return hidden[0, -1]
 
     # ----- one micro-batch --------------------------------------------------------------------------------------
     def process(self, batch: list[Input]) -> BatchResult:
@@ -375,15 +436,16 @@ class Processor:
                 record = UserRecord(blob, version)
             elif record.version != version:
                 stale.append((p, user))
+                record = dataclasses.replace(record)  # re-derived below: readers on other threads keep the old one
             records[(p, user)] = record
         if stale:
             self._rederive([records[u] for u in stale])
             result.rederived += len(stale)
         return records
 
-    def _rederive(self, stale: list[UserRecord]) -> None:
+    def _rederive(self, stale: list[UserRecord], serving: Serving | None = None) -> None:
         """Replace states made by another model version with the serving model's parallel read of the window."""
-        serving = self.serving
+        serving = serving or self.serving
         model = serving.model
         L = max(1, max(len(r.window) for r in stale))
         items = torch.zeros(len(stale), L, dtype=torch.long)
@@ -397,7 +459,7 @@ class Processor:
         with torch.inference_mode():
             state = model.prefill(items)
         for record, blob in zip(stale, model.state_to_bytes(state, self.state_dtype), strict=True):
-            record.state, record.version = blob, serving.version
+            record.state, record.version, record.hidden = blob, serving.version, b""
 
     def _vocab_for(self, version: str) -> Vocabulary:
         """The vocabulary ids stored under ``version`` refer to. Vocabularies only append, so the serving one
@@ -421,17 +483,22 @@ class Processor:
         state, hidden = padded_steps(model, state, items, self.stream.min_step_rows)
         order = [(i, j) for i, u in enumerate(users) for j in range(len(per_user[u]))]
         h_all = hidden[items > 0]  # [E, d], user by user, each user's events in order
+        self.popular.observe(np.array([s.item for evs in per_user.values() for s in evs if s.unknown is None],
+                                      dtype=np.int64))
         windows = self._seen_windows(users, per_user, records, order)
-        outputs = self._rank(h_all, windows, [per_user[users[i]][j] for i, j in order])
+        outputs = self._rank(h_all, windows, [per_user[users[i]][j] for i, j in order], _cold(users, per_user, records))
         blobs = model.state_to_bytes(state, self.state_dtype)
+        last = hidden[torch.arange(len(users)), torch.tensor([len(per_user[u]) - 1 for u in users])]
+        hiddens = [row.tobytes() for row in last.numpy().astype(np.float32, copy=False)]
         now_ms = int(time.time() * 1000)
-        for u, blob in zip(users, blobs, strict=True):
+        advanced = {}
+        for u, blob, last_hidden in zip(users, blobs, hiddens, strict=True):
             record, evs = records[u], per_user[u]
-            record.window, record.unknown = self._pushed(record, evs)
-            record.state, record.offset, record.partition = blob, evs[-1].inp.offset, evs[-1].inp.partition
-            record.updated_ms = now_ms
+            window, unknown = self._pushed(record, evs)  # a new record: readers on other threads see old or new
+            advanced[u] = UserRecord(blob, record.version, window, unknown, evs[-1].inp.partition,
+                                     evs[-1].inp.offset, now_ms, last_hidden)
         self.metrics.step_latency.observe(time.perf_counter() - t0)
-        return records, outputs
+        return advanced, outputs
 
     def _seen_windows(self, users: list[tuple[int, str]], per_user: dict[tuple[int, str], list[_Served]],
                       records: dict[tuple[int, str], UserRecord], order: list[tuple[int, int]]) -> torch.Tensor:
@@ -448,42 +515,40 @@ class Processor:
         rows = [per_user_windows[i][j] for i, j in order]
         return torch.from_numpy(np.stack(rows))
 
-    def _rank(self, h: torch.Tensor, windows: torch.Tensor, events: list[_Served]) -> list[dict[str, Any]]:
+    def _rank(self, h: torch.Tensor, windows: torch.Tensor, events: list[_Served], cold: list[bool]
+              ) -> list[dict[str, Any]]:
+        """One recommendation per event: the model's top-K, or the popular fallback for an event whose user's
+        window holds no item the model knows (``cold``)."""
         serving = self.serving
-        n = len(events)
-        if n < self.stream.min_step_rows:
-            h = torch.cat([h, h.new_zeros(self.stream.min_step_rows - n, h.shape[1])])
-        scores = serving.model.score(h)[:n]
-        if self.stream.exclude_seen:
-            scores.scatter_(1, windows, float("-inf"))
-        if self._blocked_columns is not None:
-            scores[:, self._blocked_columns] = float("-inf")
-        k = min(self.stream.top_k, serving.num_items)
-        top_scores, top_items = torch.topk(scores, k, dim=1)
-        kept = top_scores != float("-inf")
-        excluded = not bool(kept.all())  # fewer than k items left to recommend for some event
-        rounded = np.round(top_scores.double().numpy(), 6).tolist()
-        names = serving.vocab.items_of(top_items[kept].tolist())  # row by row, one check
-        start = 0
-        version = serving.version
+        top = serving.top(h, windows if self.stream.exclude_seen else None, self.stream.top_k,
+                          self.stream.min_step_rows, self._blocked_columns)
         outputs = []
-        for s, scs in zip(events, rounded, strict=True):
-            if excluded:
-                scs = [sc for sc in scs if sc != float("-inf")]
-            start += len(scs)
-            outputs.append({
+        for s, (items, scores), fallback in zip(events, top, cold, strict=True):
+            out = {
                 "user_id": s.event.user_id,
-                "items": names[start - len(scs):start],
-                "scores": scs,
-                "model_version": version,
+                "items": items,
+                "scores": scores,
+                "model_version": serving.version,
                 "source": {"partition": s.inp.partition, "offset": s.inp.offset},
                 "event_id": s.event.event_id,
                 "event_ts": s.event.ts,
                 "kafka_ts": s.inp.timestamp_ms,
                 "received_ts": s.inp.received_ms,
                 "emitted_ts": 0,
-            })
+            }
+            if fallback:
+                out["items"], out["scores"] = self.popular_top(self.stream.top_k, ())
+                out["fallback"] = "popular"
+            outputs.append(out)
         return outputs
+
+    def popular_top(self, k: int, excluded: Iterable[int]) -> tuple[list[str], list[float]]:
+        """The popular fallback (stream/popular.py): the ``k`` most popular items the serving vocabulary knows,
+        none blocked nor in ``excluded`` (internal ids)."""
+        serving = self.serving
+        masked = [*excluded, *(self._blocked_columns.tolist() if self._blocked_columns is not None else [])]
+        ids, weights = self.popular.top(k, serving.num_items, np.array(masked, dtype=np.int64))
+        return serving.vocab.items_of(ids), [round(w, 6) for w in weights]
 
     def _pushed(self, record: UserRecord, evs: list[_Served]) -> tuple[np.ndarray, list[str]]:
         """The record's window after this batch's events."""
@@ -578,6 +643,24 @@ class Processor:
         for out in outputs:
             if out["kafka_ts"]:
                 m.e2r_latency.observe(max(0.0, (out["emitted_ts"] - out["kafka_ts"]) / 1000))
+
+
+def _known_ids(window: np.ndarray, num_items: int) -> np.ndarray:
+    """The ids of a window that a vocabulary of ``num_items`` items knows (unknown items are negative)."""
+    return window[(window > 0) & (window <= num_items)]
+
+
+def _cold(users: list[tuple[int, str]], per_user: dict[tuple[int, str], list[_Served]],
+          records: dict[tuple[int, str], UserRecord]) -> list[bool]:
+    """Per event, user by user in offset order (as ``_advance`` ranks them): whether no item of the user's window
+    up to it is one the model knows (each an unknown item, under ``stream.unknown_items=oov``)."""
+    cold = []
+    for u in users:
+        known = bool((records[u].window > 0).any())
+        for s in per_user[u]:
+            known = known or s.unknown is None
+            cold.append(not known)
+    return cold
 
 
 def _json(record: dict[str, Any]) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from models.base import SeqRecModel
@@ -38,3 +39,31 @@ class Serving:
         """External item ids -> internal ids; items this vocabulary lacks map to the OOV row."""
         oov = self.model.oov_index
         return torch.tensor([self.vocab.get(x, oov) or oov for x in external], dtype=torch.long)
+
+    def top(self, h: torch.Tensor, windows: torch.Tensor | None, k: int, min_rows: int,
+            masked: torch.Tensor | None = None) -> list[tuple[list[str], list[float]]]:
+        """Per row of ``h`` [n, d], the ``k`` best items (external ids) and their scores rounded to 6 places, best
+        first, never an item of the row's ``windows`` [n, L] (internal ids; None: none excluded) nor a column in
+        ``masked``; fewer than ``k`` when fewer are left. Scored ``min_rows`` rows at a time at least, so that a
+        row's scores never depend on how many rows share the call (what models.base.padded_steps does for steps):
+        an event's recommendation and a request's for the same state are the same numbers."""
+        n = h.shape[0]
+        if n < min_rows:
+            h = torch.cat([h, h.new_zeros(min_rows - n, h.shape[1])])
+        scores = self.model.score(h)[:n]
+        if windows is not None:
+            scores.scatter_(1, windows, float("-inf"))
+        if masked is not None:
+            scores[:, masked] = float("-inf")
+        top_scores, top_items = torch.topk(scores, min(k, self.num_items), dim=1)
+        kept = top_scores != float("-inf")
+        kept_rows = None if bool(kept.all()) else kept.tolist()  # some row has fewer than k items left
+        rounded = np.round(top_scores.double().numpy(), 6).tolist()
+        names = self.vocab.items_of(top_items[kept].tolist())  # row by row, one check
+        out, start = [], 0
+        for row, scores_of_row in enumerate(rounded):
+            if kept_rows is not None:
+                scores_of_row = [sc for sc, keep in zip(scores_of_row, kept_rows[row], strict=True) if keep]
+            out.append((names[start:start + len(scores_of_row)], scores_of_row))
+            start += len(scores_of_row)
+        return out

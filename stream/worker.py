@@ -16,13 +16,16 @@ import asyncio
 import functools
 import logging
 import os
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import faust
+import orjson
 from faust.app.base import BootStrategy
 from faust.web import Request, Response, View
 
@@ -35,6 +38,7 @@ from stream.health import Liveness
 from stream.metrics import WorkerMetrics
 from stream.pipeline import Pipeline
 from stream.processor import Fetch, GapFillError, Input, Processor
+from stream.queries import Owners
 from stream.serving import Serving
 from stream.topics import create_topics, topic_id
 
@@ -46,6 +50,9 @@ EXPIRY_SCAN, EXPIRY_SLICE = 10_000, 1_000  # idle states looked at per partition
 STOP_GRACE_S = 2.0  # after a stop signal, how long the last commit may wait for the broker
 CATALOGUE_WAIT_S = 30.0  # the first event waits at most this long for the items topic to be read to its end
 CATALOGUE_RETRY_S = 10.0  # an items topic that could not be read is tried again after this long
+MAX_REQUEST_K = 1000  # the most items one request may ask for
+POPULAR_SHOWN = 10  # the popular fallback's top items in /metrics
+GIL_SWITCH_S = 0.0005  # see Worker.run
 
 
 def fetch_range(cfg: Config, chunk_size: int = 1000, stall_s: float = 30.0) -> Fetch:
@@ -112,6 +119,7 @@ class Worker:
         self.liveness = Liveness(cfg.stream.stall_after_s)
         self.pipeline = Pipeline(cfg, self.processor, self.store, self.metrics, self.liveness)
         self.swaps: list[dict[str, Any]] = []  # what happened to each announced version (served / refused why)
+        self.owners = Owners(cfg)  # who answers requests for which users
         self.catalogue_read = asyncio.Event()  # the items topic was read to its end once (or could not be)
         self.app = self._build_app()
 
@@ -289,6 +297,49 @@ class Worker:
         """Input partitions this worker currently owns (empty before the group has assigned any)."""
         return list(self.pipeline.assignment)
 
+    # ----- requests -----------------------------------------------------------------------------------------------
+    async def answer(self, user_id: str, query: Mapping[str, str]) -> tuple[dict[str, Any], int, dict[str, str]]:
+        """GET /recommendations/{user_id}?k=N&exclude=a,b (stream/README.md, "Requests"): (body, status,
+        headers). Answered here from the user's state when this worker owns the user's partition, else a
+        redirect to the owner (stream/queries.py); 503 with Retry-After while no worker can answer."""
+        from state.store import NotReady
+        from stream.events import BadEvent, check_id
+
+        started = time.perf_counter()
+        try:
+            user = check_id(user_id, "user_id")
+            k = int(query.get("k", self.cfg.stream.top_k))
+            if not 1 <= k <= MAX_REQUEST_K:
+                raise ValueError(f"k must be 1 to {MAX_REQUEST_K}")
+            exclude = [x for x in query.get("exclude", "").split(",") if x]
+        except (BadEvent, ValueError) as exc:
+            self.metrics.requests.labels(answer="bad").inc()
+            return {"error": str(exc)}, 400, {}
+        try:
+            if (partition := self.owners.partition_of(user)) is None:
+                await asyncio.to_thread(self.owners.refresh)
+                partition = self.owners.partition_of(user)
+            assert partition is not None
+            if partition in self.pipeline.assignment:
+                body = self.processor.recommend(partition, user, k, exclude)
+                self.metrics.requests.labels(answer=body.get("fallback", "model")).inc()
+                self.metrics.request_latency.observe(time.perf_counter() - started)
+                return body, 200, {}
+            owner = await asyncio.to_thread(self.owners.owner, partition, False)
+        except NotReady as exc:
+            return self._unavailable(str(exc))
+        except Exception as exc:  # the broker cannot be asked who owns the user
+            return self._unavailable(f"the owner of user {user!r} cannot be found now: {exc}")
+        if owner is None or owner == self.owners.me:
+            return self._unavailable(f"no worker owns partition {partition} now (a rebalance is under way)")
+        self.metrics.requests.labels(answer="redirect").inc()
+        location = f"{owner}/recommendations/{quote(user, safe='')}?{urlencode(query)}".rstrip("?")
+        return {"owner": owner, "partition": partition}, 307, {"Location": location}
+
+    def _unavailable(self, why: str) -> tuple[dict[str, Any], int, dict[str, str]]:
+        self.metrics.requests.labels(answer="unavailable").inc()
+        return {"error": why}, 503, {"Retry-After": "1"}
+
     # ----- operator HTTP ------------------------------------------------------------------------------------
     def authorised(self, request: Request) -> bool:
         return bearer_authorised(self.cfg.http.token, request.headers.get("Authorization"))
@@ -307,9 +358,16 @@ class Worker:
                 return self.json({"version": s.version, "model": s.model.name, "num_items": s.num_items,
                                   "swaps": worker.swaps[-20:]})
 
+        class Recommendations(View):
+            async def get(self, request: Request, user_id: str) -> Response:
+                body, status, headers = await worker.answer(user_id, dict(request.query))
+                return self.bytes(orjson.dumps(body), content_type="application/json", status=status,
+                                  headers=headers)
+
         class Metrics(View):
             async def get(self, request: Request) -> Response:
                 worker.metrics.states.set(worker.store.count())
+                worker.metrics.set_popular(*worker.processor.popular_top(POPULAR_SHOWN, ()))
                 return self.bytes(worker.metrics.render(), content_type="text/plain; version=0.0.4")
 
         class Refresh(View):
@@ -325,10 +383,18 @@ class Worker:
         app.page("/health")(Health)
         app.page("/model")(ModelView)
         app.page("/metrics")(Metrics)
+        app.page("/recommendations/{user_id}")(Recommendations)
 
     # ----- lifecycle ----------------------------------------------------------------------------------------
     def run(self, loglevel: str = "info") -> None:
-        """Blocks until SIGINT/SIGTERM; a clean stop commits what was applied (stream/pipeline.py)."""
+        """Blocks until SIGINT/SIGTERM; a clean stop commits what was applied (stream/pipeline.py).
+
+        The input loop and the HTTP endpoints are two threads of one interpreter. A thread that wants the GIL
+        while the other runs Python waits up to the switch interval (CPython's default 5 ms) at every hand-over,
+        and a request hands over at each socket call and model operation: at 1,000 events/s requests took longer
+        than 5 ms each and queued without bound (``lrustream bench requests``). A shorter interval costs nothing
+        while only one thread runs."""
+        sys.setswitchinterval(GIL_SWITCH_S)
         create_topics(self.cfg)
         if self.http_warning:
             log.warning(self.http_warning)

@@ -148,7 +148,8 @@ class Output:
         self.consumer.close()
 
 
-def _overrides(base: list[str], tag: str, tmp: Path) -> list[str]:
+def topic_overrides(base: list[str], tag: str, tmp: Path) -> list[str]:
+    """``base`` plus topics, consumer group, state and model store of one benchmark run's own (named by ``tag``)."""
     return [*base, f"topics.interactions=bench-{tag}-in", f"topics.recommendations=bench-{tag}-out",
             f"topics.dlq=bench-{tag}-dlq", f"topics.state_changelog=bench-{tag}-changelog",
             f"topics.training_examples=bench-{tag}-train", f"topics.model_updates=bench-{tag}-updates",
@@ -273,7 +274,7 @@ def contender(kind: str, base: list[str], data: str, events: int, workdir: Path,
     tag = f"{kind}-{uuid.uuid4().hex[:6]}"
     tmp = workdir.resolve() / tag
     tmp.mkdir(parents=True, exist_ok=True)
-    overrides = _overrides(base, tag, tmp)
+    overrides = topic_overrides(base, tag, tmp)
     cfg = load_config(overrides=overrides)
     create_topics(cfg)
     sent = replay(cfg, data, None, events, False)

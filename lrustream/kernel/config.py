@@ -162,6 +162,7 @@ class StreamConfig:
     stall_after_s: float = 60.0  # /health says "degraded" when a micro-batch or the input stalls this long
     stop_timeout_s: float = 5.0  # after SIGTERM/SIGINT, exit anyway this long later (a crash is safe: see kill tests)
     session_timeout_s: float = 60.0  # a worker silent this long (frozen, cut off) leaves the group: its partitions move
+    popular_half_life_s: float = 3600.0  # an event counts half as much in the popular fallback this long after it
 
 
 @dataclass
@@ -236,6 +237,10 @@ class HttpConfig:
     """Listening beyond loopback without ``http.token`` is refused unless this is true (an operator's explicit
     opt-in, e.g. in a container whose port is published on the host's loopback only): see
     :func:`lrustream.kernel.http.check_http_exposure`."""
+    advertised_url: str | None = None
+    """Where clients reach this worker's HTTP API (e.g. ``http://worker-2:6066``): other workers redirect requests
+    for the users this one owns there (stream/queries.py). Default: ``http://{host}:{port}``, or the host's name
+    when ``host`` binds every interface."""
 
 
 @dataclass
@@ -355,6 +360,7 @@ RULES: dict[str, Rule] = {
     "stream.stall_after_s": _above(0),
     "stream.stop_timeout_s": _at_least(0),
     "stream.session_timeout_s": _within(6, 1800),  # the broker's default group.{min,max}.session.timeout.ms
+    "stream.popular_half_life_s": _above(0),
     "online.every_events": _at_least(1),
     "online.max_items": _at_least(1),
     "online.every_seconds": _at_least(0),

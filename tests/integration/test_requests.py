@@ -1,0 +1,124 @@
+"""Requests on real Kafka (issue 17): two workers share the partitions; a GET to either one answers any user
+with the top-K the stream last emitted for that user (the owner answers, the other redirects), an unknown
+user gets the popular fallback, and a blocked item leaves the answers within seconds and comes back after
+unblock."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from unittest.mock import ANY
+
+import pytest
+from typer.testing import CliRunner
+
+from lrustream.cli import app
+from lrustream.client import Client, ClientError
+from lrustream.kernel.config import load_config
+from stream.topics import create_topics
+from tests.streamkit import WorkerProcess, publish_model, recommendations, synthetic_events
+
+APPLIED_WITHIN_S = 5.0  # the issue's bound, from the control record to the answers
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def _get(worker: WorkerProcess, path: str, follow: bool = True) -> tuple[int, dict, dict]:
+    opener = urllib.request.build_opener(*([] if follow else [_NoRedirect]))
+    try:
+        with opener.open(f"http://127.0.0.1:{worker.port}{path}", timeout=10) as resp:
+            return resp.status, json.loads(resp.read()), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+
+def _answer(worker: WorkerProcess, user: str, query: str = "") -> dict:
+    status, body, _ = _get(worker, f"/recommendations/{user}{query}")
+    assert status == 200, body
+    return body
+
+
+def _wait_split(workers: list[WorkerProcess], partitions: int = 4, timeout_s: float = 60.0) -> list[list[int]]:
+    """Each worker's partitions once the group has split them all between the workers."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        owned = [w.health().get("partitions", []) for w in workers]
+        if all(owned) and sorted(p for o in owned for p in o) == list(range(partitions)):
+            return owned
+        time.sleep(0.5)
+    raise AssertionError(f"partitions not split between the workers: {owned}")
+
+
+def test_either_worker_answers_any_user_with_the_top_k_last_emitted_for_that_user(
+        kafka_overrides: list[str], tmp_path: Path) -> None:
+    kafka_overrides = [*kafka_overrides, "topics.partitions=4"]
+    kafka_cfg = load_config(overrides=kafka_overrides)
+    create_topics(kafka_cfg)
+    publish_model(kafka_cfg)
+    workers = [WorkerProcess([*kafka_overrides, f"state.dir={tmp_path / name}"], tmp_path / f"{name}.log").start()
+               for name in ("a", "b")]
+    client = Client(kafka_cfg, url=f"http://127.0.0.1:{workers[1].port}")  # what applications use
+    try:
+        for w in workers:
+            w.wait_healthy()
+        owned = _wait_split(workers)
+        events = synthetic_events(600, users=24, seed=5)
+        for k, (user, item) in enumerate(events):
+            client.send(user, item, ts=1_700_000_000_000 + k)
+        client.flush()
+        recs = recommendations(kafka_cfg, expect=len(events))
+        last = {}
+        for r in sorted(recs, key=lambda r: (r["source"]["partition"], r["source"]["offset"])):
+            last[r["user_id"]] = r
+        assert len(last) == 24
+
+        redirected = 0
+        for user, want in last.items():
+            for w, mine in zip(workers, owned, strict=True):
+                got = _answer(w, user)
+                assert (got["items"], got["scores"], got["model_version"]) == \
+                    (want["items"], want["scores"], want["model_version"]), (user, got, want)
+                assert got["source"] == "request" and got["partition"] == want["source"]["partition"]
+                if want["source"]["partition"] not in mine:
+                    status, body, headers = _get(w, f"/recommendations/{user}?k=3", follow=False)
+                    assert status == 307 and body["partition"] == want["source"]["partition"]
+                    assert headers["Location"].endswith(f"/recommendations/{user}?k=3")
+                    redirected += 1
+        assert redirected == 24  # each user once: through the worker that does not own it
+        assert len(_answer(workers[0], "u1", "?k=3")["items"]) == 3
+        assert client.recommend("u1") == {**_answer(workers[1], "u1"), "received_ts": ANY, "emitted_ts": ANY}
+        assert client.recommend("u2", k=4, exclude=[last["u2"]["items"][0]])["items"] == last["u2"]["items"][1:5]
+        with pytest.raises(ClientError, match="400 k must be 1 to 1000"):
+            client.recommend("u1", k=0)
+        excluded = last["u1"]["items"][0]
+        assert _answer(workers[1], "u1", f"?exclude={excluded}")["items"] == last["u1"]["items"][1:] + \
+            _answer(workers[1], "u1", "?k=11")["items"][10:]
+
+        stranger = _answer(workers[0], "never-seen")
+        assert stranger["fallback"] == "popular" and len(stranger["items"]) == 10
+        assert set(stranger["items"]) <= {i for _, i in events}  # each worker counts its own partitions' events
+        assert stranger["scores"] == sorted(stranger["scores"], reverse=True) and stranger["scores"][-1] > 0
+        assert _get(workers[0], "/recommendations/u1?k=0")[0] == 400
+        metrics = workers[0].get("/metrics").decode()
+        assert 'lrustream_requests_total{answer="redirect"}' in metrics
+        assert f'lrustream_popular_item_weight{{item="{stranger["items"][0]}"}}' in metrics
+
+        target = last["u1"]["items"][0]
+        assert CliRunner().invoke(app, ["items", "block", target, *kafka_overrides]).exit_code == 0
+        time.sleep(APPLIED_WITHIN_S)
+        for user in last:
+            assert target not in _answer(workers[0], user)["items"]
+        assert target not in _answer(workers[1], "never-seen", "?k=40")["items"]
+        assert CliRunner().invoke(app, ["items", "unblock", target, *kafka_overrides]).exit_code == 0
+        time.sleep(APPLIED_WITHIN_S)
+        assert _answer(workers[1], "u1")["items"] == last["u1"]["items"]
+    finally:
+        client.close()
+        for w in workers:
+            w.stop()

@@ -1,0 +1,93 @@
+"""A request for a user's top-K (Processor.recommend, issue 17) without Kafka: it answers what the user's last
+event was recommended, from applied or committed state, without advancing it; exclusions, blocked items and the
+popular fallback for users the model cannot rank."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from lrustream.kernel.config import StreamConfig
+from state.store import NotReady
+from stream.processor import Processor
+from tests.unit.stream.test_processor import RecordingProducer, _event, _processor, _sent
+
+
+def _last_emitted(processor: Processor, topic: str) -> dict[str, dict]:
+    return {r["user_id"]: r for r in (json.loads(x["value"]) for x in _sent(processor.producer, topic))}
+
+
+def test_a_request_answers_the_users_last_recommendation_from_applied_or_committed_state_without_advancing_it(
+        tmp_path: Path) -> None:
+    processor, topics = _processor(tmp_path, RecordingProducer())
+    processor.process([_event(f"u{k % 5}", f"i{k % 40 + 1}", k) for k in range(30)])
+    processor.apply([_event(f"u{k % 3}", f"i{(3 * k) % 40 + 1}", k) for k in range(30, 37)])  # not committed
+    emitted = _last_emitted(processor, topics.recommendations)
+    for user, last in emitted.items():
+        answer = processor.recommend(0, user, 10)
+        assert (answer["items"], answer["scores"]) == (last["items"], last["scores"]), user
+        assert answer["source"] == "request" and "fallback" not in answer
+    before = processor.lookup(0, "u1")
+    processor.recommend(0, "u1", 10)
+    assert processor.lookup(0, "u1") is before  # nothing advanced
+    processor.commit()
+    assert processor.recommend(0, "u1", 10)["items"] == emitted["u1"]["items"]
+    assert len(processor.recommend(0, "u1", 3)["items"]) == 3
+
+
+def test_excluded_and_blocked_items_leave_the_answer_and_the_others_move_up(tmp_path: Path) -> None:
+    processor, _ = _processor(tmp_path, RecordingProducer())
+    processor.process([_event(f"u{k % 5}", f"i{k % 40 + 1}", k) for k in range(30)])
+    want = processor.recommend(0, "u2", 10)["items"]
+    processor.block(frozenset({want[1]}))
+    got = processor.recommend(0, "u2", 10, exclude=[want[0], "never-heard-of"])["items"]
+    assert got[:8] == want[2:] and not {want[0], want[1]} & set(got) and len(got) == 10
+
+
+def test_a_record_without_its_hidden_output_is_answered_from_its_window(tmp_path: Path) -> None:
+    """Records written before format 2 (or re-derived since their last event) hold no hidden output: the model
+    steps through the window from a fresh state, which is the same maths as the steps the stream took."""
+    processor, topics = _processor(tmp_path, RecordingProducer())
+    processor.process([_event(f"u{k % 5}", f"i{k % 40 + 1}", k) for k in range(30)])
+    last = _last_emitted(processor, topics.recommendations)["u3"]
+    record = processor.lookup(0, "u3")
+    processor.store.commit({0: ({"u3": dataclasses.replace(record, hidden=b"")}, 29)})
+    answer = processor.recommend(0, "u3", 10)
+    assert answer["items"] == last["items"]
+    assert answer["scores"] == pytest.approx(last["scores"], abs=1e-4)
+
+
+def test_a_user_without_state_gets_the_most_popular_items_not_excluded_nor_blocked(tmp_path: Path) -> None:
+    processor, _ = _processor(tmp_path, RecordingProducer())
+    events = [_event(f"u{k}", "i7", k) for k in range(6)] + [_event(f"v{k}", "i9", 6 + k) for k in range(4)] + \
+        [_event(f"w{k}", f"i{20 + k}", 10 + k) for k in range(3)]
+    processor.process(events)
+    answer = processor.recommend(0, "stranger", 4)
+    assert answer["fallback"] == "popular" and answer["items"][:2] == ["i7", "i9"] and len(answer["items"]) == 4
+    assert answer["scores"][0] == pytest.approx(6, rel=1e-3)  # six events just now: no time to decay
+    processor.block(frozenset({"i7"}))
+    assert processor.recommend(0, "stranger", 2, exclude=["i9"])["items"] == ["i20", "i21"]
+
+
+def test_a_user_whose_window_holds_only_unknown_items_gets_the_popular_fallback_on_the_topic_too(
+        tmp_path: Path) -> None:
+    processor, topics = _processor(tmp_path, RecordingProducer(), stream=StreamConfig(
+        emit_training_examples=False, unknown_items="oov"))
+    processor.process([_event(f"u{k}", "i5", k) for k in range(3)] + [_event("new", "brand-new", 3),
+                                                                      _event("new", "also-new", 4)])
+    emitted = [json.loads(r["value"]) for r in _sent(processor.producer, topics.recommendations)]
+    assert [r.get("fallback") for r in emitted] == [None, None, None, "popular", "popular"]
+    assert emitted[-1]["items"] == ["i5"]  # the one item any event has named
+    answer = processor.recommend(0, "new", 10)
+    assert answer["fallback"] == "popular" and answer["items"] == ["i5"]
+    processor.process([_event("new", "i5", 5)])  # a known item: the model ranks from now on
+    assert "fallback" not in json.loads(_sent(processor.producer, topics.recommendations)[-1]["value"])
+
+
+def test_a_partition_not_restored_here_is_not_answered(tmp_path: Path) -> None:
+    processor, _ = _processor(tmp_path, RecordingProducer())
+    with pytest.raises(NotReady):
+        processor.recommend(3, "u1", 10)

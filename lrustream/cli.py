@@ -214,6 +214,34 @@ def models_pin(
     _pin(version, "pin", config, overrides)
 
 
+@models_app.command("shadow")
+def models_shadow(
+    version: Annotated[str, typer.Argument(help="Candidate version to score beside the serving one.")],
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Workers also score every event with a candidate version, off the output path, and report both versions'
+    prequential hit rate side by side in /metrics (lrustream_shadow_hit_rate); promote with rollback/pin."""
+    _shadow(version, config, overrides)
+    echo(f"workers score {version} beside the serving version (lrustream models unshadow ends it)")
+
+
+@models_app.command("unshadow")
+def models_unshadow(config: ConfigOpt = None, overrides: Overrides = None) -> None:
+    """Stop shadow scoring."""
+    _shadow(None, config, overrides)
+    echo("shadow scoring stopped")
+
+
+def _shadow(version: str | None, config: Path | None, overrides: list[str] | None) -> None:
+    from models.store import ModelStore
+    from stream.updates import announce_shadow
+
+    cfg = model_cfg_of(config, overrides)
+    ModelStore(cfg.model_store.dir).set_shadow(version)  # verified first: refuses a broken version or a bad name
+    announce_shadow(cfg, version)
+
+
 @models_app.command("gc")
 def models_gc(
     keep: Annotated[int | None, typer.Option(min=1, help="Newest versions to keep loadable "

@@ -8,6 +8,8 @@ Layout::
                                                  items, metrics, parent, created, sha256 of the two files above
     <root>/CURRENT                               the version workers should serve (rollback rewrites it)
     <root>/PINNED                                present while an operator pins CURRENT (rollback, pin)
+    <root>/SHADOW                                present while workers score a candidate version beside
+                                                 CURRENT (stream/shadow.py)
     <root>/LAST                                  the highest number ever published (never reused)
 
 Publishing is atomic: files are written into a temporary directory, fsynced, and the directory is renamed into
@@ -15,7 +17,7 @@ Publishing is atomic: files are written into a temporary directory, fsynced, and
 (checksums, JSON shape, tensor names and shapes, finiteness) and raises :class:`ModelStoreError` with a one-line
 reason instead of serving a corrupt model.
 
-``gc`` bounds the store: versions older than the newest ``keep`` (never CURRENT or PINNED) lose their weights,
+``gc`` bounds the store: versions older than the newest ``keep`` (never CURRENT, PINNED or SHADOW) lose their weights,
 the bulk of a version, and keep meta.json and vocab.json (a few KB to MB), because states stored under a version
 name its vocabulary; a collected version is refused by ``load`` for good.
 
@@ -219,13 +221,33 @@ class ModelStore:
                 fsync(self.root)
         return pinned
 
+    def set_shadow(self, version: str | None) -> VersionInfo | None:
+        """Have workers score ``version`` (verified first) beside the serving one; None stops it."""
+        if version is None:
+            with self._lock(), contextlib.suppress(FileNotFoundError):
+                (self.root / "SHADOW").unlink()
+                fsync(self.root)
+            return None
+        loaded = self.load(version)
+        with self._lock():
+            self._write_small("SHADOW", version)
+        return loaded.info
+
+    def shadow(self) -> str | None:
+        """The candidate version workers score beside the serving one (None: none)."""
+        try:
+            return (self.root / "SHADOW").read_text().strip() or None
+        except OSError:
+            return None
+
     def gc(self, keep: int) -> list[str]:
-        """Remove the weights of every version but the newest ``keep``, CURRENT and PINNED; returns those versions.
+        """Remove the weights of every version but the newest ``keep``, CURRENT, PINNED and SHADOW; returns those
+        versions.
         Their meta.json and vocab.json stay (see the module docstring)."""
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         with self._lock():
-            spared = {*self.versions()[-keep:], self.current(), self.pinned()}
+            spared = {*self.versions()[-keep:], self.current(), self.pinned(), self.shadow()}
             collected = []
             for version in self.versions():
                 if version in spared:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from stream.shadow import Tally
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -52,6 +56,12 @@ class WorkerMetrics:
                                 registry=r)
         self.request_latency = Histogram("lrustream_request_seconds", "GET /recommendations answered here, "
                                          "request to response", registry=r, buckets=LATENCY_BUCKETS)
+        self.shadow_events = Gauge("lrustream_shadow_events", "Events both the serving and the shadow version "
+                                   "predicted, since shadowing began (stream/shadow.py)", ["serving", "shadow"],
+                                   registry=r)
+        self.shadow_hit_rate = Gauge("lrustream_shadow_hit_rate", "Prequential HR@K over those events: the share "
+                                     "whose item was in the version's top-K after the user's event before",
+                                     ["role", "version"], registry=r)
         self.popular = Gauge("lrustream_popular_item_weight", "The popular fallback's top items (recency-weighted "
                              "events, stream/popular.py) as this worker counts them", ["item"], registry=r)
         self._window: deque[tuple[float, int]] = deque()  # (when, events) per batch of the last 10 s
@@ -69,6 +79,17 @@ class WorkerMetrics:
     def set_version(self, version: str) -> None:
         self.model_version.clear()
         self.model_version.labels(version=version).set(1)
+
+    def set_shadow(self, tally: Tally | None) -> None:
+        """Both versions' figures side by side (None: no shadow, nothing shown)."""
+        self.shadow_events.clear()
+        self.shadow_hit_rate.clear()
+        if tally is None:
+            return
+        self.shadow_events.labels(serving=tally.serving, shadow=tally.shadow).set(tally.events)
+        for role, version, hits in (("serving", tally.serving, tally.serving_hits),
+                                    ("shadow", tally.shadow, tally.shadow_hits)):
+            self.shadow_hit_rate.labels(role=role, version=version).set(hits / tally.events if tally.events else 0)
 
     def set_popular(self, items: list[str], weights: list[float]) -> None:
         self.popular.clear()

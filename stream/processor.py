@@ -78,6 +78,7 @@ from stream.examples import encode_example
 from stream.metrics import WorkerMetrics
 from stream.popular import Popularity
 from stream.serving import Serving
+from stream.shadow import Shadow
 
 log = logging.getLogger("lrustream.worker")
 
@@ -162,6 +163,7 @@ class Processor:
         # applied and not committed yet: partition -> (records by user, highest input offset)
         self._pending: dict[int, tuple[dict[str, UserRecord], int]] = {}
         self.popular = Popularity(stream.popular_half_life_s)  # the cold-start fallback, from the events applied
+        self.shadow: Shadow | None = None  # a candidate version scored beside the serving one (stream/shadow.py)
         self.blocked: frozenset[str] = frozenset()  # items never to recommend (stream/catalogue.py)
         self._blocked_columns: torch.Tensor | None = None  # their columns in the serving vocabulary
 
@@ -171,6 +173,12 @@ class Processor:
         self.serving = serving
         self.metrics.set_version(serving.version)
         self._blocked_columns = self._columns(self.blocked)
+
+    def set_shadow(self, candidate: Serving | None) -> None:
+        """From the next micro-batch on, score every event with ``candidate`` too, off the output path
+        (stream/shadow.py); None stops it."""
+        self.shadow = None if candidate is None else Shadow(candidate)
+        self.metrics.set_shadow(None)
 
     def block(self, items: frozenset[str]) -> None:
         """From the next micro-batch on, recommend none of ``items`` (and every other item again)."""
@@ -487,6 +495,8 @@ class Processor:
                                       dtype=np.int64))
         windows = self._seen_windows(users, per_user, records, order)
         outputs = self._rank(h_all, windows, [per_user[users[i]][j] for i, j in order], _cold(users, per_user, records))
+        if self.shadow is not None:
+            self._observe_shadow(users, per_user, records, hidden, order)
         blobs = model.state_to_bytes(state, self.state_dtype)
         last = hidden[torch.arange(len(users)), torch.tensor([len(per_user[u]) - 1 for u in users])]
         hiddens = [row.tobytes() for row in last.numpy().astype(np.float32, copy=False)]
@@ -500,9 +510,38 @@ class Processor:
         self.metrics.step_latency.observe(time.perf_counter() - t0)
         return advanced, outputs
 
+    def _observe_shadow(self, users: list[tuple[int, str]], per_user: dict[tuple[int, str], list[_Served]],
+                        records: dict[tuple[int, str], UserRecord], hidden: torch.Tensor,
+                        order: list[tuple[int, int]]) -> None:
+        """Shadow scoring of the batch (stream/shadow.py) from the records before it and the serving version's
+        outputs; it never fails the batch: an error stops shadowing (logged) and serving goes on unchanged."""
+        shadow, live = self.shadow, self.serving
+        assert shadow is not None
+        try:
+            live_prev = []
+            for row, u in enumerate(users):
+                stored = records[u].hidden
+                first = (torch.from_numpy(np.frombuffer(stored, dtype=np.float32).copy())
+                         if len(stored) == 4 * live.model.d_model else None)
+                live_prev.append([first, *(hidden[row, j] for j in range(len(per_user[u]) - 1))])
+            tally = shadow.observe(
+                live, users, [records[u].offset for u in users],
+                [records[u].external_window(live.vocab.item_of) for u in users],
+                [[(s.item if s.unknown is None else 0, s.event.item_id, s.inp.offset) for s in per_user[u]]
+                 for u in users],
+                live_prev, self._seen_windows(users, per_user, records, order, before=True), self.stream.top_k,
+                self.stream.min_step_rows)
+            self.metrics.set_shadow(tally)
+        except Exception as exc:
+            log.error("shadow scoring of %s failed (%s: %s); shadowing stopped, serving goes on unchanged",
+                      shadow.version, type(exc).__name__, exc, exc_info=True)
+            self.shadow = None
+
     def _seen_windows(self, users: list[tuple[int, str]], per_user: dict[tuple[int, str], list[_Served]],
-                      records: dict[tuple[int, str], UserRecord], order: list[tuple[int, int]]) -> torch.Tensor:
-        """[E, max_len] item ids each event's recommendation must exclude: the user's window up to the event."""
+                      records: dict[tuple[int, str], UserRecord], order: list[tuple[int, int]],
+                      before: bool = False) -> torch.Tensor:
+        """[E, max_len] item ids each event's recommendation must exclude: the user's window up to the event
+        (``before``: up to the event before it, what the prediction of the event excluded)."""
         L, n_items = self.serving.model.max_len, self.serving.num_items
         per_user_windows = []
         for u in users:
@@ -511,7 +550,8 @@ class Processor:
             full = np.concatenate([np.zeros(L, dtype=np.int64), prior, new])
             full[(full < 0) | (full > n_items)] = 0  # unknown items have no column
             views = np.lib.stride_tricks.sliding_window_view(full, L)
-            per_user_windows.append(views[len(prior) + 1: len(prior) + 1 + len(new)])
+            start = len(prior) + (0 if before else 1)
+            per_user_windows.append(views[start: start + len(new)])
         rows = [per_user_windows[i][j] for i, j in order]
         return torch.from_numpy(np.stack(rows))
 

@@ -40,13 +40,14 @@ class Serving:
         oov = self.model.oov_index
         return torch.tensor([self.vocab.get(x, oov) or oov for x in external], dtype=torch.long)
 
-    def top(self, h: torch.Tensor, windows: torch.Tensor | None, k: int, min_rows: int,
-            masked: torch.Tensor | None = None) -> list[tuple[list[str], list[float]]]:
-        """Per row of ``h`` [n, d], the ``k`` best items (external ids) and their scores rounded to 6 places, best
-        first, never an item of the row's ``windows`` [n, L] (internal ids; None: none excluded) nor a column in
-        ``masked``; fewer than ``k`` when fewer are left. Scored ``min_rows`` rows at a time at least, so that a
-        row's scores never depend on how many rows share the call (what models.base.padded_steps does for steps):
-        an event's recommendation and a request's for the same state are the same numbers."""
+    def top_ids(self, h: torch.Tensor, windows: torch.Tensor | None, k: int, min_rows: int,
+                masked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of ``h`` [n, d], the ``k`` best scores and internal ids [n, k], best first, never an item of
+        the row's ``windows`` [n, L] (internal ids; None: none excluded) nor a column in ``masked`` (those score
+        -inf, which is what a row with fewer than ``k`` items left ends with). Scored ``min_rows`` rows at a time
+        at least, so that a row's scores never depend on how many rows share the call (what
+        models.base.padded_steps does for steps): an event's recommendation and a request's for the same state
+        are the same numbers."""
         n = h.shape[0]
         if n < min_rows:
             h = torch.cat([h, h.new_zeros(min_rows - n, h.shape[1])])
@@ -55,7 +56,13 @@ class Serving:
             scores.scatter_(1, windows, float("-inf"))
         if masked is not None:
             scores[:, masked] = float("-inf")
-        top_scores, top_items = torch.topk(scores, min(k, self.num_items), dim=1)
+        return torch.topk(scores, min(k, self.num_items), dim=1)
+
+    def top(self, h: torch.Tensor, windows: torch.Tensor | None, k: int, min_rows: int,
+            masked: torch.Tensor | None = None) -> list[tuple[list[str], list[float]]]:
+        """:meth:`top_ids` as external ids and scores rounded to 6 places, without the excluded items (fewer
+        than ``k`` when fewer are left)."""
+        top_scores, top_items = self.top_ids(h, windows, k, min_rows, masked)
         kept = top_scores != float("-inf")
         kept_rows = None if bool(kept.all()) else kept.tolist()  # some row has fewer than k items left
         rounded = np.round(top_scores.double().numpy(), 6).tolist()

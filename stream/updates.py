@@ -1,6 +1,7 @@
 """The ``model-updates`` topic: the trainer (or an operator's rollback) announces a version; workers follow.
 
-A message is JSON ``{"version": "v000007", "reason": "fine-tune" | "rollback" | ..., "ts": epoch ms}``. The
+A message is JSON ``{"version": "v000007", "reason": "fine-tune" | "rollback" | ..., "ts": epoch ms}``, or
+``{"shadow": "v000008" | null, "reason": "shadow", ...}`` when an operator starts or stops shadow scoring. The
 model store stays the source of truth (workers load and verify the version from it); the message only says
 "look now", so a lost message costs at most one poll of the store's CURRENT pointer.
 """
@@ -54,6 +55,11 @@ class UpdateFollower:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def announce_shadow(cfg: Config, version: str | None) -> None:
+    """Wake workers up to start (or, with None, stop) scoring the store's SHADOW version (stream/shadow.py)."""
+    _publish(cfg, b"shadow", {"shadow": version, "reason": "shadow", "ts": int(time.time() * 1000)})
 
 
 def request_refresh(cfg: Config, who: str) -> None:

@@ -119,6 +119,7 @@ class Worker:
         self.liveness = Liveness(cfg.stream.stall_after_s)
         self.pipeline = Pipeline(cfg, self.processor, self.store, self.metrics, self.liveness)
         self.swaps: list[dict[str, Any]] = []  # what happened to each announced version (served / refused why)
+        self._shadow_refused: str | None = None  # a shadow version that could not be loaded
         self.owners = Owners(cfg)  # who answers requests for which users
         self.catalogue_read = asyncio.Event()  # the items topic was read to its end once (or could not be)
         self.app = self._build_app()
@@ -168,8 +169,29 @@ class Worker:
                 version = self.model_store.current()
                 if version and version != self.processor.serving.version:
                     await self.swap_to(version)
+                await self._follow_shadow()
         finally:
             follower.close()
+
+    async def _follow_shadow(self) -> None:
+        """Score the store's SHADOW version beside the serving one, or stop (stream/shadow.py). A version that
+        cannot be loaded is logged once and not tried again until SHADOW names another."""
+        from models.store import ModelStoreError
+
+        wanted = self.model_store.shadow()
+        shadow = self.processor.shadow
+        if wanted == (shadow.version if shadow else None) or (wanted is not None and wanted == self._shadow_refused):
+            return
+        candidate = None
+        if wanted is not None:
+            try:
+                candidate = await asyncio.to_thread(Serving.load, self.model_store, wanted)
+            except (ModelStoreError, OSError, ValueError) as exc:
+                log.error("shadow version %s refused: %s; not shadowing", wanted, exc)
+                self._shadow_refused = wanted
+        await self._between_batches(self.processor.set_shadow, candidate)
+        if candidate is not None:
+            log.warning("shadow scoring %s beside %s", wanted, self.processor.serving.version)
 
     async def swap_to(self, version: str) -> bool:
         """Load and verify ``version`` off the serving path, then switch between two micro-batches."""
@@ -355,8 +377,9 @@ class Worker:
         class ModelView(View):
             async def get(self, request: Request) -> Response:
                 s = worker.processor.serving
+                shadow = worker.processor.shadow
                 return self.json({"version": s.version, "model": s.model.name, "num_items": s.num_items,
-                                  "swaps": worker.swaps[-20:]})
+                                  "shadow": shadow.version if shadow else None, "swaps": worker.swaps[-20:]})
 
         class Recommendations(View):
             async def get(self, request: Request, user_id: str) -> Response:

@@ -1,7 +1,7 @@
-"""Requests on real Kafka (issue 17): two workers share the partitions; a GET to either one answers any user
-with the top-K the stream last emitted for that user (the owner answers, the other redirects), an unknown
-user gets the popular fallback, and a blocked item leaves the answers within seconds and comes back after
-unblock."""
+"""Requests on real Kafka (issue 17): two workers share 4 partitions; a GET to either one answers any user with
+the top-K of the user's stored state scored directly, which is the top-K the stream last emitted for that user
+(the owner answers, the other redirects); an unknown user gets the popular fallback; a blocked item leaves the
+answers within seconds and comes back after unblock; lrustream.client sends the events and asks."""
 
 from __future__ import annotations
 
@@ -12,12 +12,18 @@ import urllib.request
 from pathlib import Path
 from unittest.mock import ANY
 
+import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from lrustream.cli import app
 from lrustream.client import Client, ClientError
 from lrustream.kernel.config import load_config
+from models.store import ModelStore
+from state.record import UserRecord
+from state.store import find_user
+from stream.serving import Serving
 from stream.topics import create_topics
 from tests.streamkit import WorkerProcess, publish_model, recommendations, synthetic_events
 
@@ -55,6 +61,17 @@ def _wait_split(workers: list[WorkerProcess], partitions: int = 4, timeout_s: fl
     raise AssertionError(f"partitions not split between the workers: {owned}")
 
 
+def _stored(tmp_path: Path, app_id: str, user: str, offset: int, timeout_s: float = 10.0) -> UserRecord:
+    """The user's record in whichever worker's local store holds it, once it has applied ``offset``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = [f[1] for w in ("a", "b") if (f := find_user(tmp_path / w / app_id, user)) is not None]
+        if found and max(r.offset for r in found) >= offset:
+            return max(found, key=lambda r: r.offset)
+        time.sleep(0.2)
+    raise AssertionError(f"{user}'s state at offset {offset} was not committed")
+
+
 def test_either_worker_answers_any_user_with_the_top_k_last_emitted_for_that_user(
         kafka_overrides: list[str], tmp_path: Path) -> None:
     kafka_overrides = [*kafka_overrides, "topics.partitions=4"]
@@ -77,6 +94,18 @@ def test_either_worker_answers_any_user_with_the_top_k_last_emitted_for_that_use
         for r in sorted(recs, key=lambda r: (r["source"]["partition"], r["source"]["offset"])):
             last[r["user_id"]] = r
         assert len(last) == 24
+
+        served = Serving.load(ModelStore(kafka_cfg.model_store.dir))
+        for user, want in last.items():  # the stored state scored directly, once the worker has committed it
+            record = _stored(tmp_path, kafka_cfg.stream.app_id, user, want["source"]["offset"])
+            hidden = torch.from_numpy(np.frombuffer(record.hidden, dtype=np.float32).copy())
+            scores = served.model.score(hidden[None])[0]
+            scores[torch.from_numpy(record.window[record.window > 0].astype(np.int64))] = float("-inf")
+            top = torch.topk(scores, 10)
+            kept = top.values > float("-inf")  # fewer than 10 when the user has seen all but a few items
+            got = _answer(workers[0], user)
+            assert got["items"] == served.vocab.items_of(top.indices[kept].tolist()), user
+            assert got["scores"] == pytest.approx(top.values[kept].tolist(), abs=1e-5)
 
         redirected = 0
         for user, want in last.items():

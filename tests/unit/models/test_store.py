@@ -201,6 +201,23 @@ def test_gc_keeps_the_newest_the_serving_and_the_pinned_versions_and_every_vocab
     assert int(store.publish(model, Vocabulary.identity(30)).version[1:]) == int(newer[-1][1:]) + 1
 
 
+def test_a_shadow_version_is_verified_first_never_collected_and_cleared_by_none(tmp_path: Path) -> None:
+    store, v1, _ = _store(tmp_path)
+    model = build_model(LRURecConfig(d_model=16, num_layers=1, max_len=20), 30)
+    newer = [store.publish(model, Vocabulary.identity(30)).version for _ in range(3)]
+    with pytest.raises(ModelStoreError):
+        store.set_shadow("../v000001")
+    assert store.shadow() is None
+    store.set_shadow(v1)
+    assert store.shadow() == v1 and store.current() == newer[-1], "shadowing serves nothing"
+    assert v1 not in store.gc(keep=1)
+    assert store.load(v1).info.version == v1
+    store.set_shadow(None)
+    assert store.shadow() is None and store.gc(keep=1) == [v1]
+    with pytest.raises(ModelStoreError, match="garbage-collected"):
+        store.set_shadow(v1)
+
+
 # ----- meta.json written by older code ---------------------------------------------------------------------------
 OLD_FORMAT = [  # (the model, meta.json's "hparams" as the format-1 code wrote them: model.hparams() of its day)
     (LRURecConfig(d_model=16, num_layers=1, max_len=20),

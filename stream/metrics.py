@@ -52,8 +52,8 @@ class WorkerMetrics:
                                    registry=r)
         self.model_version = Gauge("lrustream_model_info", "Serving model version", ["version"], registry=r)
         self.requests = Counter("lrustream_requests", "GET /recommendations requests, by answer: model, popular "
-                                "(fallback), redirect (another worker owns the user), unavailable, bad", ["answer"],
-                                registry=r)
+                                "(fallback), redirect (another worker owns the user), unavailable, bad (request), "
+                                "failed (the stored record)", ["answer"], registry=r)
         self.request_latency = Histogram("lrustream_request_seconds", "GET /recommendations answered here, "
                                          "request to response", registry=r, buckets=LATENCY_BUCKETS)
         self.shadow_events = Gauge("lrustream_shadow_events", "Events both the serving and the shadow version "

@@ -342,16 +342,22 @@ class Worker:
                 await asyncio.to_thread(self.owners.refresh)
                 partition = self.owners.partition_of(user)
             assert partition is not None
-            if partition in self.pipeline.assignment:
-                body = self.processor.recommend(partition, user, k, exclude)
-                self.metrics.requests.labels(answer=body.get("fallback", "model")).inc()
-                self.metrics.request_latency.observe(time.perf_counter() - started)
-                return body, 200, {}
-            owner = await asyncio.to_thread(self.owners.owner, partition, False)
-        except NotReady as exc:
-            return self._unavailable(str(exc))
+            held = partition in self.pipeline.assignment
+            owner = None if held else await asyncio.to_thread(self.owners.owner, partition, False)
         except Exception as exc:  # the broker cannot be asked who owns the user
             return self._unavailable(f"the owner of user {user!r} cannot be found now: {exc}")
+        if held:
+            try:
+                body = self.processor.recommend(partition, user, k, exclude)
+            except NotReady as exc:
+                return self._unavailable(str(exc))
+            except Exception as exc:  # e.g. a stored record that cannot be decoded: this user only
+                log.error("request for user %r failed: %s: %s", user, type(exc).__name__, exc)
+                self.metrics.requests.labels(answer="failed").inc()
+                return {"error": f"{type(exc).__name__}: {exc}"}, 500, {}
+            self.metrics.requests.labels(answer=body.get("fallback", "model")).inc()
+            self.metrics.request_latency.observe(time.perf_counter() - started)
+            return body, 200, {}
         if owner is None or owner == self.owners.me:
             return self._unavailable(f"no worker owns partition {partition} now (a rebalance is under way)")
         self.metrics.requests.labels(answer="redirect").inc()

@@ -17,9 +17,9 @@ Publishing is atomic: files are written into a temporary directory, fsynced, and
 (checksums, JSON shape, tensor names and shapes, finiteness) and raises :class:`ModelStoreError` with a one-line
 reason instead of serving a corrupt model.
 
-``gc`` bounds the store: versions older than the newest ``keep`` (never CURRENT, PINNED or SHADOW) lose their weights,
-the bulk of a version, and keep meta.json and vocab.json (a few KB to MB), because states stored under a version
-name its vocabulary; a collected version is refused by ``load`` for good.
+``gc`` bounds the store: versions older than the newest ``keep`` (never CURRENT, PINNED or SHADOW) lose their
+weights, the bulk of a version, and keep meta.json and vocab.json (a few KB to MB), because states stored under a
+version name its vocabulary; a collected version is refused by ``load`` for good.
 
 meta.json's format 2 keeps the model as ``"model": name, "config": {field: value}, "num_items": N``: the name's
 config class rebuilds the model (:func:`models.registry.config_from_dict`). Format 1, written before per-model
@@ -199,6 +199,11 @@ class ModelStore:
         tmp.write_text(text + "\n")
         replace_durably(tmp, self.root / name)
 
+    def _remove_small(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / name).unlink()
+            fsync(self.root)
+
     def set_current(self, version: str, pin: bool = False) -> VersionInfo:
         """Point workers at ``version``, verified first; ``pin`` keeps it there until :meth:`unpin` (rollback).
         Refused while another version is pinned, unless this call pins."""
@@ -216,17 +221,14 @@ class ModelStore:
         """Release the pin (CURRENT stays until the next publish); returns the version that was pinned."""
         with self._lock():
             pinned = self.pinned()
-            with contextlib.suppress(FileNotFoundError):
-                (self.root / "PINNED").unlink()
-                fsync(self.root)
+            self._remove_small("PINNED")
         return pinned
 
     def set_shadow(self, version: str | None) -> VersionInfo | None:
         """Have workers score ``version`` (verified first) beside the serving one; None stops it."""
         if version is None:
-            with self._lock(), contextlib.suppress(FileNotFoundError):
-                (self.root / "SHADOW").unlink()
-                fsync(self.root)
+            with self._lock():
+                self._remove_small("SHADOW")
             return None
         loaded = self.load(version)
         with self._lock():
@@ -235,15 +237,11 @@ class ModelStore:
 
     def shadow(self) -> str | None:
         """The candidate version workers score beside the serving one (None: none)."""
-        try:
-            return (self.root / "SHADOW").read_text().strip() or None
-        except OSError:
-            return None
+        return self._read_small("SHADOW")
 
     def gc(self, keep: int) -> list[str]:
         """Remove the weights of every version but the newest ``keep``, CURRENT, PINNED and SHADOW; returns those
-        versions.
-        Their meta.json and vocab.json stay (see the module docstring)."""
+        versions. Their meta.json and vocab.json stay (see the module docstring)."""
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         with self._lock():
@@ -266,18 +264,18 @@ class ModelStore:
         return (self.versions_dir / check_version_name(version) / COLLECTED).exists()
 
     def pinned(self) -> str | None:
-        try:
-            return (self.root / "PINNED").read_text().strip() or None
-        except OSError:
-            return None
+        return self._read_small("PINNED")
 
     # ----- reading -----------------------------------------------------------------------------------------
     def current(self) -> str | None:
+        return self._read_small("CURRENT")
+
+    def _read_small(self, name: str) -> str | None:
+        """A pointer file's version (CURRENT, PINNED, SHADOW); None when it is absent or empty."""
         try:
-            version = (self.root / "CURRENT").read_text().strip()
+            return (self.root / name).read_text().strip() or None
         except OSError:
             return None
-        return version or None
 
     def versions(self) -> list[str]:
         if not self.versions_dir.is_dir():

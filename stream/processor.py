@@ -222,8 +222,7 @@ class Processor:
             out["items"], out["scores"] = self.popular_top(k, excluded)
             out["fallback"] = "popular"
             return out
-        masked = torch.tensor(sorted({*excluded, *(blocked.tolist() if blocked is not None else [])}),
-                              dtype=torch.long)
+        masked = torch.tensor(_with_blocked(excluded, blocked), dtype=torch.long)
         with torch.inference_mode():
             h = self._hidden(record, serving)
             windows = torch.from_numpy(seen.astype(np.int64)[None]) if self.stream.exclude_seen else None
@@ -243,8 +242,8 @@ class Processor:
         """The top-layer output after the user's last event: stored with the record, or (a record re-derived,
         or written before the record kept it) the model's steps over the window from a fresh state."""
         model = serving.model
-        if len(record.hidden) == 4 * model.d_model:
-            return torch.from_numpy(np.frombuffer(record.hidden, dtype=np.float32).copy())
+        if (stored := _stored_hidden(record, model.d_model)) is not None:
+            return stored
         items = torch.from_numpy(np.where(record.window > 0, record.window, model.oov_index).astype(np.int64))
         _, hidden = padded_steps(model, model.init_state(1), items[None], self.stream.min_step_rows)
         return hidden[0, -1]
@@ -518,12 +517,8 @@ class Processor:
         shadow, live = self.shadow, self.serving
         assert shadow is not None
         try:
-            live_prev = []
-            for row, u in enumerate(users):
-                stored = records[u].hidden
-                first = (torch.from_numpy(np.frombuffer(stored, dtype=np.float32).copy())
-                         if len(stored) == 4 * live.model.d_model else None)
-                live_prev.append([first, *(hidden[row, j] for j in range(len(per_user[u]) - 1))])
+            live_prev = [[_stored_hidden(records[u], live.model.d_model),
+                          *(hidden[row, j] for j in range(len(per_user[u]) - 1))] for row, u in enumerate(users)]
             tally = shadow.observe(
                 live, users, [records[u].offset for u in users],
                 [records[u].external_window(live.vocab.item_of) for u in users],
@@ -562,6 +557,7 @@ class Processor:
         serving = self.serving
         top = serving.top(h, windows if self.stream.exclude_seen else None, self.stream.top_k,
                           self.stream.min_step_rows, self._blocked_columns)
+        popular = self.popular_top(self.stream.top_k, ()) if any(cold) else None
         outputs = []
         for s, (items, scores), fallback in zip(events, top, cold, strict=True):
             out = {
@@ -577,7 +573,7 @@ class Processor:
                 "emitted_ts": 0,
             }
             if fallback:
-                out["items"], out["scores"] = self.popular_top(self.stream.top_k, ())
+                out["items"], out["scores"] = popular
                 out["fallback"] = "popular"
             outputs.append(out)
         return outputs
@@ -586,8 +582,8 @@ class Processor:
         """The popular fallback (stream/popular.py): the ``k`` most popular items the serving vocabulary knows,
         none blocked nor in ``excluded`` (internal ids)."""
         serving = self.serving
-        masked = [*excluded, *(self._blocked_columns.tolist() if self._blocked_columns is not None else [])]
-        ids, weights = self.popular.top(k, serving.num_items, np.array(masked, dtype=np.int64))
+        masked = np.array(_with_blocked(excluded, self._blocked_columns), dtype=np.int64)
+        ids, weights = self.popular.top(k, serving.num_items, masked)
         return serving.vocab.items_of(ids), [round(w, 6) for w in weights]
 
     def _pushed(self, record: UserRecord, evs: list[_Served]) -> tuple[np.ndarray, list[str]]:
@@ -683,6 +679,18 @@ class Processor:
         for out in outputs:
             if out["kafka_ts"]:
                 m.e2r_latency.observe(max(0.0, (out["emitted_ts"] - out["kafka_ts"]) / 1000))
+
+
+def _stored_hidden(record: UserRecord, d_model: int) -> torch.Tensor | None:
+    """The top-layer output the record keeps (None: none, or not one of a ``d_model`` model)."""
+    if len(record.hidden) != 4 * d_model:
+        return None
+    return torch.from_numpy(np.frombuffer(record.hidden, dtype=np.float32).copy())
+
+
+def _with_blocked(excluded: Iterable[int], blocked: torch.Tensor | None) -> list[int]:
+    """``excluded`` internal ids and the blocked columns, each once, in order."""
+    return sorted({*excluded, *(blocked.tolist() if blocked is not None else [])})
 
 
 def _known_ids(window: np.ndarray, num_items: int) -> np.ndarray:

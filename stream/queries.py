@@ -52,12 +52,13 @@ class Owners:
         """The input partition of ``user``'s events (None until :meth:`refresh` has read the topic's size)."""
         return None if self._partitions is None else partition_of(user.encode(), self._partitions)
 
-    def owner(self, partition: int, held_here: bool) -> str | None:
-        """The advertised URL of the worker that owns ``partition`` (None: no member holds it now). Blocks for one
-        admin request when the cached description is old or disagrees with ``held_here``."""
+    def owner(self, partition: int) -> str | None:
+        """The advertised URL of the worker that owns ``partition``, which this one does not hold (None: no member
+        holds it now). Blocks for one admin request when the cached description is old, names no owner, or names
+        this worker (it held the partition before a rebalance)."""
         url = self._owners.get(partition)
         fresh = time.monotonic() - self._read_at < OWNERS_TTL_S
-        if not fresh or url is None or (url == self.me) != held_here:
+        if not fresh or url is None or url == self.me:
             self.refresh()
             url = self._owners.get(partition)
         return url

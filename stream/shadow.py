@@ -15,6 +15,7 @@ states are bounded (MAX_USERS, least recently seen dropped first) and lost on re
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -72,8 +73,8 @@ class Shadow:
                 if live_prev[u][j] is not None and cand_prev[u][j] is not None]
         if not rows:
             return self.tally
-        flat = [sum(len(e) for e in events[:u]) + j for u, j in rows]
-        masks = before[torch.tensor(flat)]
+        starts = [0, *itertools.accumulate(len(e) for e in events)]  # each user's first row in ``before``
+        masks = before[torch.tensor([starts[u] + j for u, j in rows])]
         live_hits = _hits(live, torch.stack([live_prev[u][j] for u, j in rows]), masks,
                           [events[u][j][0] for u, j in rows], k, min_rows)
         cand_ids = [self.candidate.vocab.get(events[u][j][1]) or 0 for u, j in rows]
@@ -97,7 +98,7 @@ class Shadow:
         longest = max(len(e) for e in events)
         items = torch.zeros(len(users), longest, dtype=torch.long)
         for row, evs in enumerate(events):
-            items[row, :len(evs)] = self._ids([item for _, item, _ in evs])
+            items[row, :len(evs)] = self.candidate.internal_ids([item for _, item, _ in evs])
         state, hidden = padded_steps(model, model.state_from_rows(torch.stack([f.state for f in followed])), items,
                                      min_rows)
         rows = model.state_rows(state)
@@ -117,16 +118,12 @@ class Shadow:
         items = torch.zeros(len(users), max(1, max(len(w) for w in windows)), dtype=torch.long)
         for row, window in enumerate(windows):
             if window:
-                items[row, :len(window)] = self._ids(window)
+                items[row, :len(window)] = self.candidate.internal_ids(window)
         state, hidden = padded_steps(model, model.init_state(len(users)), items, min_rows)
         rows = model.state_rows(state)
         for row, (user, offset, window) in enumerate(zip(users, offsets, windows, strict=True)):
             last = hidden[row, len(window) - 1].clone() if window else None
             self._users[user] = _Followed(offset, rows[row].clone(), last)
-
-    def _ids(self, external: list[str]) -> torch.Tensor:
-        """External ids as the candidate's internal ids (its OOV row for what it does not know)."""
-        return self.candidate.internal_ids(external)
 
 
 def _hits(serving: Serving, h: torch.Tensor, masks: torch.Tensor, targets: list[int], k: int, min_rows: int) -> int:

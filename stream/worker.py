@@ -343,7 +343,7 @@ class Worker:
                 partition = self.owners.partition_of(user)
             assert partition is not None
             held = partition in self.pipeline.assignment
-            owner = None if held else await asyncio.to_thread(self.owners.owner, partition, False)
+            owner = None if held else await asyncio.to_thread(self.owners.owner, partition)
         except Exception as exc:  # the broker cannot be asked who owns the user
             return self._unavailable(f"the owner of user {user!r} cannot be found now: {exc}")
         if held:

@@ -11,13 +11,16 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from lrustream.broker import LocalBroker, ensure_env_java_home
 from lrustream.kernel.config import Config, load_config, to_yaml
 from lrustream.kernel.errors import LrustreamError, UsageError
+
+if TYPE_CHECKING:
+    from stream.versions import VersionLog
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="lrustream: a streaming, online-learning sequential recommender on Kafka.")
@@ -135,7 +138,8 @@ def train_cmd(
                      ] = "lrurec",
     max_minutes: Annotated[float | None, typer.Option(help="Stop each model after this many minutes.")] = None,
     out: Annotated[Path, typer.Option(help="Where history JSON and training-curve PNGs go.")] = Path(".lrustream/runs"),
-    publish: Annotated[bool, typer.Option(help="Publish each trained model to the model store.")] = True,
+    publish: Annotated[bool, typer.Option(help="Publish each trained model on the model-versions topic "
+                                                "(workers serve it).")] = True,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted runs whose checkpoints are in --out.")
                       ] = False,
     config: ConfigOpt = None,
@@ -149,12 +153,16 @@ def train_cmd(
     from trainer.offline import metric_table, run_offline
 
     cfg = model_cfg_of(config, overrides)
+    versions = _version_log(cfg) if publish else None  # a broker that is away is found before training, not after
     try:
         results = run_offline(cfg, data, _names(model), out, max_minutes=max_minutes, publish=publish,
-                              progress=sys.stderr.isatty(), log=echo, resume=resume)
+                              progress=sys.stderr.isatty(), log=echo, resume=resume, publisher=versions)
     except Interrupted as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(130) from None
+    finally:
+        if versions is not None:
+            versions.close()
     echo("\ntest metrics (best validation checkpoint):")
     echo(metric_table({r.model: r.history.test for r in results}))
 
@@ -172,25 +180,40 @@ def evaluate_cmd(
     echo(metric_table(run_evaluate(model_cfg_of(config, overrides), data, version)))
 
 
-models_app = typer.Typer(no_args_is_help=True, help="Model versions in the model store.")
+models_app = typer.Typer(no_args_is_help=True, help="Model versions, as the model-versions topic holds them.")
 app.add_typer(models_app, name="models")
+
+
+def _version_log(cfg: Config) -> VersionLog:
+    """The model-versions topic, read to its end into this host's model store (its cache)."""
+    from models.store import ModelStore
+    from stream.topics import create_topics
+    from stream.versions import VersionLog
+
+    create_topics(cfg)
+    log = VersionLog(cfg, ModelStore(cfg.model_store.dir), who=f"{getpass.getuser()}@{socket.gethostname()}")
+    log.catch_up()
+    return log
 
 
 @models_app.command("list")
 def models_list(config: ConfigOpt = None, overrides: Overrides = None) -> None:
     """Versions, newest last; * marks the one workers serve, - those whose weights gc removed."""
-    from models.store import ModelStore
-
-    store = ModelStore(cfg_of(config, overrides).model_store.dir)
-    current, pinned = store.current(), store.pinned()
-    if pinned:
-        echo(f"serving is pinned to {pinned} (lrustream models unpin releases it)")
-    for info in store.list():
-        mark = "*" if info.version == current else "-" if store.collected(info.version) else " "
-        metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(info.metrics.items()) if "10" in k)
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))
-        echo(f"{mark} {info.version}  {info.model:7s} items={info.num_items}  parent={info.parent}  "
-             f"{created}  {metrics}")
+    log = _version_log(cfg_of(config, overrides))
+    try:
+        serving, pinned = log.seen.serving(), log.seen.pointers["@pin"]
+        if pinned:
+            echo(f"serving is pinned to {pinned} (lrustream models unpin releases it)")
+        for info in log.versions():
+            mark = "*" if info.version == serving else "-" if log.store.collected(info.version) else " "
+            metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(info.metrics.items()) if "10" in k)
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))
+            echo(f"{mark} {info.version}  {info.model:7s} items={info.num_items}  parent={info.parent}  "
+                 f"{created}  {metrics}")
+        for version, why in sorted(log.seen.refused.items()):
+            echo(f"! {version}  refused: {why}")
+    finally:
+        log.close()
 
 
 @models_app.command("rollback")
@@ -200,7 +223,7 @@ def models_rollback(
     overrides: Overrides = None,
 ) -> None:
     """Serve an earlier version (verified first) and pin it: the trainer's next versions are published but not
-    served until `lrustream models unpin`. Running workers are told to follow."""
+    served until `lrustream models unpin`. Every worker follows within seconds."""
     _pin(version, "rollback", config, overrides)
 
 
@@ -212,6 +235,23 @@ def models_pin(
 ) -> None:
     """Serve a version and keep serving it while the trainer goes on publishing."""
     _pin(version, "pin", config, overrides)
+
+
+@models_app.command("push")
+def models_push(
+    version: Annotated[str, typer.Argument(help="A version of this host's model store, e.g. v000001.")],
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Publish a version this host's model store holds but the topic does not (e.g. a store written before
+    versions travelled through Kafka) and serve it, on every worker."""
+    cfg = model_cfg_of(config, overrides)
+    log = _version_log(cfg)
+    try:
+        log.push(version)
+    finally:
+        log.close()
+    echo(f"{version} is on {cfg.topics.model_versions} and is the current version")
 
 
 @models_app.command("shadow")
@@ -234,12 +274,11 @@ def models_unshadow(config: ConfigOpt = None, overrides: Overrides = None) -> No
 
 
 def _shadow(version: str | None, config: Path | None, overrides: list[str] | None) -> None:
-    from models.store import ModelStore
-    from stream.updates import announce_shadow
-
-    cfg = model_cfg_of(config, overrides)
-    ModelStore(cfg.model_store.dir).set_shadow(version)  # verified first: refuses a broken version or a bad name
-    announce_shadow(cfg, version)
+    log = _version_log(model_cfg_of(config, overrides))
+    try:
+        log.shadow(version)  # verified first: refuses a broken version or a bad name
+    finally:
+        log.close()
 
 
 @models_app.command("gc")
@@ -249,22 +288,29 @@ def models_gc(
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:
-    """Remove the weights of older versions (the serving and the pinned one always stay); their vocabularies
-    stay, because stored states name them. The trainer does this after each published round."""
-    from models.store import ModelStore
-
+    """Remove the weights of older versions on every host (the serving, pinned and shadow ones always stay);
+    their vocabularies stay, because stored states name them. The trainer does this after each published
+    round."""
     cfg = cfg_of(config, overrides)
-    collected = ModelStore(cfg.model_store.dir).gc(keep or cfg.model_store.keep_versions)
+    log = _version_log(cfg)
+    try:
+        collected = log.gc(keep or cfg.model_store.keep_versions)
+    finally:
+        log.close()
     echo(f"removed the weights of {len(collected)} versions: {' '.join(collected)}" if collected
          else "nothing to collect")
+    if log.strays_removed:
+        echo(f"removed {log.strays_removed} chunks of publishes that never completed")
 
 
 @models_app.command("unpin")
 def models_unpin(config: ConfigOpt = None, overrides: Overrides = None) -> None:
     """Release the pin: the trainer's next published version is served again."""
-    from models.store import ModelStore
-
-    was = ModelStore(cfg_of(config, overrides).model_store.dir).unpin()
+    log = _version_log(cfg_of(config, overrides))
+    try:
+        was = log.unpin()
+    finally:
+        log.close()
     echo(f"unpinned {was}; the next published version will be served" if was else "nothing was pinned")
 
 
@@ -305,15 +351,14 @@ def _set_item_status(item: str, status: str, config: Path | None, overrides: lis
 
 
 def _pin(version: str, reason: str, config: Path | None, overrides: list[str] | None) -> None:
-    from models.store import ModelStore
-    from stream.updates import announce
-
     cfg = model_cfg_of(config, overrides)
-    store = ModelStore(cfg.model_store.dir)
-    store.set_current(version, pin=True)  # verified first: refuses a broken checkpoint or a bad name
-    announce(cfg, version, reason)
-    echo(f"serving version is now {version}, pinned (lrustream models unpin releases it); workers were notified "
-         f"on {cfg.topics.model_updates}")
+    log = _version_log(cfg)
+    try:
+        log.pin(version, reason)  # verified first: refuses a broken version or a bad name
+    finally:
+        log.close()
+    echo(f"serving version is now {version}, pinned (lrustream models unpin releases it); every worker follows "
+         f"{cfg.topics.model_versions}")
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print numbers.")
@@ -405,6 +450,25 @@ def bench_stream(
         raise UsageError(str(exc)) from None
     model_cfg_of(config, overrides)  # validate before starting anything
     run(overrides or [], data, events, Path(".lrustream/bench"), plan, log=echo)
+
+
+@bench_app.command("versions")
+def bench_versions(
+    workers: Annotated[int, typer.Option(help="Worker processes, each with its own dirs and port.")] = 2,
+    rounds: Annotated[int, typer.Option(help="Versions published and timed.")] = 5,
+    items: Annotated[int, typer.Option(help="Items of each version (2,000: about 1 MB of weights).")] = 2_000,
+    large_items: Annotated[int, typer.Option(help="Also time rounds with this many items (0 = skip).")] = 0,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Model-version rollout through the model-versions topic: publish duration, and time from publish to every
+    worker serving the new version (p50/max); then how long a late worker takes to serve."""
+    from lrustream.bench.versions import run
+
+    if workers < 1 or rounds < 1 or items < 1 or large_items < 0:
+        raise UsageError("--workers, --rounds and --items must be positive, --large-items not negative")
+    model_cfg_of(config, overrides)  # validate before starting anything
+    run(overrides or [], workers, rounds, items, large_items, Path(".lrustream/bench"), log=echo)
 
 
 @app.command("trainer")

@@ -61,22 +61,32 @@ def pick_data(data: str | None, workdir: Path, log: Callable[[str], None]) -> st
 
 
 def ensure_model(cfg: Config, data: str, train_minutes: float, log: Callable[[str], None]) -> str:
-    """The serving version, training a small LRURec first when the model store is empty."""
+    """The serving version, as the model-versions topic says: this host's stored one pushed there when the topic
+    has none (a broker started afresh), else a small LRURec trained first."""
     from models.store import ModelStore
+    from stream.versions import VersionLog
 
-    store = ModelStore(resolve_path(cfg.model_store.dir))
-    if store.current():
-        log(f"model: serving stored version {store.current()} (lrustream models list)")
-        return store.current()  # type: ignore[return-value]
-    from trainer.offline import run_offline
+    versions = VersionLog(cfg, ModelStore(resolve_path(cfg.model_store.dir)), who="demo")
+    try:
+        versions.catch_up()
+        if serving := versions.seen.serving():
+            log(f"model: serving {serving} from {cfg.topics.model_versions} (lrustream models list)")
+            return serving
+        if stored := versions.store.current():
+            versions.push(stored)
+            log(f"model: published stored version {stored} on {cfg.topics.model_versions}")
+            return stored
+        from trainer.offline import run_offline
 
-    log(f"model: none stored yet; training {cfg.model.name} on {data} for up to {train_minutes:g} min")
-    cfg = copy.deepcopy(cfg)  # a demo-sized run: short windows, frequent validation (early stopping works)
-    cfg.model.max_len = min(cfg.model.max_len, 50)
-    cfg.train.val_every = min(cfg.train.val_every, 50)
-    run_offline(cfg, data, [cfg.model.name], resolve_path(".lrustream/runs"), max_minutes=train_minutes,
-                            progress=sys.stderr.isatty(), log=log)
-    return store.current()  # type: ignore[return-value]
+        log(f"model: none published yet; training {cfg.model.name} on {data} for up to {train_minutes:g} min")
+        cfg = copy.deepcopy(cfg)  # a demo-sized run: short windows, frequent validation (early stopping works)
+        cfg.model.max_len = min(cfg.model.max_len, 50)
+        cfg.train.val_every = min(cfg.train.val_every, 50)
+        [result] = run_offline(cfg, data, [cfg.model.name], resolve_path(".lrustream/runs"),
+                               max_minutes=train_minutes, progress=sys.stderr.isatty(), log=log, publisher=versions)
+        return result.version  # type: ignore[return-value]
+    finally:
+        versions.close()
 
 
 def start_worker(config: Path | None, overrides: list[str], log_path: Path) -> subprocess.Popen:

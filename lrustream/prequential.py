@@ -13,7 +13,7 @@ Contract:
   ``online``  the worker plus ``lrustream trainer`` fine-tuning and hot-swapping as the stream flows;
   ``retrain`` what a nightly job does: every ``retrain_every`` replayed events producing pauses, the worker drains
   (a recommendation for every event produced so far), a NEW model is trained from scratch with the starting
-  model's recipe and budget on warm + replayed-so-far, published, announced (reason "retrain"), and producing
+  model's recipe and budget on warm + replayed-so-far, published (reason "retrain"), and producing
   resumes once the worker's ``GET /model`` reports it. Its vocabulary lists items in first-appearance order over
   a longer prefix of the same events, so it extends the previous one, as the worker's re-derivation expects.
 * Outputs in ``OUT``: ``prequential.csv`` and ``prequential.png`` (windowed and cumulative HR@10/NDCG@10 per
@@ -160,7 +160,7 @@ def _overrides(base: list[str], tag: str, root: Path, online_every: int) -> list
             f"topics.recommendations=preq-{tag}-out", f"topics.dlq=preq-{tag}-dlq",
             f"topics.state_changelog=preq-{tag}-changelog",
             f"topics.training_examples=preq-{tag}-train", f"topics.model_updates=preq-{tag}-updates",
-            f"topics.items=preq-{tag}-items",
+            f"topics.items=preq-{tag}-items", f"topics.model_versions=preq-{tag}-versions",
             f"stream.app_id=preq-{tag}", f"online.group_id=preq-{tag}-trainer", f"state.dir={root / 'state'}",
             f"model_store.dir={root / 'models'}", "stream.unknown_items=oov", f"online.every_events={online_every}",
             "online.every_seconds=1000000", f"http.port={_free_port()}",
@@ -254,17 +254,14 @@ def wait_serving(cfg: Config, version: str, timeout_s: float = 120) -> None:
 
 
 class Retrainer:
-    """Retrain mode's pause: drain, train from scratch on everything seen, publish, announce, wait until served."""
+    """Retrain mode's pause: drain, train from scratch on everything seen, publish, wait until served."""
 
     def __init__(self, cfg: Config, plan: Replay, recs: Recommendations) -> None:
-        from models.store import ModelStore
-
         self.cfg, self.plan, self.recs = cfg, plan, recs
-        self.store = ModelStore(cfg.model_store.dir)
         self.seconds: list[float] = []  # training time of each retrain (not the waiting)
 
     def __call__(self, produced: int, sent: Sent) -> None:
-        from stream.updates import announce
+        from stream.versions import publish_version
 
         if not self.recs.wait_for(len(sent), _drain_timeout(len(sent))):
             raise RuntimeError(f"retrain: the worker answered {len(self.recs.sources)} of {len(sent)} events "
@@ -274,8 +271,8 @@ class Retrainer:
         model, vocab = train_start_model(self.cfg, seen, self.plan.train_minutes, self.plan.log,
                                          label=f"retrain {len(self.seconds) + 1}")
         self.seconds.append(time.monotonic() - t0)
-        info = self.store.publish(model, vocab, notes={"source": "prequential retrain", "events": len(seen)})
-        announce(self.cfg, info.version, "retrain")
+        info = publish_version(self.cfg, model, vocab, who="prequential", reason="retrain",
+                               notes={"source": "prequential retrain", "events": len(seen)})
         wait_serving(self.cfg, info.version)
 
 
@@ -341,8 +338,8 @@ def read_rounds(path: Path) -> list[dict[str, Any]]:
 
 def run_mode(mode: str, plan: Replay) -> ModeRun:
     """Replay ``plan.events`` through a fresh worker (plus a trainer, or retrains) and score what it served."""
-    from models.store import ModelStore
     from stream.topics import create_topics
+    from stream.versions import publish_version
 
     tag = f"{mode}-{uuid.uuid4().hex[:6]}"
     mode_root = (plan.root / tag).resolve()
@@ -350,7 +347,7 @@ def run_mode(mode: str, plan: Replay) -> ModeRun:
     overrides = _overrides(plan.base, tag, mode_root, plan.online_every)
     cfg = load_config(overrides=overrides)
     create_topics(cfg)
-    ModelStore(cfg.model_store.dir).publish(plan.model, plan.vocab, notes={"source": "prequential start"})
+    publish_version(cfg, plan.model, plan.vocab, who="prequential", notes={"source": "prequential start"})
     recs = Recommendations(cfg)
     procs = [spawn_cli(["worker", "--loglevel", "warning", *overrides], mode_root / "worker.log")]
     if mode == "online":

@@ -1,4 +1,9 @@
-"""The model store: versioned weights on a filesystem shared by trainer and workers.
+"""The model store: versioned weights in a local folder, each host's cache of the model-versions topic.
+
+Every host (worker, trainer, operator's shell) keeps its own store; the broker's model-versions topic
+(stream/versions.py) is what they share. A version published through the topic is installed here whole
+(:meth:`ModelStore.install`) and the pointer files below mirror the topic's; ``publish`` and the pointer
+setters write this folder only (a store used on its own, as in offline experiments and unit tests).
 
 Layout::
 
@@ -163,27 +168,12 @@ class ModelStore:
     def publish(self, model: SeqRecModel, vocab: Vocabulary, metrics: dict[str, float] | None = None,
                 parent: str | None = None, notes: dict[str, Any] | None = None,
                 make_current: bool = True) -> VersionInfo:
-        """Write a new version atomically; returns its description."""
-        if len(vocab) != model.num_items:
-            raise ValueError(f"vocabulary has {len(vocab)} items but the model scores {model.num_items}")
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise ModelStoreError(f"refusing to publish non-finite weights: {bad[:3]}")
+        """Write a new version atomically into this folder alone; returns its description. (Workers elsewhere
+        see versions published through the model-versions topic: stream/versions.py.)"""
         with self._lock():
-            self.versions_dir.mkdir(parents=True, exist_ok=True)
             version = self._next_version()
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=self.root))
+            tmp, info = self.prepare(model, vocab, version, metrics, parent, notes)
             try:
-                save_file(tensors, str(tmp / WEIGHTS), metadata={"model": model.name})
-                (tmp / VOCAB).write_text(json.dumps(vocab.to_json()))
-                info = VersionInfo(version=version, model=model.name, config=model.config.as_dict(),
-                                   num_items=model.num_items, created=time.time(), parent=parent,
-                                   metrics=dict(metrics or {}), notes=dict(notes or {}),
-                                   files={WEIGHTS: _sha256(tmp / WEIGHTS), VOCAB: _sha256(tmp / VOCAB)})
-                (tmp / META).write_text(json.dumps(info.to_json(), indent=2, sort_keys=True))
-                for name in (WEIGHTS, VOCAB, META):
-                    fsync(tmp / name)
                 os.rename(tmp, self.versions_dir / version)
                 fsync(self.versions_dir)
             except BaseException:
@@ -193,6 +183,90 @@ class ModelStore:
             if make_current and self.pinned() is None:
                 self._write_small("CURRENT", version)
         return info
+
+    def next_version(self, above: int = 0) -> str:
+        """The number a new version gets here: above every one this store holds or handed out, and ``above``."""
+        with self._lock():
+            return max(self._next_version(), f"v{above + 1:06d}")
+
+    def prepare(self, model: SeqRecModel, vocab: Vocabulary, version: str, metrics: dict[str, float] | None = None,
+                parent: str | None = None, notes: dict[str, Any] | None = None) -> tuple[Path, VersionInfo]:
+        """A version's files, written and fsynced into a new scratch folder of this store (for
+        :meth:`install`, or a rename into ``versions/``); refuses non-finite weights."""
+        if len(vocab) != model.num_items:
+            raise ValueError(f"vocabulary has {len(vocab)} items but the model scores {model.num_items}")
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ModelStoreError(f"refusing to publish non-finite weights: {bad[:3]}")
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{check_version_name(version)}-", dir=self.root))
+        try:
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"model": model.name})
+            (tmp / VOCAB).write_text(json.dumps(vocab.to_json()))
+            info = VersionInfo(version=version, model=model.name, config=model.config.as_dict(),
+                               num_items=model.num_items, created=time.time(), parent=parent,
+                               metrics=dict(metrics or {}), notes=dict(notes or {}),
+                               files={WEIGHTS: _sha256(tmp / WEIGHTS), VOCAB: _sha256(tmp / VOCAB)})
+            (tmp / META).write_text(json.dumps(info.to_json(), indent=2, sort_keys=True))
+            for name in (WEIGHTS, VOCAB, META):
+                fsync(tmp / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return tmp, info
+
+    def install(self, folder: Path, version: str, collected: bool = False) -> VersionInfo:
+        """Move ``version``, received whole (``folder`` holds meta.json, vocab.json and, unless ``collected``,
+        weights.safetensors, on the same filesystem), into ``versions/`` atomically, after checking that its
+        meta.json describes that version and the files match the checksums it names. A version already here is
+        kept (the same number is never two versions: stream/versions.py refuses a second upload); returns the
+        description either way."""
+        where = f"model version {check_version_name(version)}"
+        try:
+            info = VersionInfo.from_json(json.loads((folder / META).read_text()), where)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelStoreError(f"{where}: meta.json unreadable ({exc})") from None
+        if info.version != version:
+            raise ModelStoreError(f"{where}: its meta.json describes {info.version[:20]!r}")
+        for name in (VOCAB,) if collected else (VOCAB, WEIGHTS):
+            self._verify(folder, info, name)
+        if collected:
+            (folder / COLLECTED).write_text(f"weights removed by gc before they came here ({time.time():.0f})\n")
+        for path in folder.iterdir():
+            fsync(path)
+        with self._lock():
+            self.versions_dir.mkdir(parents=True, exist_ok=True)
+            if (self.versions_dir / info.version).exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                return info
+            os.rename(folder, self.versions_dir / info.version)
+            fsync(self.versions_dir)
+            self.reserve(int(info.version[1:]))
+        return info
+
+    def reserve(self, number: int) -> None:
+        """Never hand out version numbers up to ``number`` (used elsewhere, e.g. by a publish that died)."""
+        with contextlib.suppress(OSError, ValueError):
+            if int((self.root / "LAST").read_text()) >= number:
+                return
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._write_small("LAST", f"{number:06d}")
+
+    def files(self, version: str) -> list[Path]:
+        """A version's files as published (meta.json, vocab.json, then the weights unless collected)."""
+        folder = self.versions_dir / check_version_name(version)
+        names = (META, VOCAB) if (folder / COLLECTED).exists() else (META, VOCAB, WEIGHTS)
+        return [folder / name for name in names]
+
+    def mirror(self, current: str | None, pinned: str | None, shadow: str | None) -> None:
+        """Set the three pointer files to what the model-versions topic says (None removes one)."""
+        with self._lock():
+            for name, version in (("CURRENT", current), ("PINNED", pinned), ("SHADOW", shadow)):
+                if version is None:
+                    self._remove_small(name)
+                elif self._read_small(name) != version:
+                    self._write_small(name, check_version_name(version))
 
     def _write_small(self, name: str, text: str) -> None:
         tmp = self.root / f".{name}.{os.getpid()}"
@@ -246,19 +320,26 @@ class ModelStore:
             raise ValueError(f"keep must be >= 1, got {keep}")
         with self._lock():
             spared = {*self.versions()[-keep:], self.current(), self.pinned(), self.shadow()}
-            collected = []
-            for version in self.versions():
-                if version in spared:
-                    continue
-                folder = self.versions_dir / version
-                if not (folder / COLLECTED).exists():  # marked first: a crash before the unlink still refuses it
-                    (folder / COLLECTED).write_text(f"weights removed by gc at {time.time():.0f}\n")
-                    fsync(folder / COLLECTED)
-                    collected.append(version)
-                (folder / WEIGHTS).unlink(missing_ok=True)
-            if collected:
-                fsync(self.versions_dir)
+            collected = [v for v in self.versions() if v not in spared and self._collect(v)]
         return collected
+
+    def collect(self, version: str) -> None:
+        """Remove one version's weights (another host's gc, through the model-versions topic)."""
+        with self._lock():
+            self._collect(check_version_name(version))
+
+    def _collect(self, version: str) -> bool:
+        """Remove a version's weights, marked first (a crash before the unlink still refuses it); True when it
+        was not collected before."""
+        folder = self.versions_dir / version
+        fresh = folder.is_dir() and not (folder / COLLECTED).exists()
+        if fresh:
+            (folder / COLLECTED).write_text(f"weights removed by gc at {time.time():.0f}\n")
+            fsync(folder / COLLECTED)
+        (folder / WEIGHTS).unlink(missing_ok=True)
+        if fresh:
+            fsync(folder)
+        return fresh
 
     def collected(self, version: str) -> bool:
         return (self.versions_dir / check_version_name(version) / COLLECTED).exists()

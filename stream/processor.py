@@ -142,12 +142,13 @@ raises :class:`GapFillError` rather than yield less than the whole range."""
 class Processor:
     """Applies micro-batches. Single-threaded: call ``process`` and ``swap`` from one thread at a time."""
 
-    def __init__(self, serving: Serving, store: StateStore, producer: Any, *, stream: StreamConfig,
+    def __init__(self, serving: Serving | None, store: StateStore, producer: Any, *, stream: StreamConfig,
                  topics: TopicsConfig, state_dtype: str, fetch: Fetch | None = None,
                  metrics: WorkerMetrics | None = None, vocab_of: Callable[[str], Vocabulary] | None = None) -> None:
         """``stream`` and ``topics`` are the config's sections, ``state_dtype`` is ``state.dtype``; without
-        ``fetch`` skipped offsets are not filled (step 2)."""
-        self.serving = serving
+        ``fetch`` skipped offsets are not filled (step 2). ``serving`` None: no version yet (a worker waiting
+        for its first model); nothing may be processed or answered until :meth:`swap` gives one."""
+        self.serving: Serving = serving  # type: ignore[assignment]  # None only until the first swap
         self.store = store
         self.producer = producer
         self.stream = stream
@@ -156,7 +157,8 @@ class Processor:
         self.fetch = fetch
         self.metrics = metrics or WorkerMetrics()
         self.vocab_of = vocab_of  # a version's vocabulary: ids in windows stored under it mean its items
-        self.metrics.set_version(serving.version)
+        if serving is not None:
+            self.metrics.set_version(serving.version)
         self.stopping = threading.Event()  # set from another thread: abandon the batch in hand (see Stopping)
         self._errors: list[str] = []  # delivery failures of outputs produced since the last commit
         self._refused_too_large: list[tuple[Input, str]] = []  # dead letters the DLQ topic refused as too big
@@ -187,6 +189,8 @@ class Processor:
 
     def _columns(self, items: frozenset[str]) -> torch.Tensor | None:
         """The score columns of ``items`` that the serving vocabulary knows (internal id = column)."""
+        if self.serving is None:
+            return None  # no version yet: the first swap computes them
         vocab = self.serving.vocab
         ids = sorted(i for item in items if (i := vocab.get(item)) is not None and 0 < i <= self.serving.num_items)
         return torch.tensor(ids, dtype=torch.long) if ids else None

@@ -31,6 +31,7 @@ def topic_specs(cfg: Config) -> list[TopicSpec]:
         TopicSpec(t.model_updates, 1, {}),
         TopicSpec(t.state_changelog, n, compacted),
         TopicSpec(t.items, 1, compacted),
+        TopicSpec(t.model_versions, 1, compacted),
     ]
 
 

@@ -38,9 +38,10 @@ from stream.health import Liveness
 from stream.metrics import WorkerMetrics
 from stream.pipeline import Pipeline
 from stream.processor import Fetch, GapFillError, Input, Processor
-from stream.queries import Owners
+from stream.queries import Owners, worker_client_id
 from stream.serving import Serving
 from stream.topics import create_topics, topic_id
+from stream.versions import VersionLog
 
 log = logging.getLogger("lrustream.worker")
 
@@ -48,6 +49,7 @@ RETRY_LOAD_AFTER_S = 10.0  # a version that failed to load for a transient reaso
 MAX_SWAPS_KEPT = 100  # what /model remembers of swaps and refusals
 EXPIRY_SCAN, EXPIRY_SLICE = 10_000, 1_000  # idle states looked at per partition per housekeeping run, per step
 STOP_GRACE_S = 2.0  # after a stop signal, how long the last commit may wait for the broker
+VERSIONS_WAIT_S = 60.0  # at start, how long reading the model-versions topic to its end may take
 CATALOGUE_WAIT_S = 30.0  # the first event waits at most this long for the items topic to be read to its end
 CATALOGUE_RETRY_S = 10.0  # an items topic that could not be read is tried again after this long
 MAX_REQUEST_K = 1000  # the most items one request may ask for
@@ -105,7 +107,10 @@ class Worker:
         self.cfg = cfg
         self.http_warning = check_http_exposure(cfg)  # refuses an unguarded API before anything is opened
         self.model_store = ModelStore(resolve_path(cfg.model_store.dir))
-        self.serving = serving or Serving.load(self.model_store)
+        create_topics(cfg)
+        self.versions = VersionLog(cfg, self.model_store, who=f"worker {worker_client_id(cfg)}")
+        self.serving = serving or self._first_serving()
+        self.model_ready = asyncio.Event()  # set once a version is served: the input loop waits for it
         self.metrics = WorkerMetrics()
         changelog = Changelog(librdkafka_config(cfg, logger=quiet_logger("lrustream.changelog")),
                               cfg.topics.state_changelog)
@@ -118,7 +123,7 @@ class Worker:
         self.started = time.time()
         self.liveness = Liveness(cfg.stream.stall_after_s)
         self.pipeline = Pipeline(cfg, self.processor, self.store, self.metrics, self.liveness)
-        self.swaps: list[dict[str, Any]] = []  # what happened to each announced version (served / refused why)
+        self.swaps: list[dict[str, Any]] = []  # what happened to each version named (served / refused why)
         self._shadow_refused: str | None = None  # a shadow version that could not be loaded
         self.owners = Owners(cfg)  # who answers requests for which users
         self.catalogue_read = asyncio.Event()  # the items topic was read to its end once (or could not be)
@@ -145,8 +150,8 @@ class Worker:
             await self._housekeep()
 
         @app.task
-        async def follow_model_updates() -> None:
-            await self._follow_model_updates()
+        async def follow_versions() -> None:
+            await self._follow_versions()
 
         @app.task
         async def follow_catalogue() -> None:
@@ -156,22 +161,56 @@ class Worker:
         return app
 
     # ----- hot swap ---------------------------------------------------------------------------------------------
-    async def _follow_model_updates(self) -> None:
-        """Every worker reads every announcement (own consumer, no group) and swaps between micro-batches to the
-        store's CURRENT: an announcement only wakes the worker up, so a version published while an operator pins
-        serving (models/store.py) is never served, and a missed announcement is caught by the next poll."""
-        from stream.updates import UpdateFollower
+    def _first_serving(self) -> Serving | None:
+        """The version to start with: the model-versions topic read to its end into the local store first (a
+        worker that starts late serves what the others serve); the store's CURRENT as it was when the topic cannot
+        be read now. None while no version exists: the worker waits for one (health "waiting")."""
+        from models.store import ModelStoreError
 
-        follower = UpdateFollower(self.cfg)
         try:
-            while True:
-                await asyncio.to_thread(follower.next_version, 0.5)
-                version = self.model_store.current()
-                if version and version != self.processor.serving.version:
-                    await self.swap_to(version)
-                await self._follow_shadow()
-        finally:
-            follower.close()
+            self.versions.catch_up(VERSIONS_WAIT_S)
+        except Exception as exc:  # the broker is slow or away: the local cache still knows what was served
+            log.error("the %s topic could not be read (%s); starting with the local store's CURRENT",
+                      self.cfg.topics.model_versions, exc)
+        self._report_refusals()
+        if self.model_store.current() is None:
+            log.warning("no model version yet: waiting for one on %s (lrustream train, or lrustream models push)",
+                        self.cfg.topics.model_versions)
+            return None
+        try:
+            return Serving.load(self.model_store)
+        except (ModelStoreError, OSError, ValueError) as exc:
+            log.error("the stored CURRENT version cannot be served (%s): waiting for another", exc)
+            return None
+
+    async def _follow_versions(self) -> None:
+        """Read the model-versions topic as it grows (stream/versions.py installs whole versions into the local
+        store and mirrors its pointers) and swap between micro-batches to the store's CURRENT, so a version
+        published while an operator pins serving is stored but never served. A read that fails is logged and
+        tried again; serving goes on."""
+        if self.processor.serving is not None:
+            self.model_ready.set()
+        while True:
+            try:
+                await asyncio.to_thread(self.versions.poll, 0.5)
+            except Exception as exc:
+                log.error("reading %s failed (%s); trying again", self.cfg.topics.model_versions, exc)
+                await asyncio.sleep(1.0)
+            self._report_refusals()
+            version = self.model_store.current()
+            if version and version != getattr(self.processor.serving, "version", None) and await self.swap_to(version):
+                self.model_ready.set()
+            await self._follow_shadow()
+
+    def _report_refusals(self) -> None:
+        """Versions the topic held that could not be installed, into what /model shows."""
+        for version, why in self.versions.new_refusals:
+            self._record_swap({"version": version, "ok": False, "reason": why, "retry": False, "at": time.time()})
+        self.versions.new_refusals.clear()
+
+    def _record_swap(self, entry: dict[str, Any]) -> None:
+        self.swaps.append(entry)
+        del self.swaps[:-MAX_SWAPS_KEPT]
 
     async def _follow_shadow(self) -> None:
         """Score the store's SHADOW version beside the serving one, or stop (stream/shadow.py). A version that
@@ -180,6 +219,8 @@ class Worker:
 
         wanted = self.model_store.shadow()
         shadow = self.processor.shadow
+        if self.processor.serving is None:
+            return  # shadowing starts with serving
         if wanted == (shadow.version if shadow else None) or (wanted is not None and wanted == self._shadow_refused):
             return
         candidate = None
@@ -206,18 +247,17 @@ class Worker:
         except (ModelStoreError, OSError, ValueError) as exc:
             retry = isinstance(exc, OSError) or getattr(exc, "transient", False)
             log.error("refused model version %s: %s; still serving %s%s", version, exc,
-                      self.processor.serving.version, f"; retrying in {RETRY_LOAD_AFTER_S:.0f} s" if retry else "")
-            self.swaps.append({"version": version, "ok": False, "reason": str(exc), "retry": retry,
+                      getattr(self.processor.serving, "version", "nothing"),
+                      f"; retrying in {RETRY_LOAD_AFTER_S:.0f} s" if retry else "")
+            self._record_swap({"version": version, "ok": False, "reason": str(exc), "retry": retry,
                                "at": time.time()})
-            del self.swaps[:-MAX_SWAPS_KEPT]
             return False
-        old = self.processor.serving.version
+        old = getattr(self.processor.serving, "version", None)
         await self._between_batches(self.processor.swap, serving)
         took = time.monotonic() - t0
         log.warning("now serving model version %s (was %s); swap took %.3f s", version, old, took)
-        self.swaps.append({"version": version, "ok": True, "previous": old, "seconds": round(took, 3),
+        self._record_swap({"version": version, "ok": True, "previous": old, "seconds": round(took, 3),
                            "at": time.time()})
-        del self.swaps[:-MAX_SWAPS_KEPT]
         return True
 
     # ----- catalogue control -------------------------------------------------------------------------------------
@@ -255,11 +295,14 @@ class Worker:
     async def _run_pipeline(self) -> None:
         """The input loop on its own thread, for the app's lifetime; a loop that dies ends the process (its
         orchestrator restarts it; nothing uncommitted is lost, stream/pipeline.py). It starts once the items
-        topic has been read (or after CATALOGUE_WAIT_S), so that no blocked item is served at start-up."""
+        topic has been read (or after CATALOGUE_WAIT_S), so that no blocked item is served at start-up, and once
+        a model version is served: a worker started before any exists waits in no consumer group, so its
+        partitions stay with workers that can serve them."""
         try:
             await asyncio.wait_for(self.catalogue_read.wait(), CATALOGUE_WAIT_S)
         except TimeoutError:
             log.error("the items topic was not read within %.0f s: serving before it is", CATALOGUE_WAIT_S)
+        await self.model_ready.wait()
         thread = self.pipeline.start()
         try:
             while thread.is_alive():
@@ -307,7 +350,10 @@ class Worker:
         status, reason = self.liveness.report(self.pending(partitions))
         if not self.pipeline.ready.is_set():
             status, reason = "starting", "joining the consumer group and restoring the partitions it assigns"
-        body = {"status": status, "model_version": self.processor.serving.version, "partitions": partitions,
+        if self.processor.serving is None:
+            status, reason = "waiting", f"waiting for a model: no version on {self.cfg.topics.model_versions} yet"
+        body = {"status": status, "model_version": getattr(self.processor.serving, "version", None),
+                "partitions": partitions,
                 "batches": self.pipeline.batches, "uptime_s": round(time.time() - self.started, 1)}
         if reason:
             body["reason"] = reason
@@ -328,6 +374,8 @@ class Worker:
         from stream.events import BadEvent, check_id
 
         started = time.perf_counter()
+        if self.processor.serving is None:
+            return self._unavailable("no model version is served yet")
         try:
             user = check_id(user_id, "user_id")
             k = int(query.get("k", self.cfg.stream.top_k))
@@ -384,8 +432,9 @@ class Worker:
             async def get(self, request: Request) -> Response:
                 s = worker.processor.serving
                 shadow = worker.processor.shadow
-                return self.json({"version": s.version, "model": s.model.name, "num_items": s.num_items,
-                                  "shadow": shadow.version if shadow else None, "swaps": worker.swaps[-20:]})
+                return self.json({"version": s and s.version, "model": s and s.model.name,
+                                  "num_items": s and s.num_items, "shadow": shadow.version if shadow else None,
+                                  "swaps": worker.swaps[-20:]})
 
         class Recommendations(View):
             async def get(self, request: Request, user_id: str) -> Response:
@@ -396,7 +445,8 @@ class Worker:
         class Metrics(View):
             async def get(self, request: Request) -> Response:
                 worker.metrics.states.set(worker.store.count())
-                worker.metrics.set_popular(*worker.processor.popular_top(POPULAR_SHOWN, ()))
+                if worker.processor.serving is not None:
+                    worker.metrics.set_popular(*worker.processor.popular_top(POPULAR_SHOWN, ()))
                 return self.bytes(worker.metrics.render(), content_type="text/plain; version=0.0.4")
 
         class Refresh(View):
@@ -425,7 +475,6 @@ class Worker:
         arriving, at 0.1 ms 4-5 ms (``lrustream bench requests``). A short interval costs nothing while only one
         thread runs."""
         sys.setswitchinterval(GIL_SWITCH_S)
-        create_topics(self.cfg)
         if self.http_warning:
             log.warning(self.http_warning)
         worker = _StopSignalWorker(self.app, loglevel=loglevel, override_logging=True,
@@ -436,6 +485,7 @@ class Worker:
             self.pipeline.request_stop()
             self.pipeline.join(self.cfg.stream.stop_timeout_s)
             self.store.close()
+            self.versions.close()
 
     def stop_processing(self) -> None:
         """On SIGTERM/SIGINT: the input loop stops after the batch in hand and commits what it applied; if that

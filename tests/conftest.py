@@ -109,6 +109,7 @@ def kafka_overrides(kafka_bootstrap: str, unique: str, tmp_path: Path) -> list[s
         f"topics.model_updates={t}-model-updates",
         f"topics.state_changelog={t}-state-changelog",
         f"topics.items={t}-items",
+        f"topics.model_versions={t}-model-versions",
         f"stream.app_id={t}-worker",
         f"online.group_id={t}-trainer",
         f"state.dir={tmp_path / 'state'}",

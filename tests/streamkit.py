@@ -6,6 +6,7 @@ the session's real Kafka broker.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -16,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,25 +28,59 @@ from confluent_kafka import Consumer, Producer
 from lrustream.broker import free_port
 from lrustream.kernel.config import Config, StateConfig, StreamConfig
 from lrustream.kernel.kafka import high_watermarks, librdkafka_config, produce_all, producer_config, topic_partitions
-from models import build_model, config_class
-from models.store import ModelStore
+from models import SeqRecModel, build_model, config_class
+from models.store import META, VOCAB, WEIGHTS, ModelStore
 from models.vocab import Vocabulary
 from state.store import StateStore, find_user
 from stream.processor import Processor
 from stream.serving import Serving
+from stream.topics import create_topics
+from stream.versions import publish_version
 from stream.worker import state_dir
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def publish_model(cfg: Config, name: str = "lrurec", num_items: int = 40, seed: int = 0, **hp: object) -> str:
-    """A small randomly initialised model with items i1..iN, published as the serving version; ``hp`` overrides
-    fields of model ``name``'s config."""
+def small_model(cfg: Config, name: str = "lrurec", num_items: int = 40, seed: int = 0,
+                **hp: object) -> tuple[SeqRecModel, Vocabulary]:
+    """A small randomly initialised model with items i1..iN; ``hp`` overrides fields of model ``name``'s config."""
     torch.manual_seed(seed)
     params = {"d_model": 16, "num_layers": 2, "max_len": cfg.model.max_len, "dropout": 0.0, **hp}
-    model = build_model(config_class(name)(**params), num_items)
-    vocab = Vocabulary(f"i{k}" for k in range(1, num_items + 1))
-    return ModelStore(cfg.model_store.dir).publish(model, vocab).version
+    return build_model(config_class(name)(**params), num_items), Vocabulary(f"i{k}" for k in range(1, num_items + 1))
+
+
+def publish_model(cfg: Config, name: str = "lrurec", num_items: int = 40, seed: int = 0, local: bool = False,
+                  **hp: object) -> str:
+    """:func:`small_model`, published as the serving version on the model-versions topic (``local``: into the
+    model store alone, no broker)."""
+    model, vocab = small_model(cfg, name, num_items, seed, **hp)
+    if local:
+        return ModelStore(cfg.model_store.dir).publish(model, vocab).version
+    create_topics(cfg)
+    return publish_version(cfg, model, vocab, who="test").version
+
+
+def version_files(cfg: Config, version: str, scratch: Path, seed: int = 0, num_items: int = 40) -> dict[str, bytes]:
+    """The files of :func:`small_model` as version ``version`` (meta.json, vocab.json, weights), not published."""
+    folder, _ = ModelStore(scratch).prepare(*small_model(cfg, num_items=num_items, seed=seed), version)
+    return {name: (folder / name).read_bytes() for name in (META, VOCAB, WEIGHTS)}
+
+
+def upload_raw(cfg: Config, version: str, files: dict[str, bytes], chunk_bytes: int = 4096,
+               alter: Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]] | None = None) -> None:
+    """``files`` written to the model-versions topic record by record, as stream/versions.py's contract lets any
+    producer: their chunks (after ``alter``, a test's way to lose or change some), the ``done`` record describing
+    ``files`` as given, then ``@current``."""
+    upload = uuid.uuid4().hex[:12]
+    chunks = [(f"{version}/{upload}/{name}/{offset}".encode(), data[offset:offset + chunk_bytes])
+              for name, data in files.items() for offset in range(0, len(data), chunk_bytes)]
+    done = {"version": version, "upload": upload, "chunk_bytes": chunk_bytes, "ts": 0, "by": "test",
+            "files": [{"name": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in files.items()],
+            "sha256": hashlib.sha256(b"".join(files.values())).hexdigest()}
+    pointer = {"version": version, "reason": "test", "by": "test", "ts": 0}
+    done_record = (f"{version}/{upload}/done".encode(), json.dumps(done).encode())
+    produce_all(Producer(producer_config(cfg)), cfg.topics.model_versions,
+                [*(alter(chunks) if alter else chunks), done_record, (b"@current", json.dumps(pointer).encode())])
 
 
 def event_value(user: str, item: str, ts: int) -> bytes:

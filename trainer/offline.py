@@ -2,9 +2,10 @@
 
 ``run_offline`` reads a data set (trainer/data.py), splits it leave-one-out (trainer/samples.py), trains each
 named model to early stop on the validation Recall@10 (trainer/loop.py, with a checkpoint per model in the
-output folder for ``--resume``), writes its history and training curve, and publishes it to the model store
-with its test and validation metrics. ``run_evaluate`` gives a stored version's validation and test metrics on
-a data set, with the same protocol (trainer/evaluate.py); ``metric_table`` prints either as Markdown.
+output folder for ``--resume``), writes its history and training curve, and publishes it with its test and
+validation metrics (from the CLI on the model-versions topic). ``run_evaluate`` gives a stored version's
+validation and test metrics on a data set, with the same protocol (trainer/evaluate.py); ``metric_table`` prints
+either as Markdown.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +24,9 @@ from trainer.evaluate import evaluate
 from trainer.loop import History, train
 from trainer.optim import pick_device
 from trainer.samples import leave_one_out
+
+if TYPE_CHECKING:
+    from stream.versions import VersionLog
 
 # ----- reporting -----------------------------------------------------------------------------------------------
 METRIC_COLUMNS = ("NDCG@10", "Recall@10", "NDCG@20", "Recall@20", "MRR")
@@ -72,8 +77,9 @@ class OfflineResult:
 
 def run_offline(cfg, data_path: str, names: list[str], out_dir: Path, max_minutes: float | None = None,
                 publish: bool = True, progress: bool = True, log: Callable[[str], None] = print,
-                resume: bool = False) -> list[OfflineResult]:
-    """Train and evaluate each named model on one data set; publish each to the model store.
+                resume: bool = False, publisher: VersionLog | None = None) -> list[OfflineResult]:
+    """Train and evaluate each named model on one data set; publish each through ``publisher`` (a
+    stream.versions.VersionLog: every worker serves it), or into the local model store alone when it is None.
 
     Each model's run keeps a checkpoint in ``out_dir``; ``resume`` continues the runs found there."""
     from models import build_model, model_config
@@ -109,11 +115,12 @@ def run_offline(cfg, data_path: str, names: list[str], out_dir: Path, max_minute
         if publish:
             metrics = {**{f"test_{k}": v for k, v in hist.test.items()},
                        **{f"val_{k}": v for k, v in hist.best_val.items()}}
-            info = store.publish(model.cpu(), vocab, metrics=metrics, notes={
+            info = (publisher or store).publish(model.cpu(), vocab, metrics=metrics, notes={
                 "data": seqs.name, "steps": hist.steps_done, "seconds": round(hist.seconds, 1),
                 "device": hist.device, "stopped_because": hist.stopped_because, "curve": str(png)})
             version = info.version
-            log(f"{name}: published model version {version} to {store.root}")
+            log(f"{name}: published model version {version}"
+                + (f" on {cfg.topics.model_versions}" if publisher else f" to {store.root}"))
         results.append(OfflineResult(name, version, hist, png))
     return results
 

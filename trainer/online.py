@@ -1,6 +1,6 @@
 """Online fine-tuning: training examples from the stream -> an event buffer -> rounds of parallel-scan
 fine-tuning of a learner that carries its optimiser across rounds -> a gate judged on what came next ->
-a published version the workers hot-swap.
+a version published on the model-versions topic (stream/versions.py), which every worker hot-swaps.
 
 The contract of one round (``OnlineLearner.round``):
 
@@ -50,6 +50,7 @@ from models.base import SeqRecModel
 from models.store import LoadedModel, ModelStore
 from models.vocab import Vocabulary
 from stream.examples import BadExample, decode_example
+from stream.versions import VersionLog
 from trainer.buffer import EventBuffer
 from trainer.evaluate import left_pad
 from trainer.gate import Verdict, event_metrics, judge
@@ -182,8 +183,11 @@ def grow_moments(opt_state: dict[str, Any], params: list[torch.Tensor], old_rows
 class OnlineLearner:
     """The trainer's copy of the serving model with its AdamW moments, carried from round to round."""
 
-    def __init__(self, cfg: Config, store: ModelStore) -> None:
+    def __init__(self, cfg: Config, store: ModelStore, publisher: VersionLog | None = None) -> None:
+        """``publisher``: where versions go (the model-versions topic, which ``store`` caches); None: ``store``
+        alone."""
         self.cfg, self.o, self.store = cfg, cfg.online, store
+        self.publisher = publisher
         self.device = pick_device(cfg.train.device)
         self.version: str | None = None  # the serving version this learner stands for
         self.model: SeqRecModel | None = None
@@ -277,7 +281,7 @@ class OnlineLearner:
         o = self.o
         return max(o.min_steps, min(o.max_steps, math.ceil(new_events / max(1, o.events_per_step))))
 
-    def round(self, buffer: EventBuffer, announce: Callable[[str], None] | None = None) -> RoundResult:
+    def round(self, buffer: EventBuffer) -> RoundResult:
         t0 = time.monotonic()
         o = self.o
         result = RoundResult(new_events=buffer.new_events)
@@ -314,15 +318,13 @@ class OnlineLearner:
             cand = event_metrics(self.model, self.vocab, held, self.context)
             serv = event_metrics(serving.model, serving.vocab, held, self.context)
             if result.judged(judge(cand, serv, o)):
-                info = self.store.publish(self.model, self.vocab, parent=serving.info.version,
+                info = (self.publisher or self.store).publish(self.model, self.vocab, parent=serving.info.version,
                                           metrics={f"holdout_{k}": v for k, v in result.candidate.items()},
                                           notes={"source": "online", "trained_events": trainable,
                                                  "heldout": len(held), "steps": result.steps, "loss": result.loss})
                 self.version, result.published = info.version, info.version
                 buffer.trained = until
-                if announce and self.store.current() == info.version:  # not while an operator pins serving
-                    announce(info.version)
-                self.store.gc(self.cfg.model_store.keep_versions)
+                (self.publisher or self.store).gc(self.cfg.model_store.keep_versions)
         if result.published is None:  # discard the candidate: back to the serving weights and moments
             self._restore(*backup)
         self.model.to(self.device)
@@ -397,7 +399,9 @@ class TrainerLoop:
         if o.num_threads:
             torch.set_num_threads(o.num_threads)
         self.buffer = EventBuffer(o.recent_buffer, o.reservoir_buffer, cfg.model.max_len, seed=cfg.train.seed)
-        self.learner = OnlineLearner(cfg, self.store)
+        self.versions = VersionLog(cfg, self.store, who="trainer")
+        self.versions.catch_up()
+        self.learner = OnlineLearner(cfg, self.store, self.versions)
         self.metrics, self.health = TrainerMetrics(), TrainerHealth(stall_after_s=cfg.stream.stall_after_s)
         self.lag: int | None = None
         self._lag_at = 0.0
@@ -447,6 +451,10 @@ class TrainerLoop:
         while (message := self.requests.next_message(0)) is not None:
             if message.get("request") == "refresh":
                 self.requested = True
+        try:
+            self.versions.poll(0)  # what serves now (a rollback, another publisher's version) into the store
+        except Exception as exc:
+            self.health.poll_failed(exc)
         return n
 
     def _observe_lag(self) -> None:
@@ -478,11 +486,9 @@ class TrainerLoop:
     def round(self) -> RoundResult:
         """One round; a round that raises (store unreadable, disk full) is recorded, /health says so, and the
         loop goes on."""
-        from stream.updates import announce
-
         self.health.round_started()
         try:
-            result = self.learner.round(self.buffer, announce=lambda v: announce(self.cfg, v, "fine-tune"))
+            result = self.learner.round(self.buffer)
             self.health.round_done()
         except Exception as exc:  # the service outlives one bad round
             log.exception("round failed")
@@ -509,3 +515,4 @@ class TrainerLoop:
             self.http.close()
         self.examples.close()
         self.requests.close()
+        self.versions.close()

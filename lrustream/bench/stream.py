@@ -153,7 +153,7 @@ def topic_overrides(base: list[str], tag: str, tmp: Path) -> list[str]:
     return [*base, f"topics.interactions=bench-{tag}-in", f"topics.recommendations=bench-{tag}-out",
             f"topics.dlq=bench-{tag}-dlq", f"topics.state_changelog=bench-{tag}-changelog",
             f"topics.training_examples=bench-{tag}-train", f"topics.model_updates=bench-{tag}-updates",
-            f"topics.items=bench-{tag}-items",
+            f"topics.items=bench-{tag}-items", f"topics.model_versions=bench-{tag}-versions",
             f"stream.app_id=bench-{tag}", f"state.dir={tmp / 'state'}", f"model_store.dir={tmp / 'models'}",
             "stream.unknown_items=oov"]
 
@@ -163,13 +163,13 @@ def publish_random_model(cfg: Config, data: str) -> None:
     import torch
 
     from models import build_model, model_config
-    from models.store import ModelStore
+    from stream.versions import publish_version
     from trainer.data import load_sequences
 
     vocab = load_sequences(data).vocabulary()
     torch.manual_seed(0)
     model = build_model(model_config(cfg.model), len(vocab))
-    ModelStore(cfg.model_store.dir).publish(model, vocab)
+    publish_version(cfg, model, vocab, who="bench")
 
 
 @dataclass(frozen=True)

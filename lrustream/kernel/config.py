@@ -59,6 +59,10 @@ class TopicsConfig:
     dlq: str = "interactions.dlq"
     training_examples: str = "training-examples"
     model_updates: str = "model-updates"
+    """Operators' refresh requests to the trainer (stream/updates.py)."""
+    model_versions: str = "model-versions"
+    """Model versions, chunked, and which one to serve, compacted: how versions reach every host
+    (stream/versions.py)."""
     state_changelog: str = "lrustream-state-changelog"
     items: str = "items"
     """Catalogue control, compacted: key = item id, value ``{"status": "blocked" | "active"}``

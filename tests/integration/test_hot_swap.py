@@ -1,9 +1,10 @@
-"""Hot swap on real Kafka: a running worker follows announced versions between micro-batches, re-derives
-old users' states with the new model (never advances old states with new weights), refuses broken
-checkpoints while serving on, and follows a rollback."""
+"""Hot swap on real Kafka: a running worker follows the versions published on the model-versions topic between
+micro-batches, re-derives old users' states with the new model (never advances old states with new weights),
+refuses broken versions (chunks lost or altered, NaN weights) while serving on, and follows a rollback."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -12,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
+from lrustream.cli import app
 from lrustream.kernel.config import Config
 from models.store import META, WEIGHTS, ModelStore
 from stream.serving import Serving
 from stream.topics import create_topics
-from stream.updates import announce
 from tests.streamkit import (
     WorkerProcess,
     produce_events,
@@ -25,6 +27,8 @@ from tests.streamkit import (
     recommendations,
     stored_states,
     synthetic_events,
+    upload_raw,
+    version_files,
     wait_for_version,
 )
 
@@ -63,18 +67,28 @@ def corrupt_truncated(store: ModelStore, version: str) -> None:
     path.write_bytes(path.read_bytes()[:100])
 
 
-def corrupt_nan(store: ModelStore, version: str) -> None:
-    """NaN weights with a matching checksum: only the finiteness check can refuse them."""
-    folder = store.versions_dir / version
-    tensors = load_file(str(folder / WEIGHTS))
+def nan_weights(files: dict[str, bytes], scratch: Path) -> dict[str, bytes]:
+    """The same version with NaN weights and checksums that match them: only the finiteness check can refuse it."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / WEIGHTS).write_bytes(files[WEIGHTS])
+    tensors = load_file(str(scratch / WEIGHTS))
     name = next(k for k, v in tensors.items() if v.is_floating_point())
     tensors[name] = torch.full_like(tensors[name], float("nan"))
-    save_file(tensors, str(folder / WEIGHTS))
-    meta = json.loads((folder / META).read_text())
-    import hashlib
+    save_file(tensors, str(scratch / WEIGHTS))
+    weights = (scratch / WEIGHTS).read_bytes()
+    meta = json.loads(files[META])
+    meta["files"][WEIGHTS] = hashlib.sha256(weights).hexdigest()
+    return {**files, META: json.dumps(meta).encode(), WEIGHTS: weights}
 
-    meta["files"][WEIGHTS] = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()
-    (folder / META).write_text(json.dumps(meta))
+
+def lose_a_chunk(chunks: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    weights = [c for c in chunks if f"/{WEIGHTS}/".encode() in c[0]]
+    return [c for c in chunks if c is not weights[len(weights) // 2]]
+
+
+def alter_a_byte(chunks: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    key, data = chunks[-1]
+    return [*chunks[:-1], (key, data[:-1] + bytes([data[-1] ^ 1]))]
 
 
 def test_worker_swaps_versions_rederives_states_and_refuses_broken_ones(kafka_cfg: Config,
@@ -90,38 +104,36 @@ def test_worker_swaps_versions_rederives_states_and_refuses_broken_ones(kafka_cf
     try:
         worker.wait_healthy()
         recommendations(kafka_cfg, expect=len(before))
-        v2 = publish_model(kafka_cfg, seed=1)
         t0 = time.monotonic()
-        announce(kafka_cfg, v2, "test")
+        v2 = publish_model(kafka_cfg, seed=1)
+        published = time.monotonic()
         wait_for_version(worker, v2)
-        swap = next(s for s in json.loads(worker.get("/model"))["swaps"] if s["version"] == v2)
-        print(f"\nworker served {v2} {swap['at'] - store.info(v2).created:.2f} s after it was published "
-              f"({time.monotonic() - t0:.2f} s after the announcement was acknowledged)")
+        print(f"\nworker served {v2} {time.monotonic() - published:.2f} s after its publish returned "
+              f"({time.monotonic() - t0:.2f} s after the publish began)")
         produce_events(kafka_cfg, after, ts0=1_800_000_000_000)
         recs = recommendations(kafka_cfg, expect=len(events))
-        # broken checkpoints are refused; serving continues on v2
-        for corrupt in (corrupt_truncated, corrupt_nan):
-            bad = publish_model(kafka_cfg, seed=2)
-            corrupt(store, bad)
-            announce(kafka_cfg, bad, "test")
+        # broken versions are refused; serving continues on v2
+        for number, make_files, alter, why in ((90, None, lose_a_chunk, "incomplete or corrupt"),
+                                               (91, None, alter_a_byte, "incomplete or corrupt"),
+                                               (92, nan_weights, None, "non-finite")):
+            bad = f"v{number:06d}"
+            files = version_files(kafka_cfg, bad, tmp_path / "scratch", seed=2)
+            upload_raw(kafka_cfg, bad, make_files(files, tmp_path / "nan") if make_files else files, alter=alter)
             deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                swaps = json.loads(worker.get("/model"))["swaps"]
-                if any(s["version"] == bad and not s["ok"] for s in swaps):
-                    break
+            while not any(s["version"] == bad and not s["ok"] for s in json.loads(worker.get("/model"))["swaps"]):
+                assert time.monotonic() < deadline, f"{bad} was not refused"
                 time.sleep(0.1)
             model = json.loads(worker.get("/model"))
             assert model["version"] == v2
-            assert any(s["version"] == bad and not s["ok"] for s in model["swaps"]), model
-        store.set_current(v2)  # CURRENT back on a good version (the bad ones were made current by publish)
+            assert why in next(s["reason"] for s in model["swaps"] if s["version"] == bad), model
         # rollback to v1 is followed like a new version
-        store.set_current(v1)
-        announce(kafka_cfg, v1, "rollback")
+        assert CliRunner().invoke(app, ["models", "rollback", v1, *kafka_overrides]).exit_code == 0
         wait_for_version(worker, v1)
     finally:
         worker.stop()
     log = (tmp_path / "worker.log").read_text()
-    assert "refused model version" in log and "checksum mismatch" in log and "non-finite" in log
+    assert "refused model version" in log and "incomplete or corrupt" in log and "non-finite" in log
+    assert not any((store.versions_dir / f"v0000{n}").exists() for n in (90, 91)), "never visible"
     after_recs = sorted((r for r in recs if r["event_ts"] >= 1_800_000_000_000),
                         key=lambda r: (r["source"]["partition"], r["source"]["offset"]))
     assert len(after_recs) == len(after) and {r["model_version"] for r in after_recs} == {v2}
@@ -149,7 +161,7 @@ def test_a_version_that_failed_to_load_for_a_transient_reason_is_tried_again_a_c
     worker = Worker(kafka_cfg)
     v2 = publish_model(kafka_cfg, seed=1)
     weights = store.versions_dir / v2 / WEIGHTS
-    weights.rename(weights.with_suffix(".away"))  # e.g. a shared volume that has not caught up yet
+    weights.rename(weights.with_suffix(".away"))  # e.g. a disk that cannot be read for a moment
     assert not asyncio.run(worker.swap_to(v2))
     assert worker.swaps[-1]["retry"] is True and "unreadable" in worker.swaps[-1]["reason"]
     weights.with_suffix(".away").rename(weights)
@@ -163,3 +175,4 @@ def test_a_version_that_failed_to_load_for_a_transient_reason_is_tried_again_a_c
     assert not asyncio.run(worker.swap_to(v3)) and len(worker.swaps) == refusals, "a corrupt version stays refused"
     assert worker.processor.serving.version == v2 and v1 != v2
     worker.store.close()
+    worker.versions.close()

@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from lrustream.cli import app
 from lrustream.kernel.config import Config
-from models.store import ModelStore
 from stream.topics import create_topics
 from tests.integration.test_worker import assert_matches_reference
 from tests.streamkit import WorkerProcess, produce_events, publish_model, recommendations, reference, ring_stream
@@ -45,8 +44,7 @@ def test_both_versions_hit_rates_over_the_same_events_and_the_output_unchanged(
         kafka_cfg: Config, kafka_overrides: list[str], tmp_path: Path) -> None:
     create_topics(kafka_cfg)
     v1 = publish_model(kafka_cfg, seed=0)
-    store = ModelStore(kafka_cfg.model_store.dir)
-    store.set_current(v1, pin=True)
+    assert CliRunner().invoke(app, ["models", "pin", v1, *kafka_overrides]).exit_code == 0
     v2 = publish_model(kafka_cfg, seed=1)  # published while v1 is pinned: a candidate nobody serves
     worker = WorkerProcess(kafka_overrides, tmp_path / "worker.log").start()
     try:

@@ -1,5 +1,7 @@
 """docker-compose.yml keeps its promises without a Docker engine: the file is parsed and checked against the
-Kafka listener settings it declares, the Dockerfile it builds, and lrustream's own configuration schema."""
+Kafka listener settings it declares, the Dockerfile it builds, and lrustream's own configuration schema; workers
+and trainer share nothing but the broker (issue 18), so `docker compose up --scale worker=3` gives three workers,
+each with its own states and model cache."""
 
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ def command_of(service: dict[str, Any]) -> list[str]:
 
 
 def ports_of(service: dict[str, Any]) -> list[tuple[str | None, int, int]]:
-    """(host_ip, published, target) for each port, short ("127.0.0.1:9092:29092") or long syntax."""
+    """(host_ip, published, target) for each port, short ("127.0.0.1:9092:29092") or long syntax; a published
+    range ("6066-6075") gives its first port (:func:`port_ranges` has the whole)."""
     out = []
     for p in service.get("ports") or []:
         if isinstance(p, dict):
@@ -53,9 +56,9 @@ def ports_of(service: dict[str, Any]) -> list[tuple[str | None, int, int]]:
             continue
         parts = str(p).split("/")[0].split(":")
         if len(parts) == 3:
-            out.append((parts[0], int(parts[1]), int(parts[2])))
+            out.append((parts[0], int(parts[1].split("-")[0]), int(parts[2])))
         elif len(parts) == 2:
-            out.append((None, int(parts[0]), int(parts[1])))
+            out.append((None, int(parts[0].split("-")[0]), int(parts[1])))
         else:
             out.append((None, int(parts[0]), int(parts[0])))
     return out
@@ -71,14 +74,26 @@ def listeners(value: str) -> dict[str, tuple[str, int]]:
     return out
 
 
+def port_ranges(service: dict[str, Any]) -> list[tuple[int, int]]:
+    """(first, last) published host port of each short-syntax port ("127.0.0.1:6066-6075:6066")."""
+    out = []
+    for p in service.get("ports") or []:
+        published = str(p).split("/")[0].split(":")[-2]
+        first, _, last = published.partition("-")
+        out.append((int(first), int(last or first)))
+    return out
+
+
 def mounts_of(service: dict[str, Any]) -> dict[str, str]:
-    """container path -> volume source, short ("models:/app/...") or long syntax."""
+    """container path -> volume source ("" for an anonymous volume), short ("models:/app/...", "/app/...") or
+    long syntax."""
     out = {}
     for v in service.get("volumes") or []:
         if isinstance(v, dict):
             out[v["target"]] = v.get("source", "")
         else:
-            source, target = str(v).split(":")[:2]
+            parts = str(v).split(":")
+            source, target = ("", parts[0]) if len(parts) == 1 else parts[:2]
             out[target] = source
     return out
 
@@ -172,18 +187,35 @@ def test_worker_http_port_is_published_only_on_host_loopback(services: dict[str,
     assert all(ip == "127.0.0.1" for ip, _, _ in ports)
 
 
-def test_worker_and_trainer_share_the_model_store_volume(compose: dict[str, Any], services: dict[str, Any]) -> None:
+def test_no_named_volume_is_mounted_by_two_services(compose: dict[str, Any], services: dict[str, Any]) -> None:
+    users: dict[str, list[str]] = {}
+    for name, service in services.items():
+        for source in mounts_of(service).values():
+            if source in (compose.get("volumes") or {}):
+                users.setdefault(source, []).append(name)
+    assert {volume: who for volume, who in users.items() if len(who) > 1} == {}
+
+
+def test_each_worker_replica_keeps_its_states_and_model_cache_in_volumes_of_its_own(services: dict[str, Any]
+                                                                                    ) -> None:
+    """Anonymous volumes: each replica gets its own; a named one would be one folder for every replica."""
+    cfg = load_config()
+    mounts = mounts_of(services["worker"])
+    for path in (str(workdir() / cfg.state.dir), str(workdir() / cfg.model_store.dir)):
+        assert path in mounts, f"the worker mounts nothing at {path}"
+        assert mounts[path] == "", f"the worker mounts {mounts[path]!r} at {path}: shared by every replica"
+
+
+def test_the_trainer_keeps_its_model_cache_in_a_volume_no_worker_mounts(services: dict[str, Any]) -> None:
     models_path = str(workdir() / load_config().model_store.dir)
-    sources = {app: mounts_of(services[app]).get(models_path) for app in APPS}
-    assert all(sources.values()), f"{models_path} is not mounted in every app: {sources}"
-    assert len(set(sources.values())) == 1, sources
-    assert next(iter(sources.values())) in (compose.get("volumes") or {}), "model store is not a named volume"
+    source = mounts_of(services["trainer"]).get(models_path)
+    assert source is not None, "the trainer's model cache (and rounds.jsonl) would be lost with its container"
+    assert source == "" or source not in mounts_of(services["worker"]).values()
 
 
-def test_worker_state_lives_on_a_named_volume(compose: dict[str, Any], services: dict[str, Any]) -> None:
-    state_path = str(workdir() / load_config().state.dir)
-    source = mounts_of(services["worker"]).get(state_path)
-    assert source in (compose.get("volumes") or {}), f"{state_path} is not on a named volume"
+def test_worker_replicas_do_not_collide_on_a_host_port(services: dict[str, Any]) -> None:
+    ranges = port_ranges(services["worker"])
+    assert ranges and all(last - first >= 2 for first, last in ranges), f"room for fewer than 3 replicas: {ranges}"
 
 
 def test_kafka_data_lives_on_a_named_volume(compose: dict[str, Any], services: dict[str, Any]) -> None:

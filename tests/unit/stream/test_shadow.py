@@ -20,7 +20,7 @@ USERS, EVENTS, BATCH = 6, 96, 16
 
 def _versions(tmp_path: Path) -> tuple[ModelStore, str, str]:
     cfg = load_config(overrides=[f"model_store.dir={tmp_path / 'models'}"])
-    v1, v2 = publish_model(cfg, seed=0), publish_model(cfg, seed=1)
+    v1, v2 = publish_model(cfg, seed=0, local=True), publish_model(cfg, seed=1, local=True)
     return ModelStore(cfg.model_store.dir), v1, v2
 
 

@@ -84,7 +84,7 @@ def test_grouped_event_metrics_equal_one_row_per_event(tmp_path: Path) -> None:
     from trainer.evaluate import left_pad, ranks_of
 
     cfg = load_config(overrides=[f"model_store.dir={tmp_path}", "model.max_len=16"])
-    publish_model(cfg, num_items=30)
+    publish_model(cfg, num_items=30, local=True)
     loaded = ModelStore(tmp_path).load()
     rng = random.Random(1)
     held = []
@@ -159,7 +159,7 @@ class Setting:
     @classmethod
     def make(cls, tmp_path: Path, events: list[tuple[str, str]], *extra: str) -> Setting:
         cfg = _cfg(tmp_path, *extra)
-        v1 = publish_model(cfg)
+        v1 = publish_model(cfg, local=True)
         buf, history = EventBuffer(100, 100, cfg.model.max_len), {}
         fill(buf, events, history)
         return cls(cfg, v1, ModelStore(cfg.model_store.dir), buf, history)
@@ -315,12 +315,11 @@ def test_a_rollback_makes_the_learner_start_again_from_the_serving_version(tmp_p
     assert learner.warm_starts == 2 and result.published and s.store.info(result.published).parent == s.v1
 
 
-def test_while_serving_is_pinned_the_learner_publishes_but_neither_serves_nor_announces(tmp_path: Path) -> None:
+def test_while_serving_is_pinned_the_learner_publishes_but_does_not_serve(tmp_path: Path) -> None:
     s = Setting.make(tmp_path, ring_stream(30, 1500))
     s.store.set_current(s.v1, pin=True)  # an operator's rollback pins serving
-    announced: list[str] = []
-    result = OnlineLearner(s.cfg, s.store).round(s.buf, announce=announced.append)
-    assert result.published and s.store.current() == s.v1 and announced == []
+    result = OnlineLearner(s.cfg, s.store).round(s.buf)
+    assert result.published and s.store.current() == s.v1
 
 
 def test_a_published_round_removes_the_weights_of_versions_beyond_keep_versions(tmp_path: Path) -> None:

@@ -1,0 +1,500 @@
+"""The ``model-versions`` topic: how model versions reach every host, with nothing shared but the broker (issue 18).
+
+Contract (also in stream/README.md, "Model versions"):
+
+- One compacted topic (``topics.model_versions``, one partition). Keys are UTF-8:
+
+  ``v000007/<upload>/<file>/<offset>``  a chunk: the bytes of ``file`` (meta.json, vocab.json,
+                                        weights.safetensors) from ``offset`` on, at most ``chunk_bytes``, under
+                                        the broker's record limit
+  ``v000007/<upload>/done``             the version is whole: JSON ``{"version", "upload", "chunk_bytes",
+                                        "files": [{"name", "size", "sha256"}], "sha256", "ts", "by"}``, where
+                                        ``sha256`` covers the files in that order, one after the other
+  ``v000007/<upload>/collected``        gc removed the version's weights (their chunks are tombstoned); its
+                                        meta.json and vocab.json stay, because stored states name them
+  ``@current`` ``@pin`` ``@shadow``     JSON ``{"version", "reason", "by", "ts"}``; a null value clears ``@pin``
+                                        and ``@shadow``
+
+  ``<upload>`` is a random id per publishing attempt: the chunks of a publish that died never mix with another's.
+- A version becomes visible only at its ``done`` record, which its publisher produces after every chunk was
+  acknowledged: a reader (:class:`VersionLog`) writes chunks into a scratch folder of its own model store and, at
+  ``done``, checks every file's size and sha256 and the checksum of the whole before installing the version
+  (models/store.py ``install``). A version that fails is refused (logged; workers list it in ``/model``) and never
+  visible; so is a second upload under a number another upload completed first.
+- Serving: ``@pin`` when set, else ``@current``. Every reader mirrors that, and ``@shadow``, into its store's
+  CURRENT, PINNED and SHADOW once the version named is installed there; workers hot-swap to CURRENT as before
+  (stream/worker.py). Publishing writes ``@current``, so while an operator pins serving a new version is stored
+  but not served. Rollback writes ``@pin`` and ``@current``; unpin writes ``@current`` = the pinned version, then
+  clears ``@pin``: serving stays until the next publish.
+- Numbers only grow: a publisher reads the topic to its end first and numbers its version above every number
+  the topic holds, chunks of dead publishes included. Two publishers racing for a number: the first complete
+  upload wins and the other publishes again under the next number.
+
+Every record is produced with acks=all, and each step waits for the acknowledgement of the one before: chunks,
+then ``done``, then ``@current``. A SIGKILL at any point leaves only complete versions visible
+(tests/integration/test_versions.py kills a publish half-way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lrustream.kernel.config import Config
+from lrustream.kernel.errors import LrustreamError
+from lrustream.kernel.kafka import assigned_reader, high_watermarks, produce_all, producer_config, quiet_logger
+from models.base import SeqRecModel
+from models.store import META, VOCAB, WEIGHTS, ModelStore, ModelStoreError, VersionInfo, check_version_name
+from models.vocab import Vocabulary
+
+log = logging.getLogger("lrustream.versions")
+
+CHUNK_BYTES = 512 * 1024  # well under Kafka's default record limit (message.max.bytes, 1 MiB)
+FILES = (META, VOCAB, WEIGHTS)
+POINTERS = ("@current", "@pin", "@shadow")
+PUBLISH_TRIES = 3  # numbers tried when other publishers keep taking the one chosen
+SCRATCH = ".incoming-"
+STRAY_AGE_S = 600.0  # an upload silent this long, below a complete number, is a dead publish (gc removes it)
+CONSUME_AT_ONCE = 64  # records per consume call: at most 32 MiB of chunks in memory
+
+
+class VersionConflict(LrustreamError):
+    """Another upload completed the version number first; the publisher tries the next number."""
+
+
+@dataclass
+class Upload:
+    """A version's chunks as they arrive: a scratch folder, and for our own publish the folder they came from."""
+
+    folder: Path
+    own: bool = False
+
+
+@dataclass
+class Strays:
+    """The chunk keys (not tombstoned) of an upload that has no ``done`` record, and when the last came."""
+
+    keys: set[str] = field(default_factory=set)
+    last_ms: int = 0
+
+
+@dataclass
+class Done:
+    """A ``done`` record, parsed."""
+
+    version: str
+    upload: str
+    chunk_bytes: int
+    files: list[dict[str, Any]]
+    sha256: str
+
+    @classmethod
+    def parse(cls, version: str, upload: str, value: bytes) -> Done:
+        body = json.loads(value)
+        files = [{"name": str(f["name"]), "size": int(f["size"]), "sha256": str(f["sha256"])} for f in body["files"]]
+        if [f["name"] for f in files] not in ([META, VOCAB, WEIGHTS], [META, VOCAB]):
+            raise ValueError(f"unexpected file list {[f['name'] for f in files]}")
+        if body["version"] != version or body["upload"] != upload:
+            raise ValueError("its version or upload differs from its key")
+        return cls(version, upload, int(body["chunk_bytes"]), files, str(body["sha256"]))
+
+    def weights_chunks(self) -> list[int]:
+        """The offsets of the weights file's chunks (what gc tombstones)."""
+        size = next((f["size"] for f in self.files if f["name"] == WEIGHTS), 0)
+        return list(range(0, size, self.chunk_bytes)) or [0]
+
+
+@dataclass
+class TopicView:
+    """What the topic said so far."""
+
+    done: dict[str, Done] = field(default_factory=dict)  # installed versions: the upload that completed each
+    collected: set[str] = field(default_factory=set)
+    refused: dict[str, str] = field(default_factory=dict)  # version -> why it is not installed
+    pointers: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(POINTERS))
+    highest: int = 0  # the highest version number any record names
+
+    def serving(self) -> str | None:
+        return self.pointers["@pin"] or self.pointers["@current"]
+
+
+class VersionLog:
+    """Reads the model-versions topic from its beginning into a model store (its cache), and writes to it.
+
+    One reader per process and store, used from one thread at a time; readers of the same store in other
+    processes (a worker and an operator's shell on one host) each keep their own scratch folder."""
+
+    def __init__(self, cfg: Config, store: ModelStore, who: str = "lrustream") -> None:
+        self.cfg, self.store, self.who = cfg, store, who
+        self.topic = cfg.topics.model_versions
+        self.consumer, self.partitions = assigned_reader(cfg, self.topic, f"{cfg.stream.app_id}-versions",
+                                                         from_beginning=True)
+        self.seen = TopicView()
+        self.uploads: dict[tuple[str, str], Upload] = {}
+        self.strays: dict[tuple[str, str], Strays] = {}  # chunks of uploads no done record completed
+        self.strays_removed = 0  # chunks the last gc tombstoned
+        self.scratch = store.root / f"{SCRATCH}{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.new_refusals: list[tuple[str, str]] = []  # (version, why) not yet reported to the caller
+        self._unserved: str | None = None  # a version a pointer names that is not installed here: logged once
+        self._producer: Any = None
+        _remove_dead_scratch(store.root)
+
+    # ----- reading -----------------------------------------------------------------------------------------------
+    def catch_up(self, timeout_s: float = 30.0) -> None:
+        """Read up to the topic's end as it is now, installing versions and mirroring pointers; TimeoutError
+        past ``timeout_s``."""
+        from confluent_kafka import TopicPartition
+
+        ends = high_watermarks(self.consumer, self.topic, self.partitions, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            positions = {tp.partition: tp.offset for tp in
+                         self.consumer.position([TopicPartition(self.topic, p) for p in self.partitions])}
+            if all(end == 0 or positions.get(p, -1) >= end for p, end in ends.items()):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {self.topic} topic was not read to its end within {timeout_s:g} s")
+            self._apply(self._take(0.2))
+        self._mirror()
+
+    def poll(self, timeout_s: float) -> bool:
+        """Apply what arrived, waiting up to ``timeout_s`` for the first record; True when anything did."""
+        messages = self._take(timeout_s)
+        self._apply(messages)
+        self._mirror()
+        return bool(messages)
+
+    def _take(self, timeout_s: float) -> list[Any]:
+        """The records there are, waiting up to ``timeout_s`` for the first only (``consume(n, t)`` would wait
+        for n records or the whole of t)."""
+        first = self.consumer.poll(timeout_s)
+        return [] if first is None else [first, *self.consumer.consume(CONSUME_AT_ONCE - 1, 0)]
+
+    def versions(self) -> list[VersionInfo]:
+        """The versions the topic holds whole, oldest first (collected ones included)."""
+        return [self.store.info(v) for v in sorted(self.seen.done)]
+
+    def _apply(self, messages: list[Any]) -> None:
+        for msg in messages:
+            if msg.error():
+                continue
+            try:
+                self._apply_one(msg.key().decode() if msg.key() else "", msg.value(), msg.timestamp()[1])
+            except (ValueError, KeyError, TypeError, ModelStoreError) as exc:
+                log.warning("ignoring record at %s@%d of %s: %s", self.topic, msg.offset(), msg.key(), exc)
+
+    def _apply_one(self, key: str, value: bytes | None, ts_ms: int) -> None:
+        if key in POINTERS:
+            version = json.loads(value)["version"] if value is not None else None
+            self.seen.pointers[key] = check_version_name(version) if version is not None else None
+            return
+        version, upload, *rest = key.split("/")
+        check_version_name(version)
+        self.seen.highest = max(self.seen.highest, int(version[1:]))
+        if rest == ["done"] and value is not None:
+            self._complete(Done.parse(version, upload, value))
+        elif rest == ["collected"]:
+            self._collected(version, upload)
+        elif len(rest) == 2 and rest[0] in FILES:
+            self._track_chunk(version, upload, key, value is None, ts_ms)
+            if value is not None:
+                self._chunk(version, upload, rest[0], int(rest[1]), value)
+        elif value is not None:
+            raise ValueError("not a model-versions key")
+
+    def _track_chunk(self, version: str, upload: str, key: str, tombstone: bool, ts_ms: int) -> None:
+        """The chunk keys of each upload no ``done`` record completed yet (what gc removes of dead publishes)."""
+        if (done := self.seen.done.get(version)) is not None and done.upload == upload:
+            return
+        chunks = self.strays.setdefault((version, upload), Strays())
+        if tombstone:
+            chunks.keys.discard(key)
+        else:
+            chunks.keys.add(key)
+            chunks.last_ms = max(chunks.last_ms, ts_ms)
+
+    def _chunk(self, version: str, upload: str, name: str, offset: int, data: bytes) -> None:
+        held = self.uploads.get((version, upload))
+        if version in self.seen.done or (held is not None and held.own) or (self.store.versions_dir / version).is_dir():
+            return  # installed, ours, or already here (a restart, our own push): nothing to download
+        if (version, upload) not in self.uploads:
+            self.uploads[version, upload] = Upload(self.scratch / f"{version}-{upload}")
+            self.uploads[version, upload].folder.mkdir(parents=True)
+        path = self.uploads[version, upload].folder / name
+        with open(path, "r+b" if path.exists() else "wb") as f:
+            f.seek(offset)
+            f.write(data)
+
+    def _complete(self, done: Done) -> None:
+        version = done.version
+        if version in self.seen.done:
+            if self.seen.done[version].upload != done.upload:
+                log.warning("model version %s was uploaded twice; the first complete upload is kept", version)
+                self.strays.setdefault((version, done.upload), Strays()).keys.add(f"{version}/{done.upload}/done")
+            return
+        upload = self.uploads.pop((version, done.upload), None)
+        try:
+            if (self.store.versions_dir / version).is_dir():
+                _check_files(self.store.files(version), done, version)  # already here (our own push, a restart)
+            elif upload is None:
+                raise ModelStoreError(f"model version {version}: its chunks are missing (compacted away, or "
+                                      "never written)")
+            else:
+                collected = len(done.files) == 2
+                _check_files([upload.folder / f["name"] for f in done.files], done, version)
+                self.store.install(upload.folder, version, collected=collected)
+        except ModelStoreError as exc:
+            if upload is not None and not (upload.folder / WEIGHTS).exists():  # gc'd and compacted: "collected"
+                self.seen.refused[version] = str(exc)                         # follows; said if a pointer names it
+            else:
+                self._refuse(version, str(exc))
+            if upload is not None and not upload.own:
+                self.uploads[version, done.upload] = upload  # meta and vocab may serve a later "collected"
+            return
+        if upload is not None and not upload.own:
+            shutil.rmtree(upload.folder, ignore_errors=True)  # installed (moved away) or not needed
+        self.seen.done[version] = done
+        self.strays.pop((version, done.upload), None)
+        self.seen.refused.pop(version, None)
+
+    def _collected(self, version: str, upload: str) -> None:
+        self.seen.collected.add(version)
+        if version in self.seen.done:
+            self.store.collect(version)
+            return
+        held = self.uploads.pop((version, upload), None)  # a late reader: the weights' chunks are gone
+        if held is None:
+            return
+        try:
+            (held.folder / WEIGHTS).unlink(missing_ok=True)
+            info = self.store.install(held.folder, version, collected=True)
+            self.seen.refused.pop(version, None)
+            self.seen.done[version] = Done(version, upload, CHUNK_BYTES,
+                                           [{"name": n, "size": 0, "sha256": info.files.get(n, "")}
+                                            for n in (META, VOCAB)], "")
+        except ModelStoreError as exc:
+            log.warning("collected model version %s: %s", version, exc)
+
+    def _refuse(self, version: str, why: str) -> None:
+        if self.seen.refused.get(version) != why:
+            log.error("refused model version %s: %s", version, why)
+            self.new_refusals.append((version, why))
+        self.seen.refused[version] = why
+
+    def _installed(self, version: str | None) -> bool:
+        return version in self.seen.done and version not in self.seen.collected
+
+    def _mirror(self) -> None:
+        """The store's pointers as the topic says, once the versions they name are installed here: a pointer to a
+        version that is not (refused, collected) leaves serving as it is, logged once."""
+        serving, shadow = self.seen.serving(), self.seen.pointers["@shadow"]
+        for version in (serving, shadow):
+            if version is not None and not self._installed(version) and self._unserved != version:
+                log.error("the topic names model version %s, which is not installed here (%s); serving stays as "
+                          "it is", version, self.seen.refused.get(version, "collected or never received"))
+                self._unserved = version
+        if serving is not None and not self._installed(serving):
+            return
+        self.store.mirror(serving, self.seen.pointers["@pin"], shadow if self._installed(shadow) else None)
+
+    # ----- writing -----------------------------------------------------------------------------------------------
+    def publish(self, model: SeqRecModel, vocab: Vocabulary, metrics: dict[str, float] | None = None,
+                parent: str | None = None, notes: dict[str, Any] | None = None, reason: str = "publish",
+                make_current: bool = True) -> VersionInfo:
+        """Publish a new version through the topic and (unless ``make_current`` is False) make it @current; returns
+        its description once this host has it installed."""
+        for _ in range(PUBLISH_TRIES):
+            self.catch_up()
+            version = self.store.next_version(above=self.seen.highest)
+            folder, info = self.store.prepare(model, vocab, version, metrics, parent, notes)
+            try:
+                self._upload(version, [folder / name for name in FILES], folder)
+            except VersionConflict as exc:
+                log.warning("%s; publishing again under the next number", exc)
+                continue
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            if make_current:
+                self._point("@current", version, reason)
+            return info
+        raise VersionConflict(f"other publishers took {PUBLISH_TRIES} version numbers in a row; try again")
+
+    def push(self, version: str, reason: str = "push") -> VersionInfo:
+        """Publish a version this store already holds (e.g. trained offline without a broker) under its own number,
+        and make it @current."""
+        info = self.store.load(check_version_name(version)).info  # verified first
+        self.catch_up()
+        if version not in self.seen.done:
+            if self.seen.highest >= int(version[1:]):
+                raise ModelStoreError(f"the topic already uses number {version}; publish the model as a new version")
+            self._upload(version, self.store.files(version), None)
+        self._point("@current", version, reason)
+        return info
+
+    def pin(self, version: str, reason: str) -> VersionInfo:
+        """Serve ``version`` (verified here first) and keep serving it while publishes go on (rollback, pin)."""
+        self.catch_up()
+        info = self._verified(version)
+        value = self._pointer_value(version, reason)
+        self._send([(b"@pin", value), (b"@current", value)])
+        self.catch_up()
+        return info
+
+    def unpin(self) -> str | None:
+        """Release the pin; the pinned version stays @current until the next publish. Returns it (None: none)."""
+        self.catch_up()
+        was = self.seen.pointers["@pin"]
+        if was is not None:
+            self._send([(b"@current", self._pointer_value(was, "unpin")), (b"@pin", None)])
+            self.catch_up()
+        return was
+
+    def shadow(self, version: str | None) -> VersionInfo | None:
+        """Have every worker score ``version`` (verified here first) beside the serving one; None stops it."""
+        self.catch_up()
+        info = self._verified(version) if version is not None else None
+        self._send([(b"@shadow", self._pointer_value(version, "shadow") if version else None)])
+        self.catch_up()
+        return info
+
+    def gc(self, keep: int) -> list[str]:
+        """Remove the weights of every version but the newest ``keep`` and the serving, pinned and shadow ones,
+        on every host: their chunks are tombstoned and a ``collected`` record tells readers. Returns them. The
+        chunks of dead uploads go too (:meth:`_dead`; counted in ``strays_removed``)."""
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.catch_up()
+        whole = sorted(v for v in self.seen.done if v not in self.seen.collected)
+        spared = {*whole[-keep:], *self.seen.pointers.values()}
+        gone = [v for v in whole if v not in spared]
+        for version in gone:
+            done = self.seen.done[version]
+            tombstones: list[tuple[bytes, bytes | None]] = [
+                (f"{version}/{done.upload}/{WEIGHTS}/{offset}".encode(), None) for offset in done.weights_chunks()]
+            self._send([*tombstones, (f"{version}/{done.upload}/collected".encode(), b"{}")])
+        dead = [key for (version, upload), strays in self.strays.items() if self._dead(version, upload, strays)
+                for key in sorted(strays.keys)]
+        if dead:
+            self._send([(key.encode(), None) for key in dead])
+        self.strays_removed = len(dead)
+        if gone or dead:
+            self.catch_up()
+        return gone
+
+    def _dead(self, version: str, upload: str, strays: Strays) -> bool:
+        """An upload that will never complete: another upload completed its number, or it wrote nothing for
+        STRAY_AGE_S while a higher number completed (a publisher numbers above what it read, so it died)."""
+        if not strays.keys:
+            return False
+        if version in self.seen.done:
+            return True
+        newest = max((int(v[1:]) for v in self.seen.done), default=0)
+        return int(version[1:]) < newest and time.time() * 1000 - strays.last_ms > STRAY_AGE_S * 1000
+
+    def _verified(self, version: str) -> VersionInfo:
+        if check_version_name(version) not in self.seen.done:
+            why = self.seen.refused.get(version, "it was never published")
+            raise ModelStoreError(f"model version {version} is not on {self.topic}: {why}")
+        return self.store.load(version).info
+
+    def _point(self, pointer: str, version: str, reason: str) -> None:
+        self._send([(pointer.encode(), self._pointer_value(version, reason))])
+        self.catch_up()
+
+    def _pointer_value(self, version: str, reason: str) -> bytes:
+        return json.dumps({"version": version, "reason": reason, "by": self.who,
+                           "ts": int(time.time() * 1000)}).encode()
+
+    def _upload(self, version: str, paths: list[Path], own: Path | None) -> None:
+        """The files' chunks, then ``done`` once they are all acknowledged; VersionConflict when another upload
+        completed ``version`` first."""
+        upload = uuid.uuid4().hex[:12]
+        whole = hashlib.sha256()
+        files = []
+        for path in paths:
+            digest = hashlib.sha256()
+            records = []
+            with open(path, "rb") as f:
+                offset = 0
+                while block := f.read(CHUNK_BYTES):
+                    records.append((f"{version}/{upload}/{path.name}/{offset}".encode(), block))
+                    digest.update(block)
+                    whole.update(block)
+                    offset += len(block)
+                if offset == 0:
+                    records.append((f"{version}/{upload}/{path.name}/0".encode(), b""))
+            self._send(records)
+            files.append({"name": path.name, "size": offset, "sha256": digest.hexdigest()})
+        if own is not None:
+            self.uploads[version, upload] = Upload(own, own=True)
+        done = {"version": version, "upload": upload, "chunk_bytes": CHUNK_BYTES, "files": files,
+                "sha256": whole.hexdigest(), "ts": int(time.time() * 1000), "by": self.who}
+        self._send([(f"{version}/{upload}/done".encode(), json.dumps(done).encode())])
+        self.catch_up()
+        if (winner := self.seen.done.get(version)) is None or winner.upload != upload:
+            why = self.seen.refused.get(version, "another upload completed it first")
+            raise VersionConflict(f"model version {version} was not taken: {why}")
+
+    def _send(self, records: list[tuple[bytes, bytes | None]]) -> None:
+        from confluent_kafka import Producer
+
+        if self._producer is None:
+            # not idempotent: a retried chunk is the same key and bytes, and each step waits for the one before
+            # (an idempotent producer's first flush waited ~0.5 s for its producer id)
+            self._producer = Producer(producer_config(self.cfg, **{
+                "acks": "all", "enable.idempotence": False, "compression.type": "none",
+                "logger": quiet_logger("lrustream.versions")}))
+        produce_all(self._producer, self.topic, records, timeout_s=60.0)
+
+    def close(self) -> None:
+        self.consumer.close()
+        if self._producer is not None:
+            self._producer.flush(5)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _check_files(paths: list[Path], done: Done, version: str) -> None:
+    """Every file has the size and sha256 the ``done`` record names, and the whole its checksum (``paths`` may
+    lack the weights: a version collected here)."""
+    whole = hashlib.sha256()
+    for path, expected in zip(paths, done.files[:len(paths)], strict=True):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            raise ModelStoreError(f"model version {version}: {expected['name']} is missing") from None
+        whole.update(data)
+        if len(data) != expected["size"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise ModelStoreError(f"model version {version}: {expected['name']} is incomplete or corrupt "
+                                  f"({len(data)} of {expected['size']} bytes, checksum mismatch)")
+    if done.sha256 and len(paths) == len(done.files) and whole.hexdigest() != done.sha256:
+        raise ModelStoreError(f"model version {version}: the checksum of the whole version does not match")
+
+
+def _remove_dead_scratch(root: Path) -> None:
+    """Scratch folders of readers whose process is gone (a kill mid-download)."""
+    for folder in root.glob(f"{SCRATCH}*") if root.is_dir() else []:
+        try:
+            os.kill(int(folder.name[len(SCRATCH):].split("-")[0]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (ValueError, PermissionError):  # not our name; or alive under another user
+            continue
+
+
+def publish_version(cfg: Config, model: SeqRecModel, vocab: Vocabulary, who: str = "lrustream",
+                    **details: Any) -> VersionInfo:
+    """Publish one version through the topic from this host's model store (``model_store.dir``) and make it
+    @current (:meth:`VersionLog.publish`; ``details``: metrics, parent, notes, reason)."""
+    log = VersionLog(cfg, ModelStore(cfg.model_store.dir), who=who)
+    try:
+        return log.publish(model, vocab, **details)
+    finally:
+        log.close()

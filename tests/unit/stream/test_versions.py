@@ -1,0 +1,116 @@
+"""The model-versions format without a broker: what a ``done`` record must say, how received files are checked,
+and how a store installs and mirrors what the topic says (the topic itself: tests/integration/test_versions.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import LRURecConfig, build_model
+from models.store import META, VOCAB, WEIGHTS, ModelStore, ModelStoreError
+from models.vocab import Vocabulary
+from stream.versions import SCRATCH, Done, _check_files, _remove_dead_scratch
+
+
+def _prepared(tmp_path: Path, version: str = "v000003") -> tuple[ModelStore, Path]:
+    store = ModelStore(tmp_path / "models")
+    torch.manual_seed(0)
+    folder, _ = store.prepare(build_model(LRURecConfig(d_model=8, num_layers=1, max_len=10), 20),
+                              Vocabulary.identity(20), version)
+    return store, folder
+
+
+def _done_for(folder: Path, version: str = "v000003") -> Done:
+    files = [{"name": n, "size": (folder / n).stat().st_size,
+              "sha256": hashlib.sha256((folder / n).read_bytes()).hexdigest()} for n in (META, VOCAB, WEIGHTS)]
+    whole = hashlib.sha256(b"".join((folder / n).read_bytes() for n in (META, VOCAB, WEIGHTS))).hexdigest()
+    body = {"version": version, "upload": "u1", "chunk_bytes": 1024, "files": files, "sha256": whole}
+    return Done.parse(version, "u1", json.dumps(body).encode())
+
+
+def test_a_done_record_must_name_the_files_of_a_version_and_match_its_key(tmp_path: Path) -> None:
+    _, folder = _prepared(tmp_path)
+    done = _done_for(folder)
+    assert done.weights_chunks() == list(range(0, (folder / WEIGHTS).stat().st_size, 1024))
+    body = {"version": "v000003", "upload": "u1", "chunk_bytes": 1024, "sha256": "", "files": done.files}
+    with pytest.raises(ValueError, match="differs from its key"):
+        Done.parse("v000004", "u1", json.dumps(body).encode())
+    with pytest.raises(ValueError, match="unexpected file list"):
+        Done.parse("v000003", "u1", json.dumps({**body, "files": [*done.files, {**done.files[0],
+                                                                                "name": "../x"}]}).encode())
+    with pytest.raises(KeyError):
+        Done.parse("v000003", "u1", json.dumps({"version": "v000003"}).encode())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "altered", "missing"])
+def test_received_files_that_differ_from_the_done_record_are_refused(tmp_path: Path, damage: str) -> None:
+    _, folder = _prepared(tmp_path)
+    done = _done_for(folder)
+    paths = [folder / n for n in (META, VOCAB, WEIGHTS)]
+    _check_files(paths, done, "v000003")  # as received: accepted
+    weights = folder / WEIGHTS
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-1])
+    elif damage == "altered":
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 1
+        weights.write_bytes(bytes(data))
+    else:
+        weights.unlink()
+    with pytest.raises(ModelStoreError, match=r"incomplete or corrupt|missing"):
+        _check_files(paths, done, "v000003")
+
+
+def test_install_refuses_files_that_describe_another_version_and_keeps_a_version_already_there(
+        tmp_path: Path) -> None:
+    store, folder = _prepared(tmp_path)
+    with pytest.raises(ModelStoreError, match="describes 'v000003'"):
+        store.install(folder, "v000009")
+    info = store.install(folder, "v000003")
+    assert store.versions() == ["v000003"] and store.load("v000003").info.version == info.version
+    assert store.next_version() == "v000004", "an installed number is never handed out again"
+    _, again = _prepared(tmp_path / "other")
+    (tmp_path / "models" / "again").mkdir()
+    for name in (META, VOCAB, WEIGHTS):
+        os.replace(again / name, tmp_path / "models" / "again" / name)
+    store.install(tmp_path / "models" / "again", "v000003")
+    assert not (tmp_path / "models" / "again").exists() and store.versions() == ["v000003"]
+
+
+def test_a_collected_version_is_installed_without_weights_and_refused_by_load(tmp_path: Path) -> None:
+    store, folder = _prepared(tmp_path)
+    (folder / WEIGHTS).unlink()
+    store.install(folder, "v000003", collected=True)
+    assert store.collected("v000003") and len(store.vocabulary("v000003")) == 20
+    with pytest.raises(ModelStoreError, match="garbage-collected"):
+        store.load("v000003")
+
+
+def test_mirror_sets_and_clears_the_pointer_files(tmp_path: Path) -> None:
+    store, folder = _prepared(tmp_path)
+    store.install(folder, "v000003")
+    store.mirror("v000003", "v000003", None)
+    assert (store.current(), store.pinned(), store.shadow()) == ("v000003", "v000003", None)
+    store.mirror("v000003", None, "v000003")
+    assert (store.current(), store.pinned(), store.shadow()) == ("v000003", None, "v000003")
+    store.mirror(None, None, None)
+    assert (store.current(), store.pinned(), store.shadow()) == (None, None, None)
+    with pytest.raises(ModelStoreError, match="invalid model version name"):
+        store.mirror("../evil", None, None)
+
+
+def test_scratch_folders_of_dead_readers_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = tmp_path / f"{SCRATCH}{int(dead.stdout)}-abc"
+    alive = tmp_path / f"{SCRATCH}{os.getpid()}-def"
+    for folder in (gone, alive):
+        (folder / "v000001-u1").mkdir(parents=True)
+    _remove_dead_scratch(tmp_path)
+    assert not gone.exists() and alive.exists()

@@ -66,13 +66,15 @@ def ensure_model(cfg: Config, data: str, train_minutes: float, log: Callable[[st
     from models.store import ModelStore
     from stream.versions import VersionLog
 
-    versions = VersionLog(cfg, ModelStore(resolve_path(cfg.model_store.dir)), who="demo")
+    store = ModelStore(resolve_path(cfg.model_store.dir))
+    stored = store.current()  # read before the topic's pointers are mirrored into the store
+    versions = VersionLog(cfg, store, who="demo")
     try:
         versions.catch_up()
         if serving := versions.seen.serving():
             log(f"model: serving {serving} from {cfg.topics.model_versions} (lrustream models list)")
             return serving
-        if stored := versions.store.current():
+        if stored:
             versions.push(stored)
             log(f"model: published stored version {stored} on {cfg.topics.model_versions}")
             return stored

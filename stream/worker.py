@@ -109,6 +109,7 @@ class Worker:
         self.model_store = ModelStore(resolve_path(cfg.model_store.dir))
         create_topics(cfg)
         self.versions = VersionLog(cfg, self.model_store, who=f"worker {worker_client_id(cfg)}")
+        self.swaps: list[dict[str, Any]] = []  # what happened to each version named (served / refused why)
         self.serving = serving or self._first_serving()
         self.model_ready = asyncio.Event()  # set once a version is served: the input loop waits for it
         self.metrics = WorkerMetrics()
@@ -123,7 +124,6 @@ class Worker:
         self.started = time.time()
         self.liveness = Liveness(cfg.stream.stall_after_s)
         self.pipeline = Pipeline(cfg, self.processor, self.store, self.metrics, self.liveness)
-        self.swaps: list[dict[str, Any]] = []  # what happened to each version named (served / refused why)
         self._shadow_refused: str | None = None  # a shadow version that could not be loaded
         self.owners = Owners(cfg)  # who answers requests for which users
         self.catalogue_read = asyncio.Event()  # the items topic was read to its end once (or could not be)
@@ -164,7 +164,9 @@ class Worker:
     def _first_serving(self) -> Serving | None:
         """The version to start with: the model-versions topic read to its end into the local store first (a
         worker that starts late serves what the others serve); the store's CURRENT as it was when the topic cannot
-        be read now. None while no version exists: the worker waits for one (health "waiting")."""
+        be read now. When the version the topic names cannot be served (refused, corrupt), the newest one here
+        that loads, as the workers that were running keep serving theirs (logged; refused ones are in /model).
+        None while no version exists: the worker waits for one (health "waiting")."""
         from models.store import ModelStoreError
 
         try:
@@ -173,15 +175,26 @@ class Worker:
             log.error("the %s topic could not be read (%s); starting with the local store's CURRENT",
                       self.cfg.topics.model_versions, exc)
         self._report_refusals()
-        if self.model_store.current() is None:
+        current = self.model_store.current()
+        if current is None and self.versions.seen.serving() is None:
             log.warning("no model version yet: waiting for one on %s (lrustream train, or lrustream models push)",
                         self.cfg.topics.model_versions)
             return None
-        try:
-            return Serving.load(self.model_store)
-        except (ModelStoreError, OSError, ValueError) as exc:
-            log.error("the stored CURRENT version cannot be served (%s): waiting for another", exc)
-            return None
+        store = self.model_store
+        fallbacks = [v for v in reversed(store.versions()) if v != current and not store.collected(v)]
+        for version in ([current] if current else []) + fallbacks:
+            try:
+                serving = Serving.load(self.model_store, version)
+            except (ModelStoreError, OSError, ValueError) as exc:
+                log.error("model version %s cannot be served: %s", version, exc)
+                self._record_swap({"version": version, "ok": False, "reason": str(exc), "at": time.time(),
+                                   "retry": isinstance(exc, OSError) or getattr(exc, "transient", False)})
+                continue
+            if version != current:
+                log.error("serving %s, the newest version here that loads, until the topic names one that does "
+                          "(it names %s)", version, current or self.versions.seen.serving())
+            return serving
+        return None
 
     async def _follow_versions(self) -> None:
         """Read the model-versions topic as it grows (stream/versions.py installs whole versions into the local

@@ -1,6 +1,7 @@
 """Hot swap on real Kafka: a running worker follows the versions published on the model-versions topic between
 micro-batches, re-derives old users' states with the new model (never advances old states with new weights),
-refuses broken versions (chunks lost or altered, NaN weights) while serving on, and follows a rollback."""
+refuses broken versions (chunks lost or altered, NaN weights) while serving on (so does a worker started after
+them), and follows a rollback."""
 
 from __future__ import annotations
 
@@ -126,6 +127,15 @@ def test_worker_swaps_versions_rederives_states_and_refuses_broken_ones(kafka_cf
             model = json.loads(worker.get("/model"))
             assert model["version"] == v2
             assert why in next(s["reason"] for s in model["swaps"] if s["version"] == bad), model
+        # a worker started now, on another host, serves what the running one does: the newest version that loads
+        late = WorkerProcess([*kafka_overrides, f"state.dir={tmp_path / 'late' / 'state'}",
+                              f"model_store.dir={tmp_path / 'late' / 'models'}"], tmp_path / "late.log").start()
+        try:
+            assert late.wait_healthy()["model_version"] == v2
+            refused = {s["version"] for s in json.loads(late.get("/model"))["swaps"] if not s["ok"]}
+            assert refused == {"v000090", "v000091", "v000092"}, refused
+        finally:
+            late.stop()
         # rollback to v1 is followed like a new version
         assert CliRunner().invoke(app, ["models", "rollback", v1, *kafka_overrides]).exit_code == 0
         wait_for_version(worker, v1)

@@ -242,8 +242,13 @@ class VersionLog:
             return
         upload = self.uploads.pop((version, done.upload), None)
         try:
-            if (self.store.versions_dir / version).is_dir():
-                _check_files(self.store.files(version), done, version)  # already here (our own push, a restart)
+            if (self.store.versions_dir / version).is_dir():  # already here (our own push, a restart)
+                try:
+                    _check_files(self.store.files(version), done, version)
+                except ModelStoreError:
+                    raise ModelStoreError(f"model version {version}: this host's store holds another {version} "
+                                          f"(published here alone?); move {self.store.versions_dir / version} "
+                                          "aside to take the topic's") from None
             elif upload is None:
                 raise ModelStoreError(f"model version {version}: its chunks are missing (compacted away, or "
                                       "never written)")

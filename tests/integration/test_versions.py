@@ -260,3 +260,18 @@ def test_the_records_a_version_is_made_of_are_each_under_the_record_limit(kafka_
     assert len(sizes) > 3 and max(sizes) <= CHUNK_BYTES + 100 < BROKER_RECORD_LIMIT, sizes
     done = [json.loads(m.value()) for m in records if m.key().endswith(b"/done")]
     assert len(done) == 1 and [f["name"] for f in done[0]["files"]] == [META, VOCAB, WEIGHTS]
+
+
+def test_a_store_holding_another_version_under_a_number_refuses_the_topics_and_says_why(kafka_cfg: Config,
+                                                                                      tmp_path: Path) -> None:
+    create_topics(kafka_cfg)
+    v1 = publish_model(kafka_cfg, seed=0)
+    legacy = ModelStore(tmp_path / "legacy")
+    assert legacy.publish(*small_model(kafka_cfg, seed=5)).version == v1  # same number, never on the topic
+    reader = VersionLog(kafka_cfg, legacy)
+    try:
+        reader.catch_up()
+        assert "holds another v000001" in reader.seen.refused[v1] and "move" in reader.seen.refused[v1]
+        assert [version for version, _ in reader.new_refusals] == [v1]
+    finally:
+        reader.close()

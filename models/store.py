@@ -242,11 +242,11 @@ class ModelStore:
                 return info
             os.rename(folder, self.versions_dir / info.version)
             fsync(self.versions_dir)
-            self.reserve(int(info.version[1:]))
+            self._reserve(int(info.version[1:]))
         return info
 
-    def reserve(self, number: int) -> None:
-        """Never hand out version numbers up to ``number`` (used elsewhere, e.g. by a publish that died)."""
+    def _reserve(self, number: int) -> None:
+        """Never hand out version numbers up to ``number`` (a version installed from elsewhere has it)."""
         with contextlib.suppress(OSError, ValueError):
             if int((self.root / "LAST").read_text()) >= number:
                 return

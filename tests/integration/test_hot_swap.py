@@ -136,6 +136,8 @@ def test_worker_swaps_versions_rederives_states_and_refuses_broken_ones(kafka_cf
             assert refused == {"v000090", "v000091", "v000092"}, refused
         finally:
             late.stop()
+        listed = CliRunner().invoke(app, ["models", "list", *kafka_overrides]).output
+        assert "! v000090  refused" in listed and "! v000091  refused" in listed and f"* {v2}" not in listed, listed
         # rollback to v1 is followed like a new version
         assert CliRunner().invoke(app, ["models", "rollback", v1, *kafka_overrides]).exit_code == 0
         wait_for_version(worker, v1)

@@ -23,7 +23,7 @@ from typing import Any
 
 from lrustream.kernel.config import Config
 from lrustream.kernel.errors import LrustreamError
-from lrustream.kernel.kafka import assigned_reader, high_watermarks, produce_all, producer_config
+from lrustream.kernel.kafka import assigned_reader, produce_all, producer_config, read_to_end
 from stream.events import MAX_ID_CHARS
 
 log = logging.getLogger("lrustream.catalogue")
@@ -91,19 +91,8 @@ class CatalogueFollower:
 
     def read_to_end(self, timeout_s: float) -> list[tuple[bytes | None, bytes | None]]:
         """Every record up to the end offsets as they are now; raises :class:`TimeoutError` past ``timeout_s``."""
-        from confluent_kafka import TopicPartition
-
-        ends = high_watermarks(self.consumer, self.topic, self.partitions, timeout_s)
-        deadline = time.monotonic() + timeout_s
-        records: list[tuple[bytes | None, bytes | None]] = []
-        while True:
-            positions = {tp.partition: tp.offset for tp in
-                         self.consumer.position([TopicPartition(self.topic, p) for p in self.partitions])}
-            if all(end == 0 or positions.get(p, -1) >= end for p, end in ends.items()):
-                return records
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {self.topic} topic was not read to its end within {timeout_s:g}s")
-            records += self.poll(0.2)
+        return [r for batch in read_to_end(self.consumer, self.topic, self.partitions, self.poll, timeout_s)
+                for r in batch]
 
     def close(self) -> None:
         self.consumer.close()

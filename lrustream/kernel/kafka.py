@@ -11,7 +11,7 @@
   :func:`await_deliveries` waits for them and raises :class:`KafkaUnavailable` for any that failed or never
   came; :func:`produce_all` is produce, Deliveries and await_deliveries together.
 - Metadata and admin: :func:`admin`, :func:`topic_partitions`, :func:`high_watermarks` (retrying what is only
-  "not ready yet", :func:`transient`).
+  "not ready yet", :func:`transient`); :func:`read_to_end` for readers that start from a topic's beginning.
 - Errors: :class:`KafkaUnavailable` (Kafka did not take or acknowledge what we sent, or cannot be reached) and
   :class:`MissingTopic`, both :class:`~lrustream.kernel.errors.LrustreamError`.
 """
@@ -23,7 +23,7 @@ import re
 import ssl
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from lrustream.kernel.config import Config, sasl_mechanism
@@ -270,6 +270,24 @@ def high_watermarks(consumer: Any, topic: str, partitions: list[int], timeout_s:
                     raise
                 time.sleep(0.2)
     return out
+
+
+def read_to_end(consumer: Any, topic: str, partitions: list[int], take: Callable[[float], list[Any]],
+                timeout_s: float) -> Iterator[list[Any]]:
+    """What ``take(wait_s)`` returns, batch after batch, until ``consumer`` has read every partition of ``topic``
+    up to its end offset as it is now; :class:`TimeoutError` past ``timeout_s``."""
+    from confluent_kafka import TopicPartition
+
+    ends = high_watermarks(consumer, topic, partitions, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        positions = {tp.partition: tp.offset for tp in
+                     consumer.position([TopicPartition(topic, p) for p in partitions])}
+        if all(end == 0 or positions.get(p, -1) >= end for p, end in ends.items()):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the {topic} topic was not read to its end within {timeout_s:g}s")
+        yield take(0.2)
 
 
 def redacted(conf: dict[str, Any]) -> dict[str, Any]:

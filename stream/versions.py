@@ -50,7 +50,7 @@ from typing import Any
 
 from lrustream.kernel.config import Config
 from lrustream.kernel.errors import LrustreamError
-from lrustream.kernel.kafka import assigned_reader, high_watermarks, produce_all, producer_config, quiet_logger
+from lrustream.kernel.kafka import assigned_reader, produce_all, producer_config, quiet_logger, read_to_end
 from models.base import SeqRecModel
 from models.store import META, VOCAB, WEIGHTS, ModelStore, ModelStoreError, VersionInfo, check_version_name
 from models.vocab import Vocabulary
@@ -76,6 +76,7 @@ class Upload:
 
     folder: Path
     own: bool = False
+    done: Done | None = None  # its done record, kept while the version waits for a "collected" record
 
 
 @dataclass
@@ -151,25 +152,16 @@ class VersionLog:
     def catch_up(self, timeout_s: float = 30.0) -> None:
         """Read up to the topic's end as it is now, installing versions and mirroring pointers; TimeoutError
         past ``timeout_s``."""
-        from confluent_kafka import TopicPartition
-
-        ends = high_watermarks(self.consumer, self.topic, self.partitions, timeout_s)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            positions = {tp.partition: tp.offset for tp in
-                         self.consumer.position([TopicPartition(self.topic, p) for p in self.partitions])}
-            if all(end == 0 or positions.get(p, -1) >= end for p, end in ends.items()):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {self.topic} topic was not read to its end within {timeout_s:g} s")
-            self._apply(self._take(0.2))
+        for batch in read_to_end(self.consumer, self.topic, self.partitions, self._take, timeout_s):
+            self._apply(batch)
         self._mirror()
 
     def poll(self, timeout_s: float) -> bool:
         """Apply what arrived, waiting up to ``timeout_s`` for the first record; True when anything did."""
         messages = self._take(timeout_s)
-        self._apply(messages)
-        self._mirror()
+        if messages:  # nothing new: the store already mirrors what was read
+            self._apply(messages)
+            self._mirror()
         return bool(messages)
 
     def _take(self, timeout_s: float) -> list[Any]:
@@ -262,7 +254,8 @@ class VersionLog:
             else:
                 self._refuse(version, str(exc))
             if upload is not None and not upload.own:
-                self.uploads[version, done.upload] = upload  # meta and vocab may serve a later "collected"
+                upload.done = done  # meta and vocab may serve a later "collected"
+                self.uploads[version, done.upload] = upload
             return
         if upload is not None and not upload.own:
             shutil.rmtree(upload.folder, ignore_errors=True)  # installed (moved away) or not needed
@@ -276,15 +269,13 @@ class VersionLog:
             self.store.collect(version)
             return
         held = self.uploads.pop((version, upload), None)  # a late reader: the weights' chunks are gone
-        if held is None:
+        if held is None or held.done is None:
             return
         try:
             (held.folder / WEIGHTS).unlink(missing_ok=True)
-            info = self.store.install(held.folder, version, collected=True)
+            self.store.install(held.folder, version, collected=True)
             self.seen.refused.pop(version, None)
-            self.seen.done[version] = Done(version, upload, CHUNK_BYTES,
-                                           [{"name": n, "size": 0, "sha256": info.files.get(n, "")}
-                                            for n in (META, VOCAB)], "")
+            self.seen.done[version] = held.done
         except ModelStoreError as exc:
             log.warning("collected model version %s: %s", version, exc)
 

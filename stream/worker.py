@@ -187,8 +187,7 @@ class Worker:
                 serving = Serving.load(self.model_store, version)
             except (ModelStoreError, OSError, ValueError) as exc:
                 log.error("model version %s cannot be served: %s", version, exc)
-                self._record_swap({"version": version, "ok": False, "reason": str(exc), "at": time.time(),
-                                   "retry": isinstance(exc, OSError) or getattr(exc, "transient", False)})
+                self._refused_load(version, exc)
                 continue
             if version != current:
                 log.error("serving %s, the newest version here that loads, until the topic names one that does "
@@ -220,6 +219,13 @@ class Worker:
         for version, why in self.versions.new_refusals:
             self._record_swap({"version": version, "ok": False, "reason": why, "retry": False, "at": time.time()})
         self.versions.new_refusals.clear()
+
+    def _refused_load(self, version: str, exc: Exception) -> bool:
+        """Record a version that failed to load (in /model); True when the failure may pass (a file missing or
+        unreadable for now), so that swap_to tries it again later, False for a corrupt version."""
+        retry = isinstance(exc, OSError) or getattr(exc, "transient", False)
+        self._record_swap({"version": version, "ok": False, "reason": str(exc), "retry": retry, "at": time.time()})
+        return retry
 
     def _record_swap(self, entry: dict[str, Any]) -> None:
         self.swaps.append(entry)
@@ -258,12 +264,10 @@ class Worker:
         try:
             serving = await asyncio.to_thread(Serving.load, self.model_store, version)
         except (ModelStoreError, OSError, ValueError) as exc:
-            retry = isinstance(exc, OSError) or getattr(exc, "transient", False)
+            retry = self._refused_load(version, exc)
             log.error("refused model version %s: %s; still serving %s%s", version, exc,
                       getattr(self.processor.serving, "version", "nothing"),
                       f"; retrying in {RETRY_LOAD_AFTER_S:.0f} s" if retry else "")
-            self._record_swap({"version": version, "ok": False, "reason": str(exc), "retry": retry,
-                               "at": time.time()})
             return False
         old = getattr(self.processor.serving, "version", None)
         await self._between_batches(self.processor.swap, serving)

@@ -86,21 +86,29 @@ def run(base: list[str], data: str, events: int, rate: float, seconds: float, st
 
 
 class Client:
-    """GET /recommendations/{user} on one keep-alive connection (reopened after an error)."""
+    """GETs of a worker's JSON endpoints on one keep-alive connection (reopened after an error)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.conn = http.client.HTTPConnection(host, port, timeout=10)
 
     def get(self, user: str) -> tuple[int, dict]:
+        """GET /recommendations/{user}."""
+        return self.get_json(f"/recommendations/{quote(user, safe='')}")
+
+    def get_json(self, path: str) -> tuple[int, dict]:
+        """(status, parsed body); (0, {"error": ...}) when there is no answer."""
         try:
-            self.conn.request("GET", f"/recommendations/{quote(user, safe='')}")
+            self.conn.request("GET", path)
             resp = self.conn.getresponse()
             return resp.status, json.loads(resp.read())
         except (OSError, http.client.HTTPException, ValueError) as exc:
             self.conn.close()
             self.conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
             return 0, {"error": str(exc)}
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def phase(client: Client, name: str, pick: Callable[[], str], rate: float, seconds: float, log: Log,

@@ -22,8 +22,6 @@ not only reading the model-versions topic from its beginning.
 
 from __future__ import annotations
 
-import http.client
-import json
 import tempfile
 import time
 import uuid
@@ -33,6 +31,7 @@ from pathlib import Path
 from subprocess import Popen
 from typing import TYPE_CHECKING
 
+from lrustream.bench.requests import Client
 from lrustream.bench.stream import topic_overrides
 from lrustream.broker import free_port
 from lrustream.children import percentile, spawn_cli, stop, wait_healthy
@@ -48,28 +47,6 @@ SERVE_TIMEOUT_S = 60.0  # longest wait for all workers to serve a version
 START_TIMEOUT_S = 180.0  # longest wait for a worker to start serving
 
 
-class ModelClient:
-    """GET /model of one worker on a keep-alive connection (reopened after an error)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.conn = http.client.HTTPConnection(host, port, timeout=5)
-
-    def version(self) -> str | None:
-        """The version the worker serves; None when it serves none or does not answer."""
-        try:
-            self.conn.request("GET", "/model")
-            resp = self.conn.getresponse()
-            return json.loads(resp.read()).get("version") if resp.status == 200 else None
-        except (OSError, http.client.HTTPException, ValueError):
-            self.conn.close()
-            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
-            return None
-
-    def close(self) -> None:
-        self.conn.close()
-
-
 @dataclass
 class WorkerProc:
     """One worker process and what the benchmark needs of it."""
@@ -77,7 +54,7 @@ class WorkerProc:
     proc: Popen
     port: int
     log_path: Path
-    client: ModelClient
+    client: Client
 
 
 def start_worker(base: list[str], cfg: Config, tmp: Path, name: str) -> WorkerProc:
@@ -89,7 +66,13 @@ def start_worker(base: list[str], cfg: Config, tmp: Path, name: str) -> WorkerPr
     folder.mkdir(parents=True)
     log_path = tmp / f"{name}.log"
     proc = spawn_cli(["worker", "--loglevel", "warning", *overrides], log_path)
-    return WorkerProc(proc, port, log_path, ModelClient(cfg.http.host, port))
+    return WorkerProc(proc, port, log_path, Client(cfg.http.host, port))
+
+
+def serving_version(client: Client) -> str | None:
+    """The version a worker's GET /model names; None when it serves none or does not answer."""
+    status, body = client.get_json("/model")
+    return body.get("version") if status == 200 else None
 
 
 def wait_serving(workers: list[WorkerProc], version: str, timeout_s: float = SERVE_TIMEOUT_S) -> float:
@@ -97,7 +80,7 @@ def wait_serving(workers: list[WorkerProc], version: str, timeout_s: float = SER
     pending = list(workers)
     deadline = time.monotonic() + timeout_s
     while True:
-        pending = [w for w in pending if w.client.version() != version]
+        pending = [w for w in pending if serving_version(w.client) != version]
         now = time.monotonic()
         if not pending:
             return now
@@ -198,7 +181,7 @@ def run(base: list[str], workers: int, count: int, items: int, large_items: int,
         results.update(rounds(trainer, procs, items, count, 1, log))
         if large_items:
             results.update(rounds(trainer, procs, large_items, count, 1000, log))
-        serving = procs[0].client.version()
+        serving = serving_version(procs[0].client)
         assert serving is not None
         results.update(late_worker(shared, trainer, tmp, serving, log))
     finally:

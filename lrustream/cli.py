@@ -199,8 +199,7 @@ def _version_log(cfg: Config) -> VersionLog:
 @models_app.command("list")
 def models_list(config: ConfigOpt = None, overrides: Overrides = None) -> None:
     """Versions, newest last; * marks the one workers serve, - those whose weights gc removed."""
-    log = _version_log(cfg_of(config, overrides))
-    try:
+    with _version_log(cfg_of(config, overrides)) as log:
         serving, pinned = log.seen.serving(), log.seen.pointers["@pin"]
         if pinned:
             echo(f"serving is pinned to {pinned} (lrustream models unpin releases it)")
@@ -212,8 +211,6 @@ def models_list(config: ConfigOpt = None, overrides: Overrides = None) -> None:
                  f"{created}  {metrics}")
         for version, why in sorted(log.seen.refused.items()):
             echo(f"! {version}  refused: {why}")
-    finally:
-        log.close()
 
 
 @models_app.command("rollback")
@@ -246,11 +243,8 @@ def models_push(
     """Publish a version this host's model store holds but the topic does not (e.g. a store written before
     versions travelled through Kafka) and serve it, on every worker."""
     cfg = model_cfg_of(config, overrides)
-    log = _version_log(cfg)
-    try:
+    with _version_log(cfg) as log:
         log.push(version)
-    finally:
-        log.close()
     echo(f"{version} is on {cfg.topics.model_versions} and is the current version")
 
 
@@ -274,11 +268,8 @@ def models_unshadow(config: ConfigOpt = None, overrides: Overrides = None) -> No
 
 
 def _shadow(version: str | None, config: Path | None, overrides: list[str] | None) -> None:
-    log = _version_log(model_cfg_of(config, overrides))
-    try:
+    with _version_log(model_cfg_of(config, overrides)) as log:
         log.shadow(version)  # verified first: refuses a broken version or a bad name
-    finally:
-        log.close()
 
 
 @models_app.command("gc")
@@ -292,11 +283,8 @@ def models_gc(
     their vocabularies stay, because stored states name them. The trainer does this after each published
     round."""
     cfg = cfg_of(config, overrides)
-    log = _version_log(cfg)
-    try:
+    with _version_log(cfg) as log:
         collected = log.gc(keep or cfg.model_store.keep_versions)
-    finally:
-        log.close()
     echo(f"removed the weights of {len(collected)} versions: {' '.join(collected)}" if collected
          else "nothing to collect")
     if log.strays_removed:
@@ -306,11 +294,8 @@ def models_gc(
 @models_app.command("unpin")
 def models_unpin(config: ConfigOpt = None, overrides: Overrides = None) -> None:
     """Release the pin: the trainer's next published version is served again."""
-    log = _version_log(cfg_of(config, overrides))
-    try:
+    with _version_log(cfg_of(config, overrides)) as log:
         was = log.unpin()
-    finally:
-        log.close()
     echo(f"unpinned {was}; the next published version will be served" if was else "nothing was pinned")
 
 
@@ -352,11 +337,8 @@ def _set_item_status(item: str, status: str, config: Path | None, overrides: lis
 
 def _pin(version: str, reason: str, config: Path | None, overrides: list[str] | None) -> None:
     cfg = model_cfg_of(config, overrides)
-    log = _version_log(cfg)
-    try:
+    with _version_log(cfg) as log:
         log.pin(version, reason)  # verified first: refuses a broken version or a bad name
-    finally:
-        log.close()
     echo(f"serving version is now {version}, pinned (lrustream models unpin releases it); every worker follows "
          f"{cfg.topics.model_versions}")
 

@@ -68,8 +68,7 @@ def ensure_model(cfg: Config, data: str, train_minutes: float, log: Callable[[st
 
     store = ModelStore(resolve_path(cfg.model_store.dir))
     stored = store.current()  # read before the topic's pointers are mirrored into the store
-    versions = VersionLog(cfg, store, who="demo")
-    try:
+    with VersionLog(cfg, store, who="demo") as versions:
         versions.catch_up()
         if serving := versions.seen.serving():
             log(f"model: serving {serving} from {cfg.topics.model_versions} (lrustream models list)")
@@ -87,8 +86,6 @@ def ensure_model(cfg: Config, data: str, train_minutes: float, log: Callable[[st
         [result] = run_offline(cfg, data, [cfg.model.name], resolve_path(".lrustream/runs"),
                                max_minutes=train_minutes, progress=sys.stderr.isatty(), log=log, publisher=versions)
         return result.version  # type: ignore[return-value]
-    finally:
-        versions.close()
 
 
 def start_worker(config: Path | None, overrides: list[str], log_path: Path) -> subprocess.Popen:

@@ -450,6 +450,12 @@ class VersionLog:
                 "logger": quiet_logger("lrustream.versions")}))
         produce_all(self._producer, self.topic, records, timeout_s=60.0)
 
+    def __enter__(self) -> VersionLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         self.consumer.close()
         if self._producer is not None:
@@ -489,8 +495,5 @@ def publish_version(cfg: Config, model: SeqRecModel, vocab: Vocabulary, who: str
                     **details: Any) -> VersionInfo:
     """Publish one version through the topic from this host's model store (``model_store.dir``) and make it
     @current (:meth:`VersionLog.publish`; ``details``: metrics, parent, notes, reason)."""
-    log = VersionLog(cfg, ModelStore(cfg.model_store.dir), who=who)
-    try:
+    with VersionLog(cfg, ModelStore(cfg.model_store.dir), who=who) as log:
         return log.publish(model, vocab, **details)
-    finally:
-        log.close()

@@ -19,9 +19,11 @@ Two forms, chosen by ``causal``:
   (loss at the last position only: ``loss_positions = "last"``); with a loss at every position it would read
   its own labels. Serving recomputes the window per event, like SASRec.
 
-Deviations from the official code, both so that left padding is invisible: padded keys are zeroed (the official
-code applies no padding mask), and norms are clamped at 1e-12 (the official code has no epsilon; ELU output is
-never exactly zero for real inputs, so results agree).
+Deviations from the official code: padded keys are zeroed (the official code applies no padding mask, and left
+padding would be visible), and an all-zero row is left zero instead of divided by its zero norm (NaN in the
+official code). Such rows are real: a narrow model with heavy dropout (d_model 8, dropout 0.6) zeroes whole
+tokens, and a norm clamped at 1e-12 gave them a 1e12-times gradient, inf after two layers, then NaN weights.
+For every other row the two agree exactly.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ CHUNK = 64
 
 
 def elu_norm(x: torch.Tensor) -> torch.Tensor:
+    """ELU(x) / ||ELU(x)||_2 per row; an all-zero row stays zero, with an ordinary gradient (no epsilon)."""
     e = F.elu(x)
-    return e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    norm = e.norm(dim=-1, keepdim=True)
+    return e / torch.where(norm > 0, norm, 1.0)
 
 
 def causal_linear_attention(qn: torch.Tensor, kn: torch.Tensor, v: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:

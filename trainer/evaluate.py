@@ -29,13 +29,16 @@ def left_pad(seqs: Sequence[np.ndarray], length: int) -> torch.Tensor:
 
 
 def ranks_of(scores: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """1-based rank of each target among all items after masking the input window and padding."""
+    """1-based rank of each target among all items after masking the input window and padding.
+
+    An item ranks above the target unless its score is <= the target's: a NaN score ranks above, and a NaN
+    target ranks last (a diverged model misses; with ``>`` it would have ranked every target first)."""
     scores = scores.clone()
     inputs = torch.where(inputs < scores.shape[1], inputs, 0)  # the OOV id has no column
     scores.scatter_(1, inputs, MASKED)  # the window's items (and id 0 through the padding) drop to the bottom
     scores[:, 0] = MASKED
     target_scores = scores.gather(1, targets[:, None])
-    return (scores > target_scores).sum(1) + 1
+    return ((~(scores <= target_scores)).sum(1) + 1).clamp(max=scores.shape[1])
 
 
 def metrics_from_ranks(ranks: torch.Tensor) -> dict[str, float]:

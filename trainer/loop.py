@@ -34,7 +34,7 @@ from models import SeqRecModel
 from trainer.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from trainer.evaluate import evaluate
 from trainer.loss import sequence_loss
-from trainer.optim import make_optimizer
+from trainer.optim import clipped_step, make_optimizer
 from trainer.samples import Split, batches
 
 LOG_EVERY = 50
@@ -57,6 +57,7 @@ class History:
     steps_done: int = 0
     stopped_because: str = ""
     resumed_at: list[int] = field(default_factory=list)  # steps at which an interrupted run was continued
+    dropped_steps: int = 0  # steps whose gradients were not finite and were dropped (trainer.optim.clipped_step)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -117,6 +118,7 @@ class _Run:
         if resume and checkpoint is not None and checkpoint.is_file():
             self._restore(checkpoint)
         self.step, self.best_r10 = self.hist.steps_done, self.hist.best_val.get("Recall@10", -1.0)
+        self.dropped = torch.tensor(self.hist.dropped_steps, device=device)
         self.started, self.seconds_before = time.monotonic(), self.hist.seconds
 
     def _restore(self, checkpoint: Path) -> None:
@@ -128,6 +130,7 @@ class _Run:
 
     def tally(self) -> None:
         self.hist.steps_done = self.step
+        self.hist.dropped_steps = int(self.dropped)
         self.hist.seconds = self.seconds_before + time.monotonic() - self.started
 
     def save(self) -> None:
@@ -152,8 +155,7 @@ class _Run:
                              labels.to(self.device, non_blocking=True))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.opt.step()
+        self.dropped += clipped_step(self.model, self.opt, self.cfg.grad_clip)
         self.running += loss.detach()
 
     def log_loss(self) -> None:

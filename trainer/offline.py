@@ -109,8 +109,11 @@ def run_offline(cfg, data_path: str, names: list[str], out_dir: Path, max_minute
                      checkpoint=ckpt, resume=resume)
         _, png = save_history(hist, out_dir)
         resumed = f", resumed at steps {hist.resumed_at}" if hist.resumed_at else ""
+        dropped = (f"; {hist.dropped_steps} steps dropped for non-finite gradients (a wider model or less "
+                   f"dropout avoids it)" if hist.dropped_steps else "")
         log(f"{name}: {hist.steps_done} steps in {hist.seconds:.0f}s ({hist.stopped_because}{resumed}); best val step "
-            f"{hist.best_step}; test NDCG@10 {hist.test['NDCG@10']:.5f} Recall@10 {hist.test['Recall@10']:.5f}")
+            f"{hist.best_step}; test NDCG@10 {hist.test['NDCG@10']:.5f} Recall@10 {hist.test['Recall@10']:.5f}"
+            f"{dropped}")
         version = None
         if publish:
             metrics = {**{f"test_{k}": v for k, v in hist.test.items()},

@@ -39,3 +39,20 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is available")
     return torch.device(name)
+
+
+def clipped_step(model: SeqRecModel, opt: torch.optim.Optimizer, grad_clip: float) -> torch.Tensor:
+    """Clip the gradients to a global norm of ``grad_clip`` and take the optimiser step; returns a device tensor,
+    1 when this step's gradients were not finite and were dropped, else 0 (no host sync).
+
+    A non-finite global norm makes clipping multiply every gradient by 0, which turns an inf or NaN gradient into
+    NaN and the step's weights into NaN: those are zeroed instead, so the step applies no gradient (AdamW's
+    momentum and weight decay still move the weights). It happens to narrow models with heavy dropout, where a
+    whole token is zeroed and a normalisation multiplies its gradient by up to 1e12 per layer."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    dropped = (~torch.isfinite(norm)).to(torch.int64)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    opt.step()
+    return dropped

@@ -17,7 +17,7 @@ def train_step(data: str, model_name: str = "lrurec", batch: int = 128, max_len:
     from lrustream.kernel.config import TrainConfig
     from trainer.data import load_sequences
     from trainer.loss import sequence_loss
-    from trainer.optim import make_optimizer
+    from trainer.optim import clipped_step, make_optimizer
     from trainer.samples import batches, leave_one_out
 
     seqs = load_sequences(data)
@@ -34,8 +34,7 @@ def train_step(data: str, model_name: str = "lrurec", batch: int = 128, max_len:
         loss = sequence_loss(model, tokens, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        clipped_step(model, opt, cfg.grad_clip)
 
     seconds = median_seconds(one, steps, warmup=3)
     log(f"{model_name} training step on {seqs.name}, batch {batch} x {max_len}: {seconds:.3f} s/step "

@@ -32,6 +32,7 @@ from models import (
     model_config,
 )
 from models.base import padded_steps
+from models.linrec import elu_norm
 from models.lrurec import lru_scan
 from models.store import ModelStore
 from models.vocab import Vocabulary
@@ -313,6 +314,18 @@ def test_window_models_step_over_the_last_max_len_items(config: SeqRecConfig) ->
             window = items[:, max(0, t - 15): t + 1]
             assert torch.allclose(h, model(window)[:, -1], atol=1e-10, rtol=0)
         assert state.tolist() == [items[0, -16:].tolist()]
+
+
+def test_linrec_normalisation_leaves_an_all_zero_row_zero_with_an_ordinary_gradient() -> None:
+    """Dropout can zero a whole token of a narrow model (d_model 8: 1 in 60 at 0.6), and with zero biases its
+    query is then exactly zero; a norm clamped at 1e-12 multiplied that row's gradient by 1e12."""
+    x = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.3, -0.2, 0.1, 0.5]], requires_grad=True)
+    weights = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    out = elu_norm(x)
+    (out * weights).sum().backward()
+    e = torch.nn.functional.elu(x[1].detach())
+    assert out[0].tolist() == [0.0] * 4 and torch.equal(out[1], e / e.norm())  # the official formula, exactly
+    assert torch.equal(x.grad[0], weights)  # ELU'(0) = 1, divided by 1 instead of 1e-12
 
 
 def test_lru_scan_gradients_are_exact_and_reach_every_parameter() -> None:

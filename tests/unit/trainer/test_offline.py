@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import safe_open, save_file
 
 from lrustream.kernel.config import load_config
-from models import MODEL_NAMES, LinRecConfig, LRURecConfig, build_model, config_class
+from models import MODEL_NAMES, LinRecConfig, LRURecConfig, build_model, config_class, model_config
 from models.store import ModelStore
 from trainer.checkpoint import CheckpointError
 from trainer.data import DataError, load_sequences
@@ -23,6 +25,7 @@ from trainer.evaluate import evaluate, metrics_from_ranks, ranks_of
 from trainer.loop import Interrupted, train
 from trainer.loss import catalogue_cross_entropy
 from trainer.offline import run_evaluate, run_offline
+from trainer.optim import clipped_step, make_optimizer
 from trainer.samples import PrefixSamples, leave_one_out, train_windows
 
 
@@ -95,6 +98,15 @@ def test_ranking_masks_input_items_and_metrics_follow_ranks() -> None:
     assert m["MRR"] == pytest.approx((1 + 1 / 3 + 1 / 11) / 3)
 
 
+def test_a_non_finite_score_is_a_miss_not_a_hit() -> None:
+    """A diverged model (NaN scores) once ranked every target first: NDCG@10 = Recall@10 = 1.0, so it was kept as
+    the best checkpoint."""
+    nan = float("nan")
+    scores = torch.tensor([[0.0, nan, nan, nan, nan], [0.0, 1.0, nan, 3.0, 2.0]])
+    inputs = torch.tensor([[0, 0], [0, 0]])
+    assert ranks_of(scores, inputs, torch.tensor([2, 3])).tolist() == [5, 2]  # a NaN target last; a NaN item above
+
+
 def test_chunked_cross_entropy_equals_the_plain_one() -> None:
     torch.manual_seed(0)
     h = torch.randn(700, 16, dtype=torch.float64, requires_grad=True)
@@ -130,6 +142,46 @@ def test_training_learns_and_publishes_a_version(name: str, tmp_path: Path) -> N
     assert evaluated["test"]["Recall@10"] == pytest.approx(result.history.test["Recall@10"])
     history = json.loads((tmp_path / "runs" / f"{name}-history.json").read_text())
     assert history["val_steps"] == [80, 160, 240]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_a_narrow_model_with_heavy_dropout_keeps_finite_weights(name: str, tmp_path: Path) -> None:
+    """d_model 8 with dropout 0.6 zeroes whole tokens (about 1 in 60). A LayerNorm (eps 1e-12, the official
+    code's) or LinRec's normalisation of such a row multiplies its gradient by up to 1e6-1e12 per layer: the
+    global norm overflowed to inf, clipping turned that into NaN, and two steps gave NaN weights that then ranked
+    every target first. Now such a step is dropped and counted (LinRec's constant rows drop every step here)."""
+    data = write_lrurec(tmp_path / "sequences.txt", synthetic_sequences(users=200, length=30))
+    cfg = load_config(overrides=["model.d_model=8", "model.dropout=0.6", "model.attn_dropout=0.6",
+                                 "model.max_len=30", "train.batch_size=64", "train.max_steps=40",
+                                 "train.val_every=20", "train.device=cpu"])
+    seqs = load_sequences(data)
+    split = leave_one_out(seqs.encoded(seqs.vocabulary()), 30)
+    torch.manual_seed(0)
+    model = build_model(model_config(cfg.model, name), 100)
+    history = train(model, split, cfg.train, torch.device("cpu"), progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(math.isfinite(loss) for loss in history.losses)
+    assert history.test["Recall@10"] < 0.9  # not the NaN model's perfect score
+    assert history.dropped_steps <= history.steps_done == 40
+
+
+def test_a_step_with_non_finite_gradients_is_dropped_and_counted() -> None:
+    torch.manual_seed(0)
+    model = build_model(LRURecConfig(d_model=8, max_len=4), 10).eval()  # no dropout: both see the same gradients
+    reference = copy.deepcopy(model)
+    cfg = load_config().train
+    opts = [make_optimizer(m, cfg) for m in (model, reference)]
+    for m in (model, reference):
+        m(torch.tensor([[1, 2, 3]])).sum().backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.grad_clip)
+    opts[1].step()
+    assert int(clipped_step(model, opts[0], cfg.grad_clip)) == 0  # finite: clip and step as before
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(), strict=True))
+    model.zero_grad()
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+    assert int(clipped_step(model, opts[0], cfg.grad_clip)) == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_unmasked_linrec_trains_on_the_last_position_only() -> None:

@@ -148,7 +148,7 @@ class TrainConfig:
     patience: int = 10
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
-    num_threads: int = 0  # 0 = torch default
+    num_threads: int = 0  # 0 = torch default (every core); runs sharing a host: cores / runs (README, GPU runs)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from urllib.parse import quote, urlencode
 
 import faust
 import orjson
+import torch
 from faust.app.base import BootStrategy
 from faust.web import Request, Response, View
 
@@ -106,6 +107,8 @@ class Worker:
 
         self.cfg = cfg
         self.http_warning = check_http_exposure(cfg)  # refuses an unguarded API before anything is opened
+        if cfg.stream.torch_threads:
+            torch.set_num_threads(cfg.stream.torch_threads)
         self.model_store = ModelStore(resolve_path(cfg.model_store.dir))
         create_topics(cfg)
         self.versions = VersionLog(cfg, self.model_store, who=f"worker {worker_client_id(cfg)}")

@@ -55,7 +55,7 @@ from trainer.buffer import EventBuffer
 from trainer.evaluate import left_pad
 from trainer.gate import Verdict, event_metrics, judge
 from trainer.loss import sequence_loss
-from trainer.optim import clipped_step, make_optimizer, pick_device, warm_up
+from trainer.optim import make_optimizer, pick_device, warm_up
 
 log = logging.getLogger("lrustream.trainer")
 
@@ -271,7 +271,8 @@ class OnlineLearner:
             warm_up(self.opt, self.o.lr, self.o.warmup_steps)
             self.opt.zero_grad(set_to_none=True)
             loss = backward_groups(self.model, groups, self.device)
-            clipped_step(self.model, self.opt, self.cfg.train.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            self.opt.step()  # not clipped_step: a round that diverges is refused whole ("non-finite") and undone
             steps += 1
         self.model.eval()
         return steps, loss

@@ -43,7 +43,8 @@ def pick_device(name: str) -> torch.device:
 
 def clipped_step(model: SeqRecModel, opt: torch.optim.Optimizer, grad_clip: float) -> torch.Tensor:
     """Clip the gradients to a global norm of ``grad_clip`` and take the optimiser step; returns a device tensor,
-    1 when this step's gradients were not finite and were dropped, else 0 (no host sync).
+    1 when this step's gradients were not finite and were dropped, else 0 (no host sync). Offline training's
+    step (the online learner instead refuses a round that diverged, trainer/online.py).
 
     A non-finite global norm makes clipping multiply every gradient by 0, which turns an inf or NaN gradient into
     NaN and the step's weights into NaN: those are zeroed instead, so the step applies no gradient (AdamW's

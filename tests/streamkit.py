@@ -270,8 +270,13 @@ def synthetic_events(n: int, users: int, items: int = 40, seed: int = 1) -> list
     weights = [1.0 / (u + 1) for u in range(users)]
     return [(f"u{rng.choices(range(users), weights)[0]}", f"i{rng.randint(1, items)}") for _ in range(n)]
 
-def produce_events(cfg: Config, events: list[tuple[str, str]], ts0: int = 1_700_000_000_000) -> None:
+
+EVENTS_TS0 = 1_700_000_000_000  # the broker timestamp of produce_events' first event, by default
+
+
+def produce_events(cfg: Config, events: list[tuple[str, str]], ts0: int = EVENTS_TS0) -> None:
     produce(cfg, ((u.encode(), event_value(u, i, ts0 + k)) for k, (u, i) in enumerate(events)))
+
 
 def stored_states(cfg: Config, users: set[str]) -> dict[str, tuple[bytes, int]]:
     out = {}

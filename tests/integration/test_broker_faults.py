@@ -16,6 +16,7 @@ from lrustream.kernel.config import load_config
 from stream.topics import create_topics
 from tests.conftest import JARS_DIR
 from tests.streamkit import (
+    EVENTS_TS0,
     WorkerProcess,
     produce_events,
     publish_model,
@@ -43,7 +44,8 @@ def test_broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice(kafka
         create_topics(cfg)
         v1 = publish_model(cfg)
         events = synthetic_events(3000, users=50, seed=9)
-        produce_events(cfg, events)
+        before = 2000  # produced before the outage, the rest after it: the outage is mid-stream however fast the
+        produce_events(cfg, events[:before])  # worker drains (it once served all 3,000 before the trainer's first poll)
         worker.start()
         worker.wait_healthy()
         trainer = TrainerLoop(cfg, log_line=print)
@@ -60,6 +62,7 @@ def test_broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice(kafka
         assert worker.proc is not None and worker.proc.poll() is None, "the worker survived the outage"
         trainer.poll(timeout_s=2.0)  # the trainer survives polling a dead broker
         broker.start()
+        produce_events(cfg, events[before:], ts0=EVENTS_TS0 + before)
         recs = recommendations(cfg, expect=len(events), timeout_s=240)
         t0 = time.monotonic()
         while trainer.buffer.seen < len(events) and time.monotonic() < t0 + 120:  # and reconnects afterwards

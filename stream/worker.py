@@ -107,8 +107,6 @@ class Worker:
 
         self.cfg = cfg
         self.http_warning = check_http_exposure(cfg)  # refuses an unguarded API before anything is opened
-        if cfg.stream.torch_threads:
-            torch.set_num_threads(cfg.stream.torch_threads)
         self.model_store = ModelStore(resolve_path(cfg.model_store.dir))
         create_topics(cfg)
         self.versions = VersionLog(cfg, self.model_store, who=f"worker {worker_client_id(cfg)}")
@@ -493,8 +491,10 @@ class Worker:
         and a request hands over at each socket call and model operation. With the default, requests queued
         without bound while events streamed in; at 0.5 ms an owned user's p99 was 5-7 ms with no events
         arriving, at 0.1 ms 4-5 ms (``lrustream bench requests``). A short interval costs nothing while only one
-        thread runs."""
+        thread runs. torch gets ``stream.torch_threads`` threads (the config says why one)."""
         sys.setswitchinterval(GIL_SWITCH_S)
+        if self.cfg.stream.torch_threads:
+            torch.set_num_threads(self.cfg.stream.torch_threads)
         if self.http_warning:
             log.warning(self.http_warning)
         worker = _StopSignalWorker(self.app, loglevel=loglevel, override_logging=True,

@@ -95,6 +95,9 @@ def lru_scan(u_re: torch.Tensor, u_im: torch.Tensor, nu: torch.Tensor, theta: to
     return h_re.reshape(hid, m, n * chunk)[..., pad:], h_im.reshape(hid, m, n * chunk)[..., pad:]
 
 
+Rotation = tuple[np.ndarray, np.ndarray]  # lambda as recur_packed multiplies by it (rotation())
+
+
 def _packable(state: torch.Tensor, mask: torch.Tensor) -> bool:
     """Whether ``steps`` may pack: CPU, no gradient, and each row's events before its padding."""
     if state.device.type != "cpu" or (torch.is_grad_enabled() and state.requires_grad) or mask.shape[1] == 0:
@@ -102,17 +105,24 @@ def _packable(state: torch.Tensor, mask: torch.Tensor) -> bool:
     return mask.shape[1] == 1 or bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
-def recur_packed(h0: torch.Tensor, u: torch.Tensor, start: torch.Tensor, count: torch.Tensor, lam: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def rotation(lam: torch.Tensor) -> Rotation:
+    """lambda [2, H] as the two arrays that multiply h [.., 2, H] and h with (re, im) swapped in
+    :func:`recur_packed`: lambda h = h * [re, re] + h[::-1] * [-im, im]."""
+    lr, li = lam.numpy()
+    return np.stack([lr, lr]), np.stack([-li, li])
+
+
+def recur_packed(h0: torch.Tensor, u: torch.Tensor, start: torch.Tensor, count: torch.Tensor,
+                 rot: Rotation) -> tuple[torch.Tensor, torch.Tensor]:
     """h = lambda h + u over each user's own events, in numpy (a tenth of torch's cost per call on these small
     arrays; the same IEEE float32 products and sums, so the same bits). h0 [B, 2, H]; u [R, 2, H] holds user b's
     events at rows start[b] .. start[b] + count[b] - 1. Returns (h after each event [R, 2, H], zero elsewhere;
     each user's h after its last event [B, 2, H], h0 for a user without events). Users are taken longest first,
-    so step t touches only the users with more than t events."""
-    order = torch.argsort(count, descending=True, stable=True).numpy()
-    counts, starts = count.numpy()[order], start.numpy()[order]
-    lr, li = lam.numpy()
-    diag, cross = np.stack([lr, lr]), np.stack([-li, li])
+    so step t touches only the users with more than t events. ``rot`` is :func:`rotation` of lambda."""
+    count_np = count.numpy()
+    order = np.argsort(-count_np, kind="stable")
+    counts, starts = count_np[order], start.numpy()[order]
+    diag, cross = rot
     un = u.numpy()
     out = np.zeros_like(un)
     hs = h0.numpy()[order]  # a copy, in the users' new order
@@ -149,6 +159,7 @@ class LRULayer(nn.Module):
         self.out_bias = nn.Parameter(torch.empty(d_model))
         self.dropout = nn.Dropout(dropout)
         self.layer_norm = nn.LayerNorm(d_model)
+        self._serving_parts: tuple[tuple[int, ...], Rotation, torch.Tensor, torch.Tensor] | None = None
 
     def lambda_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         nu_log, theta_log, gamma_log = self.params_log
@@ -160,10 +171,10 @@ class LRULayer(nn.Module):
         u = u.unflatten(-1, (2, self.hid)) * gamma
         return u * mask[..., None, None].to(u.dtype)
 
-    def readout(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """LayerNorm(Dropout(Re(C h + c)) + x) with Re(C h) = C_re h_re - C_im h_im.   h [..., 2, H]."""
-        w = torch.cat([self.out_weight[0], -self.out_weight[1]], dim=1)  # [d, 2H]
-        y = F.linear(h.flatten(-2), w, self.out_bias)
+    def readout(self, h: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """LayerNorm(Dropout(Re(C h + c)) + x) with Re(C h) = C_re h_re - C_im h_im.   h [..., 2, H]; ``w`` is
+        :meth:`out_matrix` when the caller has it."""
+        y = F.linear(h.flatten(-2), self.out_matrix() if w is None else w, self.out_bias)
         return self.layer_norm(self.dropout(y) + x)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,10 +195,27 @@ class LRULayer(nn.Module):
         last = torch.stack([h_re.view(-1, bsz, length)[..., -1].T, h_im.view(-1, bsz, length)[..., -1].T], dim=1)
         return y, last
 
+    def out_matrix(self) -> torch.Tensor:
+        """[C_re | -C_im] [d, 2H]: Re(C h) as one real product with the (re, im) parts of h side by side."""
+        return torch.cat([self.out_weight[0], -self.out_weight[1]], dim=1)
+
     def step_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(lambda [2, H], gamma [H]): what one step of the recurrence multiplies by."""
         nu, theta, gamma = self.lambda_parts()
         return lambda_powers(nu, theta, 2)[1], gamma
+
+    def serving_parts(self) -> tuple[Rotation, torch.Tensor, torch.Tensor]:
+        """(:func:`rotation` of lambda, gamma, :meth:`out_matrix`) for steps without gradient (CPU), kept until the
+        weights change (their
+        tensors or in-place version counters): a worker's batches would otherwise recompute these ten small
+        operations per layer per batch from the same weights. The same operations on the same numbers: the
+        same bits."""
+        weights = (self.params_log, self.out_weight)
+        key = tuple(n for p in weights for n in (id(p), p.data_ptr(), p._version))
+        if self._serving_parts is None or self._serving_parts[0] != key:
+            lam, gamma = self.step_parts()
+            self._serving_parts = (key, rotation(lam), gamma, self.out_matrix())
+        return self._serving_parts[1:]
 
     def steps(self, h: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k events per row: h [B, 2, H], x [B, k, d], mask [B, k] -> (y [B, k, d], h after them). Padding
@@ -309,9 +337,9 @@ class LRURec(SeqRecModel):
         new_states = []
         for i, block in enumerate(self.blocks):
             layer = block.lru_layer
-            lam, gamma = layer.step_parts()
-            hs, last = recur_packed(state[:, i], layer.drive(x, real, gamma), start, count, lam)
-            x = block.feed_forward(layer.readout(hs, x))
+            rot, gamma, w_out = layer.serving_parts()
+            hs, last = recur_packed(state[:, i], layer.drive(x, real, gamma), start, count, rot)
+            x = block.feed_forward(layer.readout(hs, x, w_out))
             new_states.append(last)
         hidden = x.new_zeros(*items.shape, x.shape[-1])
         hidden[mask] = x[:events]

@@ -542,17 +542,19 @@ class Processor:
         """[E, max_len] item ids each event's recommendation must exclude: the user's window up to the event
         (``before``: up to the event before it, what the prediction of the event excluded)."""
         L, n_items = self.serving.model.max_len, self.serving.num_items
-        per_user_windows = []
+        items, first = [], []  # per user: its window and new items (no column: 0), where its first event's window ends
         for u in users:
-            prior = records[u].window.astype(np.int64)
-            new = np.array([s.item for s in per_user[u]], dtype=np.int64)
-            full = np.concatenate([np.zeros(L, dtype=np.int64), prior, new])
+            window = records[u].window
+            full = np.concatenate([window, np.array([s.item for s in per_user[u]])]).astype(np.int64)
             full[(full < 0) | (full > n_items)] = 0  # unknown items have no column
-            views = np.lib.stride_tricks.sliding_window_view(full, L)
-            start = len(prior) + (0 if before else 1)
-            per_user_windows.append(views[start: start + len(new)])
-        rows = [per_user_windows[i][j] for i, j in order]
-        return torch.from_numpy(np.stack(rows))
+            items.append(full)
+            first.append(len(window) + (0 if before else 1))
+        rows = np.zeros((len(order), L), dtype=np.int64)  # left-padded with 0 (the padding column)
+        for row, (i, j) in enumerate(order):
+            end = first[i] + j
+            seen = items[i][max(0, end - L):end]
+            rows[row, L - len(seen):] = seen
+        return torch.from_numpy(rows)
 
     def _rank(self, h: torch.Tensor, windows: torch.Tensor, events: list[_Served], cold: list[bool]
               ) -> list[dict[str, Any]]:

@@ -44,3 +44,29 @@ def test_a_mask_with_holes_is_not_packed() -> None:
     state = torch.zeros(2, 2, 2, 128)
     assert not models.lrurec._packable(state, torch.tensor([[True, False, True], [True, True, False]]))
     assert models.lrurec._packable(state, torch.tensor([[True, True, False], [False, False, False]]))
+
+
+@pytest.mark.parametrize("change", ["in place", "load_state_dict"])
+def test_packed_steps_follow_a_change_of_weights(change: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The packed path keeps lambda, gamma and the output matrix between batches (LRULayer.serving_parts); a
+    weight changed in place (an optimiser step) or loaded must be seen by the next batch."""
+    model = _model()
+    items = _batch([3, 1, 2], seed=5)
+    state = model.init_state(3)
+    with torch.inference_mode():
+        before = padded_steps(model, state, items)
+    other = LRURec(LRURecConfig(d_model=64, num_layers=2, max_len=50), 500).eval()
+    with torch.no_grad():
+        if change == "in place":
+            for layer in (b.lru_layer for b in model.blocks):
+                layer.params_log.mul_(1.05)
+                layer.out_weight.mul_(0.9)
+        else:
+            model.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        packed = padded_steps(model, state, items)
+        monkeypatch.setattr(models.lrurec, "_packable", lambda state, mask: False)
+        plain = padded_steps(model, state, items)
+    assert not torch.equal(packed[0], before[0])
+    assert torch.equal(packed[0], plain[0])
+    assert torch.equal(packed[1][items > 0], plain[1][items > 0])

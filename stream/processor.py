@@ -57,6 +57,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -125,6 +126,18 @@ class _Served:
     unknown: str | None  # the external id when the vocabulary lacks it
 
 
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """The recommendation served for a user's last event, kept for requests (:meth:`Processor.recommend`)."""
+
+    offset: int  # the event's input offset
+    version: str  # the model version that scored it
+    catalogue: int  # Processor._catalogue when it was scored (a block since may remove one of its items)
+    hidden: bytes  # the top-layer output it scored (the user's record keeps the same bytes)
+    items: list[str]
+    scores: list[float]
+
+
 @dataclass
 class BatchResult:
     served: int = 0
@@ -168,6 +181,10 @@ class Processor:
         self.shadow: Shadow | None = None  # a candidate version scored beside the serving one (stream/shadow.py)
         self.blocked: frozenset[str] = frozenset()  # items never to recommend (stream/catalogue.py)
         self._blocked_columns: torch.Tensor | None = None  # their columns in the serving vocabulary
+        self._catalogue = 0  # how many times the blocked items changed (an answer kept before may hold one)
+        # per (partition, user), the answer of the user's last event, for requests (recommend), at most
+        # stream.answer_cache_users of them, the most recently served last
+        self._answers: OrderedDict[tuple[int, str], _Answer] = OrderedDict()
 
     # ----- model swap, catalogue --------------------------------------------------------------------------------
     def swap(self, serving: Serving) -> None:
@@ -184,6 +201,7 @@ class Processor:
 
     def block(self, items: frozenset[str]) -> None:
         """From the next micro-batch on, recommend none of ``items`` (and every other item again)."""
+        self._catalogue += 1  # first: a request that sees the new columns never takes an answer kept before them
         self.blocked = items
         self._blocked_columns = self._columns(items)
 
@@ -212,7 +230,7 @@ class Processor:
         recommendation when nothing changed since), minus ``exclude`` (external ids), the blocked items and, with
         ``stream.exclude_seen``, the window; the popular fallback for a user without state or without a known
         item in its window. Any thread (reads only)."""
-        serving, blocked = self.serving, self._blocked_columns  # one version for the whole answer
+        serving, blocked, catalogue = self.serving, self._blocked_columns, self._catalogue  # one view throughout
         record = self.lookup(p, user)
         now_ms = int(time.time() * 1000)
         if record is not None:
@@ -226,6 +244,9 @@ class Processor:
             out["items"], out["scores"] = self.popular_top(k, excluded)
             out["fallback"] = "popular"
             return out
+        if (kept := self._kept_answer(p, user, record, k, excluded, serving, catalogue)) is not None:
+            out["items"], out["scores"] = list(kept.items), list(kept.scores)
+            return out
         masked = torch.tensor(_with_blocked(excluded, blocked), dtype=torch.long)
         with torch.inference_mode():
             h = self._hidden(record, serving)
@@ -233,6 +254,40 @@ class Processor:
             (out["items"], out["scores"]), = serving.top(h[None], windows, k, self.stream.min_step_rows,
                                                          masked if len(masked) else None)
         return out
+
+    def _kept_answer(self, p: int, user: str, record: UserRecord, k: int, excluded: list[int], serving: Serving,
+                     catalogue: int) -> _Answer | None:
+        """The answer kept from the user's last event when scoring the record now would give exactly it: the
+        same event, version, top-layer output and blocked items, the default ``k`` and no exclusions. Scoring
+        a stored output is one product with the whole item table (about a millisecond on the 2-core machine,
+        most of a request's time in the worker); this is a dictionary look-up."""
+        if excluded or k != self.stream.top_k:
+            return None
+        kept = self._answers.get((p, user))
+        if (kept is None or kept.offset != record.offset or kept.version != serving.version
+                or record.version != serving.version or kept.catalogue != catalogue or kept.hidden != record.hidden):
+            return None
+        return kept
+
+    def _keep_answers(self, users: list[tuple[int, str]], per_user: dict[tuple[int, str], list[_Served]],
+                      outputs: list[dict[str, Any]], hiddens: list[bytes]) -> None:
+        """Keep each user's last answer of the batch for requests (``outputs`` user by user, as ``_rank`` made
+        them); a popular fallback is not kept (the popularity moves on)."""
+        limit = self.stream.answer_cache_users
+        if not limit:
+            return
+        answers, row = self._answers, -1
+        for u, hidden in zip(users, hiddens, strict=True):
+            row += len(per_user[u])
+            out = outputs[row]
+            if "fallback" in out:
+                answers.pop(u, None)
+                continue
+            answers[u] = _Answer(out["source"]["offset"], out["model_version"], self._catalogue, hidden,
+                                 out["items"], out["scores"])
+            answers.move_to_end(u)
+        while len(answers) > limit:
+            answers.popitem(last=False)
 
     def _current(self, record: UserRecord, serving: Serving) -> UserRecord:
         """The record as ``serving`` sees it: a copy re-derived from its window when another version made it."""
@@ -503,6 +558,7 @@ class Processor:
         blobs = model.state_to_bytes(state, self.state_dtype)
         last = hidden[torch.arange(len(users)), torch.tensor([len(per_user[u]) - 1 for u in users])]
         hiddens = [row.tobytes() for row in last.numpy().astype(np.float32, copy=False)]
+        self._keep_answers(users, per_user, outputs, hiddens)
         now_ms = int(time.time() * 1000)
         advanced = {}
         for u, blob, last_hidden in zip(users, blobs, hiddens, strict=True):

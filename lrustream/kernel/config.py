@@ -167,6 +167,10 @@ class StreamConfig:
     stop_timeout_s: float = 5.0  # after SIGTERM/SIGINT, exit anyway this long later (a crash is safe: see kill tests)
     session_timeout_s: float = 60.0  # a worker silent this long (frozen, cut off) leaves the group: its partitions move
     popular_half_life_s: float = 3600.0  # an event counts half as much in the popular fallback this long after it
+    answer_cache_users: int = 50_000
+    """Users whose last recommendation a worker keeps in memory (the most recently served; about 0.5 KB each), so
+    that a request for one of them with the default ``k`` and no exclusions is answered without scoring, when
+    nothing has changed since (stream/processor.py, ``recommend``). 0 keeps none."""
     torch_threads: int = 1
     """torch CPU threads of a worker (0 = torch's default, every core). A worker's steps are small (a batch of
     events, one user per request), and a second thread waits for work on a core that the broker and the
@@ -372,6 +376,7 @@ RULES: dict[str, Rule] = {
     "stream.stop_timeout_s": _at_least(0),
     "stream.session_timeout_s": _within(6, 1800),  # the broker's default group.{min,max}.session.timeout.ms
     "stream.popular_half_life_s": _above(0),
+    "stream.answer_cache_users": _at_least(0),
     "online.every_events": _at_least(1),
     "online.max_items": _at_least(1),
     "online.every_seconds": _at_least(0),

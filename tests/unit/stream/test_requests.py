@@ -20,9 +20,10 @@ def _last_emitted(processor: Processor, topic: str) -> dict[str, dict]:
     return {r["user_id"]: r for r in (json.loads(x["value"]) for x in _sent(processor.producer, topic))}
 
 
+@pytest.mark.parametrize("kept", [0, 100], ids=["scored", "kept answers"])
 def test_a_request_answers_the_users_last_recommendation_from_applied_or_committed_state_without_advancing_it(
-        tmp_path: Path) -> None:
-    processor, topics = _processor(tmp_path, RecordingProducer())
+        tmp_path: Path, kept: int) -> None:
+    processor, topics = _processor(tmp_path, RecordingProducer(), stream=StreamConfig(answer_cache_users=kept))
     processor.process([_event(f"u{k % 5}", f"i{k % 40 + 1}", k) for k in range(30)])
     processor.apply([_event(f"u{k % 3}", f"i{(3 * k) % 40 + 1}", k) for k in range(30, 37)])  # not committed
     emitted = _last_emitted(processor, topics.recommendations)
@@ -91,3 +92,45 @@ def test_a_partition_not_restored_here_is_not_answered(tmp_path: Path) -> None:
     processor, _ = _processor(tmp_path, RecordingProducer())
     with pytest.raises(NotReady):
         processor.recommend(3, "u1", 10)
+
+
+def _ranked(answer: dict) -> tuple:
+    """What a request answers, without its clock readings."""
+    return answer["items"], answer["scores"], answer["model_version"], answer.get("fallback")
+
+
+def test_a_kept_answer_is_what_scoring_the_stored_state_gives_and_is_used_only_while_nothing_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests with the default k and no exclusions are answered from the answer kept for the user's last event
+    (Processor._kept_answer): the same items and scores as scoring the record, and never after a change."""
+    scoring, _ = _processor(tmp_path, RecordingProducer(), "scoring", StreamConfig(answer_cache_users=0))
+    keeping, _ = _processor(tmp_path, RecordingProducer(), "keeping", StreamConfig(answer_cache_users=3))
+    events = [_event(f"u{k % 5}", f"i{k % 40 + 1}", k) for k in range(30)]
+    for processor in (scoring, keeping):
+        processor.process(events[:20])
+        processor.apply(events[20:])  # u0..u4, the last three served (u2, u3, u4) kept
+    users = [f"u{k}" for k in range(5)]
+    assert [_ranked(keeping.recommend(0, u, 10)) for u in users] == [_ranked(scoring.recommend(0, u, 10)) for u in users]
+    assert sorted(user for _, user in keeping._answers) == ["u2", "u3", "u4"]  # the most recently served
+
+    def no_scoring(*args: object, **kwargs: object) -> None:
+        raise AssertionError("scored")
+
+    monkeypatch.setattr(keeping.serving, "top", no_scoring)
+    keeping.commit()
+    kept = keeping.recommend(0, "u3", 10)  # answered without scoring, from committed state too
+    assert _ranked(kept) == _ranked(scoring.recommend(0, "u3", 10))
+    for changed in (lambda: keeping.recommend(0, "u3", 5), lambda: keeping.recommend(0, "u3", 10, exclude=["i1"]),
+                    lambda: keeping.recommend(0, "u0", 10)):  # another k, an exclusion, a user not kept
+        with pytest.raises(AssertionError, match="scored"):
+            changed()
+    keeping.block(frozenset({kept["items"][0]}))
+    with pytest.raises(AssertionError, match="scored"):
+        keeping.recommend(0, "u3", 10)  # the blocked items changed since
+    monkeypatch.undo()
+    scoring.block(frozenset({kept["items"][0]}))
+    assert _ranked(keeping.recommend(0, "u3", 10)) == _ranked(scoring.recommend(0, "u3", 10))
+    keeping.process([_event("u3", "i9", 30)])  # a new event keeps its own answer (with the block)
+    scoring.process([_event("u3", "i9", 30)])
+    assert keeping._answers[(0, "u3")].offset == 30
+    assert _ranked(keeping.recommend(0, "u3", 10)) == _ranked(scoring.recommend(0, "u3", 10))

@@ -110,7 +110,8 @@ def test_a_kept_answer_is_what_scoring_the_stored_state_gives_and_is_used_only_w
         processor.process(events[:20])
         processor.apply(events[20:])  # u0..u4, the last three served (u2, u3, u4) kept
     users = [f"u{k}" for k in range(5)]
-    assert [_ranked(keeping.recommend(0, u, 10)) for u in users] == [_ranked(scoring.recommend(0, u, 10)) for u in users]
+    assert [_ranked(keeping.recommend(0, u, 10)) for u in users] == [_ranked(scoring.recommend(0, u, 10))
+                                                                     for u in users]
     assert sorted(user for _, user in keeping._answers) == ["u2", "u3", "u4"]  # the most recently served
 
     def no_scoring(*args: object, **kwargs: object) -> None:

@@ -28,7 +28,7 @@ from itertools import islice
 from pathlib import Path
 from urllib.parse import quote
 
-from lrustream.bench.stream import Output, publish_random_model, topic_overrides
+from lrustream.bench.stream import Output, drop_topics, publish_random_model, topic_overrides
 from lrustream.broker import free_port
 from lrustream.children import QUANTILES, format_ms, percentile, spawn_cli, stop
 from lrustream.kernel.config import load_config
@@ -83,6 +83,7 @@ def run(base: list[str], data: str, events: int, rate: float, seconds: float, st
     finally:
         output.close()
         stop([proc])
+        drop_topics(cfg, log)
     return results
 
 

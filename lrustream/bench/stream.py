@@ -46,7 +46,7 @@ from lrustream.children import (
     timestamps,
 )
 from lrustream.kernel.config import Config, load_config
-from lrustream.kernel.kafka import client_logger, flush, librdkafka_config, produce, producer_config
+from lrustream.kernel.kafka import admin, client_logger, flush, librdkafka_config, produce, producer_config
 
 CONTENDERS = ("forwarder", "bare", "worker")
 LATENCY_RATES = (1_000.0, 2_000.0, 5_000.0)
@@ -156,6 +156,24 @@ def topic_overrides(base: list[str], tag: str, tmp: Path) -> list[str]:
             f"topics.items=bench-{tag}-items", f"topics.model_versions=bench-{tag}-versions",
             f"stream.app_id=bench-{tag}", f"state.dir={tmp / 'state'}", f"model_store.dir={tmp / 'models'}",
             "stream.unknown_items=oov"]
+
+
+def drop_topics(cfg: Config, log: Log) -> None:
+    """Delete the topics of one benchmark run (named by :func:`topic_overrides`) when it is done with them: a
+    broker that runs the benchmarks again and again would otherwise carry hundreds of them, and its pauses grow
+    with that (README, issue 16). Refuses any name not made by ``topic_overrides``; a failure is reported, not
+    raised: the figures stand."""
+    from stream.topics import topic_specs
+
+    names = [spec.name for spec in topic_specs(cfg)]
+    if not all(name.startswith("bench-") for name in names):
+        raise ValueError(f"not a benchmark's own topics, not deleted: {names}")
+    client = admin(cfg)  # held until the answers are in: a client that is gone fails its futures
+    try:
+        for future in client.delete_topics(names, operation_timeout=30).values():
+            future.result()
+    except Exception as exc:
+        log(f"the benchmark's topics {cfg.topics.interactions} and the rest were not all deleted: {exc}")
 
 
 def publish_random_model(cfg: Config, data: str) -> None:
@@ -291,6 +309,7 @@ def contender(kind: str, base: list[str], data: str, events: int, workdir: Path,
     finally:
         output.close()
         stop([proc])
+        drop_topics(cfg, log)
 
 
 def ratios(results: dict[str, float], log: Log) -> dict[str, float]:

@@ -196,3 +196,24 @@ def test_recs_piped_into_head_ends_quietly(kafka_cfg: Config, kafka_overrides: l
 
 
 
+
+
+def test_a_benchmark_deletes_its_own_topics_and_refuses_to_delete_any_other(kafka_overrides: list[str],
+                                                                           tmp_path: Path) -> None:
+    from lrustream.bench.stream import drop_topics, topic_overrides
+    from lrustream.kernel.config import load_config
+    from stream.topics import topic_specs
+
+    cfg = load_config(overrides=topic_overrides(kafka_overrides, f"drop-{random.randrange(10**6)}", tmp_path))
+    create_topics(cfg)
+    names = {spec.name for spec in topic_specs(cfg)}
+    assert names <= set(partition_counts(cfg))
+    reported: list[str] = []
+    drop_topics(cfg, reported.append)
+    assert reported == []
+    deadline = time.monotonic() + 30
+    while names & set(partition_counts(cfg)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not names & set(partition_counts(cfg))
+    with pytest.raises(ValueError, match="not a benchmark's own"):  # refused before any call to the broker
+        drop_topics(load_config(overrides=kafka_overrides), reported.append)

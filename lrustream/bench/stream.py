@@ -284,8 +284,9 @@ def start(kind: str, cfg: Config, overrides: list[str], data: str, tmp: Path) ->
 
 
 def contender(kind: str, base: list[str], data: str, events: int, workdir: Path, plan: LatencyPlan,
-              log: Log) -> dict[str, float]:
-    """Pre-load ``events`` on fresh topics, start ``kind``, measure its drain (and, for the worker, latency)."""
+              log: Log, used: list[Config]) -> dict[str, float]:
+    """Pre-load ``events`` on fresh topics, start ``kind``, measure its drain (and, for the worker, latency);
+    the configuration naming its topics is appended to ``used``."""
     from lrustream.replay import replay
     from stream.topics import create_topics
 
@@ -294,6 +295,7 @@ def contender(kind: str, base: list[str], data: str, events: int, workdir: Path,
     tmp.mkdir(parents=True, exist_ok=True)
     overrides = topic_overrides(base, tag, tmp)
     cfg = load_config(overrides=overrides)
+    used.append(cfg)
     create_topics(cfg)
     sent = replay(cfg, data, None, events, False)
     proc = start(kind, cfg, overrides, data, tmp)
@@ -309,7 +311,6 @@ def contender(kind: str, base: list[str], data: str, events: int, workdir: Path,
     finally:
         output.close()
         stop([proc])
-        drop_topics(cfg, log)
 
 
 def ratios(results: dict[str, float], log: Log) -> dict[str, float]:
@@ -325,8 +326,13 @@ def run(base: list[str], data: str, events: int, workdir: Path, plan: LatencyPla
         log: Log = print) -> dict[str, float]:
     """The whole benchmark (module docstring); returns every figure it printed, by name."""
     results: dict[str, float] = {}
-    for kind in CONTENDERS:
-        results.update(contender(kind, base, data, events, workdir, plan, log))
+    used: list[Config] = []
+    try:
+        for kind in CONTENDERS:
+            results.update(contender(kind, base, data, events, workdir, plan, log, used))
+    finally:  # at the end, not between contenders: the broker removes a deleted topic's files a minute later
+        for cfg in used:
+            drop_topics(cfg, log)
     results.update(ratios(results, log))
     return results
 

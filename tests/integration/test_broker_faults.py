@@ -6,18 +6,22 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from lrustream.broker import LocalBroker, free_port
-from lrustream.kernel.config import load_config
+from lrustream.kernel.config import Config, load_config
 from stream.topics import create_topics
 from tests.conftest import JARS_DIR
 from tests.streamkit import (
     EVENTS_TS0,
     WorkerProcess,
+    event_value,
+    produce,
     produce_events,
     publish_model,
     recommendations,
@@ -44,14 +48,18 @@ def test_broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice(kafka
         create_topics(cfg)
         v1 = publish_model(cfg)
         events = synthetic_events(3000, users=50, seed=9)
-        before = 2000  # produced before the outage, the rest after it: the outage is mid-stream however fast the
-        produce_events(cfg, events[:before])  # worker drains (it once served all 3,000 before the trainer's first poll)
+        before = 1500  # produced up front; the rest flows at a steady pace across the outage, so that the worker
+        produce_events(cfg, events[:before])  # is mid-stream when the broker goes, however fast it drained
         worker.start()
         worker.wait_healthy()
         trainer = TrainerLoop(cfg, log_line=print)
         deadline = time.monotonic() + 60
         while (worker.get_metric("lrustream_recommendations_total") < 300 or trainer.buffer.seen == 0) \
                 and time.monotonic() < deadline:
+            trainer.poll(timeout_s=0.1)
+        flowing = threading.Thread(target=_produce_paced, args=(cfg, events[before:], before, 300.0), daemon=True)
+        flowing.start()
+        for _ in range(10):
             trainer.poll(timeout_s=0.1)
         served_before, trained_before = worker.get_metric("lrustream_recommendations_total"), trainer.buffer.seen
         broker.stop()
@@ -62,7 +70,7 @@ def test_broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice(kafka
         assert worker.proc is not None and worker.proc.poll() is None, "the worker survived the outage"
         trainer.poll(timeout_s=2.0)  # the trainer survives polling a dead broker
         broker.start()
-        produce_events(cfg, events[before:], ts0=EVENTS_TS0 + before)
+        flowing.join(timeout=120)  # the producer buffered what it was given meanwhile, and delivers it now
         recs = recommendations(cfg, expect=len(events), timeout_s=240)
         t0 = time.monotonic()
         while trainer.buffer.seen < len(events) and time.monotonic() < t0 + 120:  # and reconnects afterwards
@@ -89,6 +97,16 @@ def test_broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice(kafka
     for user, (state, _) in stored_states(cfg, set(ref)).items():
         np.testing.assert_allclose(np.frombuffer(state, np.float32), np.frombuffer(ref[user]["state"], np.float32),
                                    atol=1e-5, err_msg=user)
+
+
+def _produce_paced(cfg: Config, events: list[tuple[str, str]], first: int, rate: float) -> None:
+    """``events`` (numbered from ``first``, as produce_events numbers them) at ``rate`` events/s."""
+    def paced() -> Iterator[tuple[bytes, bytes]]:
+        for k, (user, item) in enumerate(events):
+            time.sleep(1 / rate)
+            yield user.encode(), event_value(user, item, EVENTS_TS0 + first + k)
+
+    produce(cfg, paced())
 
 
 def test_sigterm_stops_a_worker_within_seconds_while_its_batch_waits_for_a_dead_broker(kafka_overrides: list[str],

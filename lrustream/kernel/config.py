@@ -167,10 +167,10 @@ class StreamConfig:
     stop_timeout_s: float = 5.0  # after SIGTERM/SIGINT, exit anyway this long later (a crash is safe: see kill tests)
     session_timeout_s: float = 60.0  # a worker silent this long (frozen, cut off) leaves the group: its partitions move
     popular_half_life_s: float = 3600.0  # an event counts half as much in the popular fallback this long after it
-    answer_cache_users: int = 50_000
-    """Users whose last recommendation a worker keeps in memory (the most recently served; about 0.5 KB each), so
-    that a request for one of them with the default ``k`` and no exclusions is answered without scoring, when
-    nothing has changed since (stream/processor.py, ``recommend``). 0 keeps none."""
+    answer_cache_users: int = 20_000
+    """Users whose last recommendation a worker keeps in memory (the most recently served; about 1.3 KB each, 25 MB
+    at this default), so that a request for one of them with the default ``k`` and no exclusions is answered
+    without scoring, when nothing has changed since (stream/processor.py, ``recommend``). 0 keeps none."""
     torch_threads: int = 1
     """torch CPU threads of a worker (0 = torch's default, every core). A worker's steps are small (a batch of
     events, one user per request), and a second thread waits for work on a core that the broker and the

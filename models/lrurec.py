@@ -206,10 +206,9 @@ class LRULayer(nn.Module):
 
     def serving_parts(self) -> tuple[Rotation, torch.Tensor, torch.Tensor]:
         """(:func:`rotation` of lambda, gamma, :meth:`out_matrix`) for steps without gradient (CPU), kept until the
-        weights change (their
-        tensors or in-place version counters): a worker's batches would otherwise recompute these ten small
-        operations per layer per batch from the same weights. The same operations on the same numbers: the
-        same bits."""
+        weights change (their tensors or in-place version counters): a worker's batches would otherwise
+        recompute these ten small operations per layer per batch from the same weights. The same operations on
+        the same numbers: the same bits."""
         weights = (self.params_log, self.out_weight)
         key = tuple(n for p in weights for n in (id(p), p.data_ptr(), p._version))
         if self._serving_parts is None or self._serving_parts[0] != key:

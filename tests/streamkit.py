@@ -278,6 +278,18 @@ def produce_events(cfg: Config, events: list[tuple[str, str]], ts0: int = EVENTS
     produce(cfg, ((u.encode(), event_value(u, i, ts0 + k)) for k, (u, i) in enumerate(events)))
 
 
+def produce_paced(cfg: Config, events: list[tuple[str, str]], rate: float, first: int = 0) -> None:
+    """``events`` at ``rate`` events/s, numbered from ``first`` as produce_events numbers them (the timestamps
+    go on from there): for a test that needs the stream still flowing at some moment (a kill, an outage),
+    however fast the worker drains. Run it on a thread; a producer buffers what a missing broker cannot take."""
+    def paced() -> Iterable[tuple[bytes, bytes]]:
+        for k, (user, item) in enumerate(events):
+            time.sleep(1 / rate)
+            yield user.encode(), event_value(user, item, EVENTS_TS0 + first + k)
+
+    produce(cfg, paced())
+
+
 def stored_states(cfg: Config, users: set[str]) -> dict[str, tuple[bytes, int]]:
     out = {}
     for user in users:

@@ -4,6 +4,7 @@ crash (SIGKILL) and rebalance safety; bad input to the dead-letter topic."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tests.streamkit import (
     event_value,
     produce,
     produce_events,
+    produce_paced,
     publish_model,
     read_topic,
     recommendations,
@@ -86,9 +88,13 @@ def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(kafka_cfg: C
     create_topics(kafka_cfg)
     publish_model(kafka_cfg)
     events = synthetic_events(4000, users=60, seed=2)
-    produce_events(kafka_cfg, events)
+    produce_events(kafka_cfg, events[:1000])
     worker = WorkerProcess(kafka_overrides, worker_log).start(["stream.batch_size=32"])
     worker.wait_healthy()
+    # the rest at a steady pace for 20 s, so that both kills land mid-stream however fast the worker drains (a
+    # faster worker once served every event before the second kill)
+    flowing = threading.Thread(target=produce_paced, args=(kafka_cfg, events[1000:], 150.0, 1000), daemon=True)
+    flowing.start()
     kills = 0
     emitted_at_kill = []
     try:
@@ -101,6 +107,7 @@ def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(kafka_cfg: C
             emitted_at_kill.append(sum(end_offsets(kafka_cfg, kafka_cfg.topics.recommendations).values()))
             worker.start(["stream.batch_size=32"])
             worker.wait_healthy()
+        flowing.join(timeout=60)
         recs = recommendations(kafka_cfg, expect=len(events), timeout_s=180)
     finally:
         worker.stop()

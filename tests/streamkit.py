@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -278,13 +279,16 @@ def produce_events(cfg: Config, events: list[tuple[str, str]], ts0: int = EVENTS
     produce(cfg, ((u.encode(), event_value(u, i, ts0 + k)) for k, (u, i) in enumerate(events)))
 
 
-def produce_paced(cfg: Config, events: list[tuple[str, str]], rate: float, first: int = 0) -> None:
+def produce_paced(cfg: Config, events: list[tuple[str, str]], rate: float, first: int = 0,
+                  hurry: threading.Event | None = None) -> None:
     """``events`` at ``rate`` events/s, numbered from ``first`` as produce_events numbers them (the timestamps
-    go on from there): for a test that needs the stream still flowing at some moment (a kill, an outage),
-    however fast the worker drains. Run it on a thread; a producer buffers what a missing broker cannot take."""
+    go on from there), the rest at once when ``hurry`` is set: for a test that needs the stream still flowing at
+    some moment (a kill, an outage), however fast the worker drains or slowly it restarts. Run it on a thread; a
+    producer buffers what a missing broker cannot take."""
     def paced() -> Iterable[tuple[bytes, bytes]]:
         for k, (user, item) in enumerate(events):
-            time.sleep(1 / rate)
+            if hurry is None or not hurry.is_set():
+                time.sleep(1 / rate)
             yield user.encode(), event_value(user, item, EVENTS_TS0 + first + k)
 
     produce(cfg, paced())

@@ -91,9 +91,12 @@ def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(kafka_cfg: C
     produce_events(kafka_cfg, events[:1000])
     worker = WorkerProcess(kafka_overrides, worker_log).start(["stream.batch_size=32"])
     worker.wait_healthy()
-    # the rest at a steady pace for 20 s, so that both kills land mid-stream however fast the worker drains (a
-    # faster worker once served every event before the second kill)
-    flowing = threading.Thread(target=produce_paced, args=(kafka_cfg, events[1000:], 150.0, 1000), daemon=True)
+    # the rest at 50/s until both kills are done, so that they land mid-stream however fast the worker drains or
+    # slowly it restarts (a faster worker once served every event before the second kill; then a CI run's
+    # restarts outlasted 20 s of paced events), then at once
+    kills_done = threading.Event()
+    flowing = threading.Thread(target=produce_paced, args=(kafka_cfg, events[1000:], 50.0, 1000, kills_done),
+                               daemon=True)
     flowing.start()
     kills = 0
     emitted_at_kill = []
@@ -107,6 +110,7 @@ def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(kafka_cfg: C
             emitted_at_kill.append(sum(end_offsets(kafka_cfg, kafka_cfg.topics.recommendations).values()))
             worker.start(["stream.batch_size=32"])
             worker.wait_healthy()
+        kills_done.set()
         flowing.join(timeout=60)
         recs = recommendations(kafka_cfg, expect=len(events), timeout_s=180)
     finally:

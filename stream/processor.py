@@ -265,7 +265,7 @@ class Processor:
             return None
         kept = self._answers.get((p, user))
         if (kept is None or kept.offset != record.offset or kept.version != serving.version
-                or record.version != serving.version or kept.catalogue != catalogue or kept.hidden != record.hidden):
+                or kept.catalogue != catalogue or kept.hidden != record.hidden):
             return None
         return kept
 

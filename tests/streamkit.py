@@ -275,7 +275,7 @@ def synthetic_events(n: int, users: int, items: int = 40, seed: int = 1) -> list
 EVENTS_TS0 = 1_700_000_000_000  # the broker timestamp of produce_events' first event, by default
 
 
-def produce_events(cfg: Config, events: list[tuple[str, str]], ts0: int = EVENTS_TS0) -> None:
+def produce_events(cfg: Config, events: Iterable[tuple[str, str]], ts0: int = EVENTS_TS0) -> None:
     produce(cfg, ((u.encode(), event_value(u, i, ts0 + k)) for k, (u, i) in enumerate(events)))
 
 
@@ -285,13 +285,13 @@ def produce_paced(cfg: Config, events: list[tuple[str, str]], rate: float, first
     go on from there), the rest at once when ``hurry`` is set: for a test that needs the stream still flowing at
     some moment (a kill, an outage), however fast the worker drains or slowly it restarts. Run it on a thread; a
     producer buffers what a missing broker cannot take."""
-    def paced() -> Iterable[tuple[bytes, bytes]]:
-        for k, (user, item) in enumerate(events):
+    def paced() -> Iterable[tuple[str, str]]:
+        for event in events:
             if hurry is None or not hurry.is_set():
                 time.sleep(1 / rate)
-            yield user.encode(), event_value(user, item, EVENTS_TS0 + first + k)
+            yield event
 
-    produce(cfg, paced())
+    produce_events(cfg, paced(), ts0=EVENTS_TS0 + first)
 
 
 def stored_states(cfg: Config, users: set[str]) -> dict[str, tuple[bytes, int]]:

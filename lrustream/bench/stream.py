@@ -50,6 +50,7 @@ from lrustream.kernel.kafka import admin, client_logger, flush, librdkafka_confi
 
 CONTENDERS = ("forwarder", "bare", "worker")
 LATENCY_RATES = (1_000.0, 2_000.0, 5_000.0)
+RUN_PREFIX = "bench-"  # of every topic and group a run names (topic_overrides); drop_topics deletes only these
 Log = Callable[[str], None]
 
 
@@ -150,11 +151,12 @@ class Output:
 
 def topic_overrides(base: list[str], tag: str, tmp: Path) -> list[str]:
     """``base`` plus topics, consumer group, state and model store of one benchmark run's own (named by ``tag``)."""
-    return [*base, f"topics.interactions=bench-{tag}-in", f"topics.recommendations=bench-{tag}-out",
-            f"topics.dlq=bench-{tag}-dlq", f"topics.state_changelog=bench-{tag}-changelog",
-            f"topics.training_examples=bench-{tag}-train", f"topics.model_updates=bench-{tag}-updates",
-            f"topics.items=bench-{tag}-items", f"topics.model_versions=bench-{tag}-versions",
-            f"stream.app_id=bench-{tag}", f"state.dir={tmp / 'state'}", f"model_store.dir={tmp / 'models'}",
+    run = f"{RUN_PREFIX}{tag}"
+    return [*base, f"topics.interactions={run}-in", f"topics.recommendations={run}-out",
+            f"topics.dlq={run}-dlq", f"topics.state_changelog={run}-changelog",
+            f"topics.training_examples={run}-train", f"topics.model_updates={run}-updates",
+            f"topics.items={run}-items", f"topics.model_versions={run}-versions",
+            f"stream.app_id={run}", f"state.dir={tmp / 'state'}", f"model_store.dir={tmp / 'models'}",
             "stream.unknown_items=oov"]
 
 
@@ -166,7 +168,7 @@ def drop_topics(cfg: Config, log: Log) -> None:
     from stream.topics import topic_specs
 
     names = [spec.name for spec in topic_specs(cfg)]
-    if not all(name.startswith("bench-") for name in names):
+    if not all(name.startswith(RUN_PREFIX) for name in names):
         raise ValueError(f"not a benchmark's own topics, not deleted: {names}")
     client = admin(cfg)  # held until the answers are in: a client that is gone fails its futures
     try:

@@ -194,10 +194,6 @@ def test_recs_piped_into_head_ends_quietly(kafka_cfg: Config, kafka_overrides: l
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
 
 
-
-
-
-
 def test_a_benchmark_deletes_its_own_topics_and_refuses_to_delete_any_other(kafka_overrides: list[str],
                                                                            tmp_path: Path) -> None:
     from lrustream.bench.stream import drop_topics, topic_overrides

@@ -5,7 +5,9 @@ Latencies come from the recommendation records themselves (``stream/processor.py
 ``kafka_ts`` (the input event's Kafka CreateTime), ``received_ts`` (when the worker's consumer handed the event
 to the processor; absent in records of older workers) and ``emitted_ts`` (when the recommendation was produced).
 :func:`latency_stages` splits them into queueing, processing and total; :func:`stage_percentiles` and
-:func:`format_stages` summarise that split as p50 / p99 / p99.9.
+:func:`format_stages` summarise that split as p50 / p99 / p99.9. The worker's own histograms (``/metrics``,
+stream/metrics.py) split processing further, per micro-batch and per recommendation: :func:`scrape_histograms`
+or :func:`settled_histograms` before and after a run, then :func:`worker_stages` and :func:`format_worker_stages`.
 
 Children run ``python -P`` so that a folder in the working directory named like one of our packages (a
 ``models/`` model store, say) cannot shadow it.
@@ -114,6 +116,69 @@ def stage_percentiles(stages: Mapping[str, list[float]], unserved: int = 0) -> d
         if values:
             out[stage] = {name: percentile(values, q) for name, q in QUANTILES}
     return out
+
+
+WORKER_STAGES = (  # (key, what it times, the worker's histogram in stream/metrics.py)
+    ("model", "model step and scoring per micro-batch", "lrustream_model_step_seconds"),
+    ("ack", "produce to broker ack per recommendation", "lrustream_recommendation_ack_seconds"),
+    ("commit", "commit, the input loop waiting", "lrustream_commit_seconds"),
+)
+WORKER_STAGE_FIGURES = ("p50_ms", "p99_ms", "count")  # what worker_stages gives of each
+Buckets = dict[str, list[tuple[float, float]]]  # histogram -> its cumulative (upper bound in s, count), ascending
+
+
+def scrape_histograms(cfg: Config, port: int | None = None) -> Buckets:
+    """The buckets of the worker's :data:`WORKER_STAGES` histograms now ({} when /metrics does not answer)."""
+    url = f"http://{cfg.http.host}:{port or cfg.http.port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return parse_histograms(resp.read().decode())
+    except OSError:
+        return {}
+
+
+def settled_histograms(cfg: Config, port: int | None = None) -> Buckets:
+    """:func:`scrape_histograms` once the worker has committed again: a delivery report is served (and its ack
+    time observed) by the worker's next producer poll at the latest, which its commit is."""
+    time.sleep(cfg.stream.commit_interval_ms / 1000 + 0.5)
+    return scrape_histograms(cfg, port)
+
+
+def parse_histograms(text: str) -> Buckets:
+    """The buckets of the :data:`WORKER_STAGES` histograms in a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {name for _, _, name in WORKER_STAGES}
+    return {family.name: sorted((float(s.labels["le"]), s.value) for s in family.samples if s.name.endswith("_bucket"))
+            for family in text_string_to_metric_families(text) if family.name in wanted}
+
+
+def bucket_quantile(before: list[tuple[float, float]], after: list[tuple[float, float]], q: float) -> float:
+    """The upper bound (ms) of the bucket that holds quantile ``q`` of what one histogram observed between two
+    scrapes (nan when it observed nothing)."""
+    counts = [(bound, now - then) for (bound, now), (_, then) in zip(after, before, strict=True)]
+    total = counts[-1][1] if counts else 0
+    return next((bound * 1000 for bound, n in counts if total > 0 and n >= q * total), math.nan)
+
+
+def worker_stages(before: Buckets, after: Buckets) -> dict[str, dict[str, float]]:
+    """{key: {"p50_ms": ms, "p99_ms": ms, "count": n}} of each :data:`WORKER_STAGES` histogram that observed something
+    between the two scrapes (bucket upper bounds: "p99 5 ms" reads "99 % took at most 5 ms")."""
+    out = {}
+    for key, _, name in WORKER_STAGES:
+        if name not in before or name not in after or len(before[name]) != len(after[name]):
+            continue
+        count = after[name][-1][1] - before[name][-1][1]
+        if count > 0:
+            out[key] = {"p50_ms": bucket_quantile(before[name], after[name], 0.5),
+                        "p99_ms": bucket_quantile(before[name], after[name], 0.99), "count": count}
+    return out
+
+
+def format_worker_stages(stages: Mapping[str, Mapping[str, float]]) -> str:
+    """``model step and scoring per micro-batch p50 <= 2 ms, p99 <= 5 ms (3,000); ...`` for the stages present."""
+    return "; ".join(f"{what} p50 <= {stages[key]['p50_ms']:g} ms, p99 <= {stages[key]['p99_ms']:g} ms "
+                     f"({stages[key]['count']:,.0f})" for key, what, _ in WORKER_STAGES if key in stages)
 
 
 def format_ms(ms: float) -> str:

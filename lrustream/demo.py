@@ -3,7 +3,9 @@ recommendations flowing out with their latency. What ``make demo`` runs.
 
 The summary gives the event-to-recommendation latency (the record's emitted_ts - kafka_ts) as p50, p99 and
 p99.9 and, when the records carry ``received_ts``, split into queueing (kafka_ts to the worker's consumer
-handing the event over) and processing (from there to the recommendation); see ``lrustream/children.py``.
+handing the event over) and processing (from there to the recommendation); then, from the worker's own
+histograms over the timed events (from when the warm-up's recommendations have been read), its model step per
+micro-batch, each recommendation's produce-to-ack time and its commits; see ``lrustream/children.py``.
 
 Everything it starts is ordinary: the broker is ``lrustream broker start``'s, the worker is a
 ``lrustream worker`` subprocess, the replay is ``lrustream produce``'s code. It leaves the broker running
@@ -24,13 +26,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lrustream.children import (
+    Buckets,
     format_stages,
+    format_worker_stages,
     latency_stages,
+    scrape_histograms,
+    settled_histograms,
     spawn_cli,
     stage_percentiles,
     stop,
     timestamps,
     wait_healthy,
+    worker_stages,
 )
 from lrustream.kernel.config import Config, resolve_path
 
@@ -96,10 +103,10 @@ def start_worker(config: Path | None, overrides: list[str], log_path: Path) -> s
 
 
 def watch(cfg: Config, expect: Callable[[], int], timeout_s: float, log: Callable[[str], None],
-          last_users: list[str] | None = None) -> list[dict[str, int]]:
+          last_users: list[str] | None = None, on_read: Callable[[int], None] | None = None) -> list[dict[str, int]]:
     """Read new recommendations until ``expect()`` have arrived (or ``timeout_s``), print a sample line per second,
     return each one's latency timestamps (:func:`lrustream.children.timestamps`); ``last_users`` ends with the
-    users of the last records read (the latest last)."""
+    users of the last records read (the latest last); ``on_read`` is given the count read so far after each fetch."""
     from confluent_kafka import Consumer, TopicPartition
 
     from lrustream.kernel.kafka import high_watermarks, librdkafka_config, topic_partitions
@@ -128,6 +135,8 @@ def watch(cfg: Config, expect: Callable[[], int], timeout_s: float, log: Callabl
                     ms = rec["emitted_ts"] - rec["kafka_ts"] if rec.get("kafka_ts") else 0
                     log(f"  [{len(seen):>7} recs, {ms:6.1f} ms] user {rec['user_id']} "
                         f"(model {rec['model_version']}) -> {', '.join(rec['items'][:5])}")
+            if on_read is not None:
+                on_read(len(seen))
     finally:
         consumer.close()
     return seen
@@ -159,14 +168,23 @@ def run_demo(cfg: Config, config: Path | None, overrides: list[str], data: str |
         sent: list[int] = []
         total = warm_up + events
         producer = threading.Thread(target=lambda: sent.append(replay(cfg, data, rate, total, False)), daemon=True)
+        marks: dict[str, Buckets] = {}  # the worker's histograms once the warm-up's recommendations are read
+
+        def mark(read: int) -> None:
+            if read >= warm_up and "timed" not in marks:
+                marks["timed"] = scrape_histograms(cfg)
+
         started = time.monotonic()
         producer.start()
         # until the replay ends it may send all of them; then exactly what it sent (the data may hold fewer)
         last_users: list[str] = []
         records = watch(cfg, lambda: sent[0] if sent else total, timeout_s=total / rate + 120, log=log,
-                        last_users=last_users)
+                        last_users=last_users, on_read=mark)
         producer.join(timeout=5)
         summarise(records, sent[0] if sent else 0, time.monotonic() - started, log, warm_up)
+        if in_worker := worker_stages(marks.get("timed", {}), settled_histograms(cfg)):
+            log(f"  in the worker, timed events (its histograms from the warm-up's last recommendation on; bucket "
+                f"upper bounds): {format_worker_stages(in_worker)}")
         ask(cfg, [*last_users[-2:], "a-user-never-seen"], log)
     finally:
         stop([proc])

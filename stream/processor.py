@@ -671,7 +671,8 @@ class Processor:
         now = int(time.time() * 1000)
         for out in outputs:
             out["emitted_ts"] = now
-            self._produce(self.topics.recommendations, out["user_id"].encode(), _json(out), None)
+            self._produce(self.topics.recommendations, out["user_id"].encode(), _json(out), None,
+                          on_delivery=self._recommendation_delivered)
         for inp, reason in dead:
             self._dead_letter(inp, reason, DLQ_MAX_RECORD_BYTES)
             self.metrics.dlq.labels(reason=reason.split(":")[0]).inc()
@@ -721,6 +722,13 @@ class Processor:
     def _delivered(self, err: Any, msg: Any) -> None:
         if err is not None:
             self._errors.append(str(err))
+
+    def _recommendation_delivered(self, err: Any, msg: Any) -> None:
+        """As :meth:`_delivered`; the time from produce to acknowledgement goes to the ack histogram."""
+        if err is not None:
+            self._errors.append(str(err))
+        elif msg is not None and (latency_s := msg.latency()) is not None:
+            self.metrics.ack_latency.observe(latency_s)
 
     def _await_acks(self, timeout_s: float = 60.0) -> None:
         """Wait (in half-second slices, so a stop is seen) until every record produced so far is acknowledged."""

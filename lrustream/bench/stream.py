@@ -14,8 +14,9 @@ Latency. After its drain the worker gets fresh events at each ``--latency-rates`
 an event with none by then counts as infinitely late (a percentile that reaches it reads "unserved"), so a rate
 the worker cannot keep up with is never flattered. Each phase reports p50, p99 and p99.9 of the total
 (emitted_ts - kafka_ts) and, when the records carry received_ts, of queueing (received_ts - kafka_ts) and
-processing (emitted_ts - received_ts); a phase also says how many events of earlier phases were still queued
-when it started.
+processing (emitted_ts - received_ts), then the worker's own histograms over the phase (its model step per
+micro-batch, each recommendation's produce-to-ack time, its commits; lrustream/children.py); a phase also says
+how many events of earlier phases were still queued when it started.
 """
 
 from __future__ import annotations
@@ -37,13 +38,18 @@ from confluent_kafka import Consumer, Producer
 from lrustream.children import (
     QUANTILES,
     STAGES,
+    WORKER_STAGE_FIGURES,
+    WORKER_STAGES,
     format_stages,
+    format_worker_stages,
     latency_stages,
+    settled_histograms,
     spawn,
     spawn_cli,
     stage_percentiles,
     stop,
     timestamps,
+    worker_stages,
 )
 from lrustream.kernel.config import Config, load_config
 from lrustream.kernel.kafka import admin, client_logger, flush, librdkafka_config, produce, producer_config
@@ -225,15 +231,18 @@ def input_rate(records: list[dict[str, int]]) -> float:
 
 
 def phase_figures(rate: float, stages: dict[str, list[float]], sent: int, input_per_s: float,
-                  backlog: int) -> dict[str, float]:
-    """One latency phase as flat results: ``worker_<rate>_{sent,input_per_s,served,backlog}`` and
-    ``worker_<rate>_<stage>_<p50|p99|p99.9>_ms`` for the stages present (inf: reached unserved events)."""
+                  backlog: int, in_worker: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
+    """One latency phase as flat results: ``worker_<rate>_{sent,input_per_s,served,backlog}``,
+    ``worker_<rate>_<stage>_<p50|p99|p99.9>_ms`` for the stages present (inf: reached unserved events) and
+    ``worker_<rate>_in_<key>_{p50_ms,p99_ms,count}`` for the worker's histograms (``in_worker``)."""
     served = len(stages["total"])
     prefix = f"worker_{rate:g}_"
     out = {prefix + "sent": float(sent), prefix + "input_per_s": input_per_s, prefix + "served": float(served),
            prefix + "backlog": float(backlog)}
     for stage, figures in stage_percentiles(stages, unserved=max(0, sent - served)).items():
         out.update({f"{prefix}{stage}_{name}_ms": figures[name] for name, _ in QUANTILES})
+    for key, figures in (in_worker or {}).items():
+        out.update({f"{prefix}in_{key}_{name}": value for name, value in figures.items()})
     return out
 
 
@@ -248,6 +257,10 @@ def phase_lines(rate: float, figures: dict[str, float], wait_s: float) -> list[s
              f"  latency {format_stages(summary, ['total'])}" if summary else "  latency: no records"]
     if "queueing" in summary:
         lines.append(f"  by stage: {format_stages(summary, ['queueing', 'processing'])}")
+    in_worker = {key: {name: figures[f"{prefix}in_{key}_{name}"] for name in WORKER_STAGE_FIGURES}
+                 for key, _, _ in WORKER_STAGES if f"{prefix}in_{key}_count" in figures}
+    if in_worker:
+        lines.append(f"  in the worker (its histograms; bucket upper bounds): {format_worker_stages(in_worker)}")
     return lines
 
 
@@ -258,12 +271,14 @@ def latency_phase(cfg: Config, data: str, output: Output, rate: float, plan: Lat
     from lrustream.replay import replay
 
     backlog = max(0, sent_before - len(output.stamps))  # as of the end of the previous wait
+    histograms = settled_histograms(cfg)  # without the acks of earlier outputs (a drain's last were 10-500 ms)
     since = int(time.time() * 1000)
     output.watch(since)
     sent = replay(cfg, data, rate, max(1, round(rate * plan.seconds)), False)
     output.read(sent_before + sent, plan.wait_s)
     stages = latency_stages(output.records, since)
-    return sent, phase_figures(rate, stages, sent, input_rate(output.records), backlog)
+    in_worker = worker_stages(histograms, settled_histograms(cfg))
+    return sent, phase_figures(rate, stages, sent, input_rate(output.records), backlog, in_worker)
 
 
 def latency_phases(cfg: Config, data: str, output: Output, plan: LatencyPlan, sent_before: int,

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lrustream.children import parse_histograms
 from lrustream.kernel.config import Config, load_config
 from stream.topics import create_topics
 from tests.streamkit import (
@@ -81,6 +82,8 @@ def test_each_event_yields_one_recommendation_equal_to_sequential_step(kafka_cfg
     assert shown["window"] == [f"i{i}" for i in ref["u0"]["window"]] and shown["model_version"] == version
     assert "lrustream_event_to_recommendation_seconds_bucket" in metrics
     assert "lrustream_commit_seconds_count" in metrics and "lrustream_commit_seconds_count 0.0" not in metrics
+    acked = parse_histograms(metrics)["lrustream_recommendation_ack_seconds"][-1][1]  # reported at the next poll
+    assert 0 < acked <= len(events)
 
 
 def test_sigkill_mid_stream_loses_nothing_and_applies_nothing_twice(kafka_cfg: Config, kafka_overrides: list[str],

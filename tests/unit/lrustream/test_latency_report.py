@@ -8,8 +8,17 @@ import math
 import pytest
 
 from lrustream.bench.stream import LatencyPlan, input_rate, latency_plan, phase_figures, phase_lines
-from lrustream.children import format_stages, latency_stages, stage_percentiles, timestamps
+from lrustream.children import (
+    format_stages,
+    format_worker_stages,
+    latency_stages,
+    parse_histograms,
+    stage_percentiles,
+    timestamps,
+    worker_stages,
+)
 from lrustream.demo import summarise
+from stream.metrics import WorkerMetrics
 
 
 def test_stages_split_records_that_carry_received_ts() -> None:
@@ -114,3 +123,32 @@ def test_the_demo_summary_times_the_events_after_the_warm_up_and_reports_the_war
                              "event-to-recommendation latency of the timed events total p50 5.0 ms")
     assert "total p50 5.0 ms, p99 5.0 ms" in out[0] and "queueing p50 2.0 ms" in out[1]
     assert out[2].startswith("  warm-up (the first 1 events") and "total p50 400.0 ms" in out[2]
+
+
+def test_worker_stages_count_only_what_the_histograms_observed_between_two_scrapes() -> None:
+    metrics = WorkerMetrics()
+    metrics.step_latency.observe(0.5)  # before the first scrape: not counted
+    before = parse_histograms(metrics.render().decode())
+    for _ in range(98):
+        metrics.step_latency.observe(0.0015)
+    metrics.step_latency.observe(0.04)
+    metrics.step_latency.observe(0.04)
+    metrics.ack_latency.observe(0.004)
+    after = parse_histograms(metrics.render().decode())
+    stages = worker_stages(before, after)
+    assert stages == {"model": {"p50_ms": 2.0, "p99_ms": 50.0, "count": 100.0},
+                      "ack": {"p50_ms": 5.0, "p99_ms": 5.0, "count": 1.0}}  # no commit observed: not reported
+    assert format_worker_stages(stages) == ("model step and scoring per micro-batch p50 <= 2 ms, p99 <= 50 ms "
+                                            "(100); produce to broker ack per recommendation p50 <= 5 ms, "
+                                            "p99 <= 5 ms (1)")
+    assert worker_stages({}, after) == {}  # a scrape that failed: nothing, never everything since start
+
+
+def test_bench_phase_prints_the_workers_histograms_when_it_has_them() -> None:
+    in_worker = {"model": {"p50_ms": 2.0, "p99_ms": 7.5, "count": 1200.0}}
+    figures = phase_figures(2000.0, latency_stages([{"kafka_ts": 1, "received_ts": 2, "emitted_ts": 6}]), sent=1,
+                            input_per_s=math.nan, backlog=0, in_worker=in_worker)
+    assert figures["worker_2000_in_model_p99_ms"] == 7.5 and figures["worker_2000_in_model_count"] == 1200
+    assert phase_lines(2000.0, figures, wait_s=5)[-1] == (
+        "  in the worker (its histograms; bucket upper bounds): model step and scoring per micro-batch p50 <= 2 ms, "
+        "p99 <= 7.5 ms (1,200)")

@@ -138,8 +138,8 @@ def scrape_histograms(cfg: Config, port: int | None = None) -> Buckets:
 
 
 def settled_histograms(cfg: Config, port: int | None = None) -> Buckets:
-    """:func:`scrape_histograms` once the worker has committed again: a delivery report is served (and its ack
-    time observed) by the worker's next producer poll at the latest, which its commit is."""
+    """:func:`scrape_histograms` once the worker has committed again: a commit flushes its producer, which serves
+    every delivery report still pending, so the ack times of what it produced before are all observed."""
     time.sleep(cfg.stream.commit_interval_ms / 1000 + 0.5)
     return scrape_histograms(cfg, port)
 

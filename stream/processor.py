@@ -724,10 +724,9 @@ class Processor:
             self._errors.append(str(err))
 
     def _recommendation_delivered(self, err: Any, msg: Any) -> None:
-        """As :meth:`_delivered`; the time from produce to acknowledgement goes to the ack histogram."""
-        if err is not None:
-            self._errors.append(str(err))
-        elif msg is not None and (latency_s := msg.latency()) is not None:
+        """:meth:`_delivered`, and the time from produce to acknowledgement goes to the ack histogram."""
+        self._delivered(err, msg)
+        if err is None and msg is not None and (latency_s := msg.latency()) is not None:
             self.metrics.ack_latency.observe(latency_s)
 
     def _await_acks(self, timeout_s: float = 60.0) -> None:

@@ -40,6 +40,7 @@ from lrustream.children import (
     STAGES,
     WORKER_STAGE_FIGURES,
     WORKER_STAGES,
+    Buckets,
     format_stages,
     format_worker_stages,
     latency_stages,
@@ -265,27 +266,29 @@ def phase_lines(rate: float, figures: dict[str, float], wait_s: float) -> list[s
 
 
 def latency_phase(cfg: Config, data: str, output: Output, rate: float, plan: LatencyPlan,
-                  sent_before: int) -> tuple[int, dict[str, float]]:
+                  sent_before: int, histograms: Buckets) -> tuple[int, dict[str, float], Buckets]:
     """Replay ``rate * plan.seconds`` fresh events at ``rate`` (the data set's first events, once more) and read
-    their recommendations until all are out or ``plan.wait_s`` after the replay; returns (events sent, figures)."""
+    their recommendations until all are out or ``plan.wait_s`` after the replay; returns (events sent, figures,
+    the worker's histograms after the phase). ``histograms``: the worker's histograms, settled, before it."""
     from lrustream.replay import replay
 
     backlog = max(0, sent_before - len(output.stamps))  # as of the end of the previous wait
-    histograms = settled_histograms(cfg)  # without the acks of earlier outputs (a drain's last were 10-500 ms)
     since = int(time.time() * 1000)
     output.watch(since)
     sent = replay(cfg, data, rate, max(1, round(rate * plan.seconds)), False)
     output.read(sent_before + sent, plan.wait_s)
     stages = latency_stages(output.records, since)
-    in_worker = worker_stages(histograms, settled_histograms(cfg))
-    return sent, phase_figures(rate, stages, sent, input_rate(output.records), backlog, in_worker)
+    after = settled_histograms(cfg)
+    in_worker = worker_stages(histograms, after)
+    return sent, phase_figures(rate, stages, sent, input_rate(output.records), backlog, in_worker), after
 
 
 def latency_phases(cfg: Config, data: str, output: Output, plan: LatencyPlan, sent_before: int,
                    log: Log) -> dict[str, float]:
     results: dict[str, float] = {}
-    for rate in plan.rates:
-        sent, figures = latency_phase(cfg, data, output, rate, plan, sent_before)
+    histograms = settled_histograms(cfg)  # without the acks of the drain's outputs (its last were 10-500 ms)
+    for rate in plan.rates:  # each phase starts from the settled histograms the one before ended with
+        sent, figures, histograms = latency_phase(cfg, data, output, rate, plan, sent_before, histograms)
         sent_before += sent
         results.update(figures)
         for line in phase_lines(rate, figures, plan.wait_s):

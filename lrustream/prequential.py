@@ -5,27 +5,44 @@ Contract:
 * The data set's events are split in global time order: the first half ("warm") trains the starting model
   offline (or ``--start-model`` gives a stored one, to compare settings from one starting point), the second
   half is replayed through Kafka into a real worker, once per mode, every mode from the same starting model and
-  in its own topics, state and model store (``OUT/runs/<mode>-<id>/``).
+  in its own topics, state and model store (``OUT/runs/<mode>-<id>/``). Every mode replays the same events in
+  the same order, so an event's source (partition, offset) in one mode's topic is that event's in another's.
+* The starting model is trained with ``--start``: ``early-stop`` (the default) until ``train.patience``
+  validations without a better one, ``train.max_steps`` lifted out of reach, with ``--train-minutes`` only as a
+  cap; ``budget`` with ``train.*`` as configured, stopping at whichever of ``--train-minutes``,
+  ``train.max_steps`` and ``train.patience`` comes first. The log says which one stopped it, and after how many
+  steps.
 * Each event is scored against the recommendation served to that user BEFORE it (the one emitted for the user's
   previous event): HR@10 and NDCG@10 over time.
 * Modes (:data:`MODES`, any subset):
-  ``frozen``  the worker alone, serving the starting model throughout;
-  ``online``  the worker plus ``lrustream trainer`` fine-tuning and hot-swapping as the stream flows;
-  ``retrain`` what a nightly job does: every ``retrain_every`` replayed events producing pauses, the worker drains
-  (a recommendation for every event produced so far), a NEW model is trained from scratch with the starting
-  model's recipe and budget on warm + replayed-so-far, published (reason "retrain"), and producing
-  resumes once the worker's ``GET /model`` reports it. Its vocabulary lists items in first-appearance order over
-  a longer prefix of the same events, so it extends the previous one, as the worker's re-derivation expects.
+  ``frozen``     the worker alone, serving the starting model throughout;
+  ``online``     the worker plus ``lrustream trainer`` fine-tuning and hot-swapping as the stream flows;
+  ``reference``  what a generous nightly job does: every ``retrain_every`` replayed events producing pauses, the
+  worker drains (a recommendation for every event produced so far), the model it serves (at first the starting
+  model) is fine-tuned on warm + replayed-so-far until ``train.patience`` validations without a better one
+  (``--train-minutes`` as a cap), published (reason "reference"), and producing resumes once the worker's
+  ``GET /model`` reports it. Its vocabulary is the served one with the items new since appended in
+  first-appearance order, so it extends the previous one, as the worker's re-derivation expects;
+  ``retrain``    the same pauses, but each NEW model is trained from scratch with the starting model's recipe
+  (``--start``) and ``--train-minutes`` on warm + replayed-so-far and published with reason "retrain". Its
+  vocabulary lists items in first-appearance order over a longer prefix of the same events, so it extends the
+  previous one too.
 * Outputs in ``OUT``: ``prequential.csv`` and ``prequential.png`` (windowed and cumulative HR@10/NDCG@10 per
   bucket, one column set per mode) and ``summary.json``, the dict :func:`run_prequential` returns (see
-  :func:`summarise`).
+  :func:`summarise`): per mode its means, versions and compute (online: its rounds' seconds; retrain and
+  reference: each pause's training seconds and steps); where frozen ran, each other mode's HR@10 and NDCG@10
+  difference from frozen on the events both scored, with a 95 % paired-bootstrap interval, and its HR@10 ratio to
+  frozen on each eighth of those events; where online and reference ran, online's training seconds as a share
+  of the reference's and (with frozen) online's HR@10 gain over frozen as a share of the reference's.
 * When the online mode ran and published no version, :class:`OnlinePublishedNothing` is raised AFTER the outputs
   are written: an "online" curve that is the starting model under another name must not pass for a result.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import json
 import math
 import sys
@@ -37,19 +54,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lrustream.children import spawn_cli, stop, wait_healthy
-from lrustream.kernel.config import Config, load_config
+from lrustream.kernel.config import Config, TrainConfig, load_config
 from lrustream.kernel.errors import LrustreamError
 
-MODES = ("frozen", "online", "retrain")
+if TYPE_CHECKING:
+    from trainer.loop import History
+
+MODES = ("frozen", "online", "reference", "retrain")
+PAUSING = ("reference", "retrain")  # the modes that pause the replay to publish a new model
+STARTS = ("early-stop", "budget")  # how the starting model (and each retrain) is trained: see the module doc
+EARLY_STOP_STEPS = 1_000_000_000  # train.max_steps of a run that only patience or the time cap stops
+BOOTSTRAP_SAMPLES, CONFIDENCE = 1000, 0.95  # the intervals of the differences from frozen
 Event = tuple[str, str, int]  # (user, item, timestamp)
-Sent = dict[tuple[int, int], tuple[str, str]]  # (partition, offset) -> (user, item), from delivery reports
+Source = tuple[int, int]  # (partition, offset) of a replayed event in its mode's interactions topic
+Sent = dict[Source, tuple[str, str]]  # (partition, offset) -> (user, item), from delivery reports
 Scores = list[tuple[float, float]]  # (hit, ndcg) per scored event, in stream order
 Pause = Callable[[int, Sent], None]  # called with (events produced so far, their delivery reports)
+NextModel = Callable[[list[Event], str], tuple[Any, Any, "History"]]  # (seen, label) -> (model, vocab, history)
 
 
 class OnlinePublishedNothing(LrustreamError):
@@ -77,6 +103,15 @@ class Replay:
     retrain_every: int
     train_minutes: float
     log: Callable[[str], None]
+    start: str = "early-stop"  # the starting model's recipe, in STARTS; retrains follow it too
+
+
+@dataclass
+class Refit:
+    """One pause's new model (retrain, reference): its training seconds (not the waiting) and steps."""
+
+    seconds: float
+    steps: int
 
 
 @dataclass
@@ -86,9 +121,10 @@ class ModeRun:
     scores: Scores
     versions: list[str]  # model versions the recommendations came from
     rounds: list[dict[str, Any]] = field(default_factory=list)  # online: the trainer's rounds.jsonl
-    retrain_seconds: list[float] = field(default_factory=list)  # retrain: training time of each retrain
+    refits: list[Refit] = field(default_factory=list)  # retrain, reference: each pause's new model
     replayed: int = 0  # events replayed
     version_starts: list[int] = field(default_factory=list)  # replayed event number where each version began
+    sources: list[Source] = field(default_factory=list)  # the source of each of ``scores``, in the same order
 
 
 def parse_modes(text: str) -> tuple[str, ...]:
@@ -109,37 +145,93 @@ def split_events(data: str, limit: int | None) -> tuple[list[Event], list[Event]
     return events[:cut], events[cut:]
 
 
-def train_start_model(cfg: Config, warm: list[Event], minutes: float, log: Callable[[str], None],
-                      label: str = "starting model"):
-    """A model trained from scratch on ``warm`` only (for the starting model, nothing of the replayed half leaks
-    in); items are numbered in first-appearance order."""
-    import torch
+def train_recipe(cfg: Config, start: str) -> TrainConfig:
+    """``train.*`` for ``start``: ``budget`` as configured; ``early-stop`` with ``max_steps`` out of reach, so that
+    only ``train.patience`` or the time cap stops the run."""
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
+    return cfg.train if start == "budget" else dataclasses.replace(cfg.train, max_steps=EARLY_STOP_STEPS)
 
-    from models import build_model, model_config
+
+def _vocabulary(known: list[str], events: list[Event]) -> Any:
+    """``known`` followed by the items of ``events`` not in it, in first-appearance order."""
     from models.vocab import Vocabulary
+
+    return Vocabulary([*known, *(item for _, item, _ in events)])
+
+
+def _sequences(vocab: Any, events: list[Event]) -> list[np.ndarray]:
+    """Each user's items as model ids (users with at least 3 events), in event order."""
+    seqs: dict[str, list[int]] = {}
+    for user, item, _ in events:
+        seqs.setdefault(user, []).append(vocab.id_of(item))
+    return [np.array(s) for s in seqs.values() if len(s) >= 3]
+
+
+def _fit(cfg: Config, recipe: TrainConfig, model: Any, vocab: Any, events: list[Event], minutes: float,
+         log: Callable[[str], None], label: str) -> History:
+    """Train ``model`` on ``events`` (leave-one-out; ``vocab`` holds their items) and log how it went; the model
+    is left on the CPU, in eval mode, with its best-validation weights."""
     from trainer.loop import train
     from trainer.optim import pick_device
     from trainer.samples import leave_one_out
 
-    vocab = Vocabulary()
-    seqs: dict[str, list[int]] = {}
-    for user, item, _ in warm:
-        seqs.setdefault(user, []).append(vocab.add(item))
-    encoded = [np.array(s) for s in seqs.values() if len(s) >= 3]
+    split = leave_one_out(_sequences(vocab, events), cfg.model.max_len)
+    hist = train(model, split, recipe, pick_device(cfg.train.device), max_minutes=minutes,
+                 progress=sys.stderr.isatty())
+    log(f"{label}: {cfg.model.name} on {len(events)} events, {len(vocab)} items, {hist.steps_done} steps "
+        f"({hist.seconds:.0f} s, stopped by {hist.stopped_because}); offline test NDCG@10 "
+        f"{hist.test.get('NDCG@10', math.nan):.4f}")
+    model.cpu().eval()
+    return hist
+
+
+def train_start_model(cfg: Config, warm: list[Event], minutes: float, log: Callable[[str], None],
+                      label: str = "starting model", start: str = "early-stop") -> tuple[Any, Any, History]:
+    """A model trained from scratch on ``warm`` only (for the starting model, nothing of the replayed half leaks
+    in) with ``start``'s recipe (:func:`train_recipe`) and ``minutes``; items are numbered in first-appearance
+    order. Returns the model, its vocabulary and the training history."""
+    import torch
+
+    from models import build_model, model_config
+
+    recipe = train_recipe(cfg, start)
+    vocab = _vocabulary([], warm)
     torch.manual_seed(cfg.train.seed)
     model = build_model(model_config(cfg.model), len(vocab))
-    hist = train(model, leave_one_out(encoded, cfg.model.max_len), cfg.train, pick_device(cfg.train.device),
-                 max_minutes=minutes, progress=sys.stderr.isatty())
-    log(f"{label}: {cfg.model.name} on {len(warm)} events, {len(vocab)} items, {hist.steps_done} steps "
-        f"({hist.seconds:.0f} s); offline test NDCG@10 {hist.test.get('NDCG@10', math.nan):.4f}")
-    return model.cpu().eval(), vocab
+    return model, vocab, _fit(cfg, recipe, model, vocab, warm, minutes, log, label)
+
+
+def fine_tune(cfg: Config, model: Any, vocab: Any, seen: list[Event], minutes: float, log: Callable[[str], None],
+              label: str) -> tuple[Any, Any, History]:
+    """A copy of ``model`` (left as it is) fine-tuned on ``seen`` until ``train.patience`` validations without a
+    better one (``minutes`` as a cap). Its vocabulary is ``vocab`` with the items new in ``seen`` appended in
+    first-appearance order (``vocab`` a prefix of it, as the worker expects of a new version), its item tables
+    grown to match (the new items' rows start at the OOV row, the known ones' at the served weights)."""
+    tuned, grown = copy.deepcopy(model), _vocabulary(vocab.items(), seen)
+    tuned.grow_items(len(grown))
+    hist = _fit(cfg, train_recipe(cfg, "early-stop"), tuned, grown, seen, minutes, log, label)
+    return tuned, grown, hist
+
+
+class FineTuner:
+    """Reference mode's next model: the one served now (at first the starting model) fine-tuned on everything
+    seen (:func:`fine_tune`); the result is served next, so the next pause starts from it."""
+
+    def __init__(self, cfg: Config, model: Any, vocab: Any, minutes: float, log: Callable[[str], None]) -> None:
+        self.cfg, self.model, self.vocab, self.minutes, self.log = cfg, model, vocab, minutes, log
+
+    def __call__(self, seen: list[Event], label: str) -> tuple[Any, Any, History]:
+        self.model, self.vocab, hist = fine_tune(self.cfg, self.model, self.vocab, seen, self.minutes, self.log,
+                                                 label)
+        return self.model, self.vocab, hist
 
 
 def starting_model(cfg: Config, warm: list[Event], minutes: float, log: Callable[[str], None],
-                   keep: Path | None = None):
-    """The starting model: the serving version of the model store ``keep`` when it has one (runs that compare
-    settings then start from the same model), else :func:`train_start_model`'s, published there when ``keep``
-    is given."""
+                   keep: Path | None = None, start: str = "early-stop") -> tuple[Any, Any]:
+    """The starting model and its vocabulary: the serving version of the model store ``keep`` when it has one (runs
+    that compare settings then start from the same model), else :func:`train_start_model`'s with ``start``'s
+    recipe, published there when ``keep`` is given."""
     from models.store import ModelStore
 
     store = ModelStore(keep) if keep is not None else None
@@ -147,7 +239,7 @@ def starting_model(cfg: Config, warm: list[Event], minutes: float, log: Callable
         loaded = store.load()
         log(f"starting model: {loaded.info.version} of {keep} ({len(loaded.vocab)} items), not retrained")
         return loaded.model.eval(), loaded.vocab
-    model, vocab = train_start_model(cfg, warm, minutes, log)
+    model, vocab, _ = train_start_model(cfg, warm, minutes, log, start=start)
     if store is not None:
         store.publish(model, vocab, notes={"source": "prequential start", "warm_events": len(warm)})
     return model, vocab
@@ -246,34 +338,48 @@ def wait_serving(cfg: Config, version: str, timeout_s: float = 120) -> None:
             return
         refused = [s for s in body.get("swaps", []) if s.get("version") == version and not s.get("ok")]
         if refused:
-            raise RuntimeError(f"the worker refused retrained version {version}: {refused[-1].get('reason')}")
+            raise RuntimeError(f"the worker refused version {version}: {refused[-1].get('reason')}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the worker does not serve retrained version {version} after {timeout_s:.0f} s "
+            raise RuntimeError(f"the worker does not serve version {version} after {timeout_s:.0f} s "
                                f"(still serving {body.get('version', '?')}); see its worker.log")
         time.sleep(0.25)
 
 
-class Retrainer:
-    """Retrain mode's pause: drain, train from scratch on everything seen, publish, wait until served."""
+class Pauser:
+    """The pause of the retrain and reference modes: drain (a recommendation for every event produced so far),
+    make the next model from everything seen (warm + replayed so far) with ``next_model``, publish it with reason
+    ``reason``, wait until the worker serves it."""
 
-    def __init__(self, cfg: Config, plan: Replay, recs: Recommendations) -> None:
-        self.cfg, self.plan, self.recs = cfg, plan, recs
-        self.seconds: list[float] = []  # training time of each retrain (not the waiting)
+    def __init__(self, cfg: Config, plan: Replay, recs: Recommendations, reason: str, next_model: NextModel) -> None:
+        self.cfg, self.plan, self.recs, self.reason, self.next_model = cfg, plan, recs, reason, next_model
+        self.refits: list[Refit] = []  # each pause's training seconds (not the waiting) and steps
 
     def __call__(self, produced: int, sent: Sent) -> None:
         from stream.versions import publish_version
 
         if not self.recs.wait_for(len(sent), _drain_timeout(len(sent))):
-            raise RuntimeError(f"retrain: the worker answered {len(self.recs.sources)} of {len(sent)} events "
+            raise RuntimeError(f"{self.reason}: the worker answered {len(self.recs.sources)} of {len(sent)} events "
                                f"within {_drain_timeout(len(sent)):.0f} s; see its worker.log")
         seen = self.plan.warm + self.plan.events[:produced]
         t0 = time.monotonic()
-        model, vocab = train_start_model(self.cfg, seen, self.plan.train_minutes, self.plan.log,
-                                         label=f"retrain {len(self.seconds) + 1}")
-        self.seconds.append(time.monotonic() - t0)
-        info = publish_version(self.cfg, model, vocab, who="prequential", reason="retrain",
-                               notes={"source": "prequential retrain", "events": len(seen)})
+        model, vocab, hist = self.next_model(seen, f"{self.reason} {len(self.refits) + 1}")
+        self.refits.append(Refit(time.monotonic() - t0, hist.steps_done))
+        info = publish_version(self.cfg, model, vocab, who="prequential", reason=self.reason,
+                               notes={"source": f"prequential {self.reason}", "events": len(seen)})
         wait_serving(self.cfg, info.version)
+
+
+def pauser(mode: str, cfg: Config, plan: Replay, recs: Recommendations) -> Pauser | None:
+    """The pause of ``mode`` (None for a mode that does not pause): retrain trains from scratch with the starting
+    model's recipe, reference fine-tunes the served model (:class:`FineTuner`)."""
+    if mode == "retrain":
+        def retrain(seen: list[Event], label: str) -> tuple[Any, Any, History]:
+            return train_start_model(cfg, seen, plan.train_minutes, plan.log, label, plan.start)
+
+        return Pauser(cfg, plan, recs, mode, retrain)
+    if mode == "reference":
+        return Pauser(cfg, plan, recs, mode, FineTuner(cfg, plan.model, plan.vocab, plan.train_minutes, plan.log))
+    return None
 
 
 def first_answers(recs: list[dict]) -> dict[tuple[int, int], dict]:
@@ -285,21 +391,27 @@ def first_answers(recs: list[dict]) -> dict[tuple[int, int], dict]:
     return first
 
 
-def score(recs: list[dict], sent: Sent, k: int = 10) -> Scores:
-    """(hit, ndcg) per scored event, in stream order: each event against the user's previous recommendation."""
+def scores_by_source(recs: list[dict], sent: Sent, k: int = 10) -> dict[Source, tuple[float, float]]:
+    """(hit, ndcg) per scored event keyed by its source, in stream order: each event against the user's previous
+    recommendation."""
     first = first_answers(recs)
     previous: dict[str, list[str]] = {}
-    out: Scores = []
+    out: dict[Source, tuple[float, float]] = {}
     for source in sorted(sent, key=lambda s: (s[1], s[0])):
         user, item = sent[source]
         if user in previous:
             items = previous[user][:k]
             rank = items.index(item) if item in items else -1
-            out.append((1.0 if rank >= 0 else 0.0, 1.0 / math.log2(rank + 2) if rank >= 0 else 0.0))
+            out[source] = (1.0 if rank >= 0 else 0.0, 1.0 / math.log2(rank + 2) if rank >= 0 else 0.0)
         rec = first.get(source)
         if rec is not None:
             previous[user] = rec["items"]
     return out
+
+
+def score(recs: list[dict], sent: Sent, k: int = 10) -> Scores:
+    """(hit, ndcg) per scored event, in stream order (:func:`scores_by_source` without the sources)."""
+    return list(scores_by_source(recs, sent, k).values())
 
 
 def version_starts(recs: list[dict], sent: Sent) -> list[int]:
@@ -337,7 +449,8 @@ def read_rounds(path: Path) -> list[dict[str, Any]]:
 
 
 def run_mode(mode: str, plan: Replay) -> ModeRun:
-    """Replay ``plan.events`` through a fresh worker (plus a trainer, or retrains) and score what it served."""
+    """Replay ``plan.events`` through a fresh worker (plus a trainer, or a pause every ``plan.retrain_every``
+    events for a new model) and score what it served."""
     from stream.topics import create_topics
     from stream.versions import publish_version
 
@@ -352,13 +465,13 @@ def run_mode(mode: str, plan: Replay) -> ModeRun:
     procs = [spawn_cli(["worker", "--loglevel", "warning", *overrides], mode_root / "worker.log")]
     if mode == "online":
         procs.append(spawn_cli(["trainer", *overrides], mode_root / "trainer.log"))
-    retrainer = Retrainer(cfg, plan, recs) if mode == "retrain" else None
+    pause = pauser(mode, cfg, plan, recs)
     try:
         wait_healthy(cfg, procs[0], mode_root / "worker.log")
         if mode == "online":  # the trainer reads the examples from the start, but a replay must not outrun its
             wait_healthy(cfg, procs[1], mode_root / "trainer.log", port=cfg.online.http_port, what="trainer")
         t0 = time.monotonic()
-        sent = _produce(cfg, plan.events, plan.rate, plan.retrain_every, retrainer)
+        sent = _produce(cfg, plan.events, plan.rate, plan.retrain_every, pause)
         if not recs.wait_for(len(sent), _drain_timeout(len(sent))):
             plan.log(f"{mode}: only {len(recs.sources)} of {len(sent)} events got a recommendation in time")
     finally:
@@ -368,8 +481,9 @@ def run_mode(mode: str, plan: Replay) -> ModeRun:
     plan.log(f"{mode}: {len(sent)} events replayed, {len(recs.records)} recommendations in "
              f"{time.monotonic() - t0:.0f} s; {_versions_text(versions)}")
     rounds = read_rounds(Path(cfg.model_store.dir) / "rounds.jsonl") if mode == "online" else []
-    return ModeRun(score(recs.records, sent), versions, rounds, retrainer.seconds if retrainer else [], len(sent),
-                   version_starts(recs.records, sent))
+    scored = scores_by_source(recs.records, sent)
+    return ModeRun(list(scored.values()), versions, rounds, pause.refits if pause else [], len(sent),
+                   version_starts(recs.records, sent), list(scored))
 
 
 def round_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -386,12 +500,72 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+def refit_stats(mode: str, refits: list[Refit]) -> dict[str, Any]:
+    """A pausing mode's new models ("retrains" for retrain, "refits" for reference), their total training seconds
+    and steps."""
+    return {"retrains" if mode == "retrain" else "refits": len(refits),
+            "train_seconds": round(sum(r.seconds for r in refits), 2), "train_steps": sum(r.steps for r in refits)}
+
+
+def paired(run: ModeRun, other: ModeRun) -> tuple[np.ndarray, np.ndarray]:
+    """The (hit, ndcg) rows of ``run`` and of ``other`` on the events both scored (the same source), in ``run``'s
+    stream order: two arrays of shape (paired events, 2)."""
+    theirs = dict(zip(other.sources, other.scores, strict=True))
+    both = [(mine, theirs[src]) for src, mine in zip(run.sources, run.scores, strict=True) if src in theirs]
+    return np.array([m for m, _ in both]).reshape(-1, 2), np.array([t for _, t in both]).reshape(-1, 2)
+
+
+def eighth_ratios(hits: np.ndarray, frozen_hits: np.ndarray) -> list[float | None]:
+    """HR@10 of ``hits`` over that of the paired ``frozen_hits`` on each eighth of the events, in order (None where
+    frozen's is 0 or the eighth is empty)."""
+    return [round(float(a.mean() / b.mean()), 4) if b.size and b.mean() > 0 else None
+            for a, b in zip(np.array_split(hits, 8), np.array_split(frozen_hits, 8), strict=True)]
+
+
+def versus_frozen(run: ModeRun, frozen: ModeRun) -> dict[str, Any]:
+    """``run`` against frozen on the events both scored: for HR@10 and NDCG@10 the mean difference (run - frozen)
+    and its :data:`CONFIDENCE` paired-bootstrap percentile interval ({"diff", "low", "high"}), the HR@10 ratio on
+    each eighth of those events in stream order ("eighths") and their number ("paired"); "paired" alone when
+    there are none."""
+    from trainer.gate import paired_bootstrap
+
+    mine, theirs = paired(run, frozen)
+    out: dict[str, Any] = {}
+    if len(mine):
+        for col, metric in enumerate(("HR@10", "NDCG@10")):
+            diff = mine[:, col] - theirs[:, col]
+            low, high = paired_bootstrap(diff, BOOTSTRAP_SAMPLES, CONFIDENCE)
+            out[metric] = {"diff": round(float(diff.mean()), 6), "low": round(low, 6), "high": round(high, 6)}
+        out["eighths"] = eighth_ratios(mine[:, 0], theirs[:, 0])
+    return out | {"paired": len(mine)}
+
+
+def _share(part: float, whole: float) -> float | None:
+    return round(part / whole, 4) if whole > 0 else None
+
+
+def online_vs_reference(modes: dict[str, dict[str, Any]], versus: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Where online and reference ran: online's training seconds as a share of the reference's
+    ("train_seconds_share") and, where both were paired with frozen, online's HR@10 gain over frozen as a share of
+    the reference's ("hr10_gain_share", the gain captured); a share is None where the reference's is not above 0."""
+    if "online" not in modes or "reference" not in modes:
+        return {}
+    out = {"train_seconds_share": _share(modes["online"]["train_seconds"], modes["reference"]["train_seconds"])}
+    gains = [versus.get(mode, {}).get("HR@10", {}).get("diff") for mode in ("online", "reference")]
+    if None not in gains:
+        out["hr10_gain_share"] = _share(*gains)
+    return out
+
+
 def summarise(runs: dict[str, ModeRun]) -> dict[str, Any]:
     """``{"modes": {mode: {"HR@10", "NDCG@10", "scored", "versions", "longest_without_new_version" (replayed
     events in a row that no new version began in)} plus, for online, "rounds", "published",
-    "refused" {code: n}, "round_seconds", "train_seconds"; for retrain, "retrains", "train_seconds"},
-    "ratios": {"online/frozen": HR@10 ratio, "online/retrain": ...}}`` (a ratio only where both modes ran and
-    the denominator is not 0)."""
+    "refused" {code: n}, "round_seconds", "train_seconds"; for retrain, "retrains", "train_seconds",
+    "train_steps"; for reference, "refits", "train_seconds", "train_steps"},
+    "ratios": {"online/frozen": HR@10 ratio, "online/reference": ..., "online/retrain": ...},
+    "versus_frozen": {mode: :func:`versus_frozen`}, "online_vs_reference": :func:`online_vs_reference`}`` (a
+    ratio only where both modes ran and the denominator is not 0; "versus_frozen" empty where frozen did not
+    run)."""
     modes: dict[str, dict[str, Any]] = {}
     for mode, run in runs.items():
         m: dict[str, Any] = {"HR@10": _mean([h for h, _ in run.scores]), "NDCG@10": _mean([g for _, g in run.scores]),
@@ -400,13 +574,16 @@ def summarise(runs: dict[str, ModeRun]) -> dict[str, Any]:
             m["longest_without_new_version"] = longest_without_new_version(run.version_starts, run.replayed)
         if mode == "online":
             m |= round_stats(run.rounds)
-        if mode == "retrain":
-            m |= {"retrains": len(run.retrain_seconds), "train_seconds": round(sum(run.retrain_seconds), 2)}
+        if mode in PAUSING:
+            m |= refit_stats(mode, run.refits)
         modes[mode] = m
     ratios = {f"online/{other}": round(modes["online"]["HR@10"] / modes[other]["HR@10"], 4)
-              for other in ("frozen", "retrain")
+              for other in ("frozen", "reference", "retrain")
               if "online" in modes and other in modes and modes[other]["HR@10"] > 0}
-    return {"modes": modes, "ratios": ratios}
+    versus = {mode: versus_frozen(run, runs["frozen"]) for mode, run in runs.items()
+              if mode != "frozen" and "frozen" in runs}
+    return {"modes": modes, "ratios": ratios, "versus_frozen": versus,
+            "online_vs_reference": online_vs_reference(modes, versus)}
 
 
 def _plural(n: int, word: str) -> str:
@@ -418,21 +595,48 @@ def _versions_text(versions: list[str]) -> str:
     return f"{_plural(len(versions), 'version')} served ({span})"
 
 
+def _percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{share:.0%}"
+
+
+INDENT = " " * 10
+
+
+def _versus_lines(v: dict[str, Any]) -> list[str]:
+    """A mode's comparison with frozen: the intervals, then the eighths."""
+    if "HR@10" not in v:
+        return [f"{INDENT}vs frozen: no event scored in both"]
+    intervals = "  ".join(f"{metric} {v[metric]['diff']:+.4f} [{v[metric]['low']:+.4f}, {v[metric]['high']:+.4f}]"
+                          for metric in ("HR@10", "NDCG@10"))
+    eighths = " ".join("-" if r is None else f"{r:.2f}" for r in v["eighths"])
+    return [f"{INDENT}vs frozen, {CONFIDENCE:.0%} CI: {intervals}",
+            f"{INDENT}HR@10 / frozen by eighth of the {v['paired']} paired events: {eighths}"]
+
+
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The summary as a few short lines for the terminal."""
     lines = []
     for mode, m in summary["modes"].items():
-        lines.append(f"{mode:7s} HR@10 {m['HR@10']:.4f}  NDCG@10 {m['NDCG@10']:.4f}  {m['scored']} scored; "
+        lines.append(f"{mode:9s} HR@10 {m['HR@10']:.4f}  NDCG@10 {m['NDCG@10']:.4f}  {m['scored']} scored; "
                      f"{_versions_text(m['versions'])}")
         if "rounds" in m:
             refused = ", ".join(f"{code} {n}" for code, n in m["refused"].items()) or "none"
-            lines.append(f"        {_plural(m['rounds'], 'round')}: {m['published']} published, refused: {refused}; "
+            lines.append(f"{INDENT}{_plural(m['rounds'], 'round')}: {m['published']} published, refused: {refused}; "
                          f"{m['round_seconds']:.0f} s ({m['train_seconds']:.0f} s training); a new version within "
                          f"every {m.get('longest_without_new_version', '?')} events")
-        if "retrains" in m:
-            lines.append(f"        {_plural(m['retrains'], 'retrain')}: {m['train_seconds']:.0f} s of training")
+        for word in ("retrain", "refit"):
+            if f"{word}s" in m:
+                lines.append(f"{INDENT}{_plural(m[f'{word}s'], word)}: {m['train_seconds']:.0f} s of training, "
+                             f"{m['train_steps']} steps")
+        if mode in summary["versus_frozen"]:
+            lines += _versus_lines(summary["versus_frozen"][mode])
     if summary["ratios"]:
         lines.append("HR@10 " + ", ".join(f"{k} {v:.2f}x" for k, v in summary["ratios"].items()))
+    both = summary["online_vs_reference"]
+    if both:
+        gain = "" if "hr10_gain_share" not in both else (
+            f", {_percent(both['hr10_gain_share'])} of its HR@10 gain over frozen (gain captured)")
+        lines.append(f"online/reference: {_percent(both['train_seconds_share'])} of its training seconds{gain}")
     return lines
 
 
@@ -490,14 +694,17 @@ def finish(runs: dict[str, ModeRun], out: Path, bucket: int, log: Callable[[str]
 
 def run_prequential(base: list[str], data: str, out: Path, limit: int | None, rate: float, train_minutes: float,
                     online_every: int, bucket: int, modes: Sequence[str] = MODES, retrain_every: int = 50_000,
-                    log: Callable[[str], None] = print, start_model: Path | None = None) -> dict[str, Any]:
-    """Run ``modes`` from one starting model, write the outputs, return the summary (see :func:`summarise`)."""
-    if "retrain" in modes and retrain_every < 1:
+                    log: Callable[[str], None] = print, start_model: Path | None = None,
+                    start: str = "early-stop") -> dict[str, Any]:
+    """Run ``modes`` from one starting model (trained with ``start``'s recipe unless ``start_model`` holds one),
+    write the outputs, return the summary (see :func:`summarise`)."""
+    if set(PAUSING) & set(modes) and retrain_every < 1:
         raise ValueError(f"retrain_every must be >= 1, got {retrain_every}")
     cfg = load_config(overrides=base)
+    train_recipe(cfg, start)  # an unknown start fails before the data set is read
     warm, events = split_events(data, limit)
-    model, vocab = starting_model(cfg, warm, train_minutes, log, keep=start_model)
+    model, vocab = starting_model(cfg, warm, train_minutes, log, keep=start_model, start=start)
     plan = Replay(base, out / "runs", warm, events, model, vocab, rate, online_every, retrain_every,
-                  train_minutes, log)
+                  train_minutes, log, start)
     runs = {mode: run_mode(mode, plan) for mode in MODES if mode in modes}
     return finish(runs, out, bucket, log)

@@ -1,5 +1,5 @@
 """``lrustream evaluate-stream`` end to end on a small synthetic stream: frozen, online and retrain modes through
-the real pipeline, all three curves in the CSV, online following a shift in the stream."""
+the real pipeline, every curve in the CSV, online following a shift in the stream."""
 
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ def shifting_stream(path: Path, users: int = 60, items: int = 60, per_phase: int
 
 @pytest.mark.kafka
 def test_online_follows_a_shift_in_the_stream_and_frozen_does_not(kafka_bootstrap: str, tmp_path: Path) -> None:
-    """Through the real pipeline (broker, worker, trainer, hot swap), all three modes: the served
+    """Through the real pipeline (broker, worker, trainer, hot swap), every mode: the served
     recommendations of the online run follow the new rule, the frozen ones do not; rounds publish all the way
-    through the replay; the CSV, PNG and summary hold the three curves."""
+    through the replay; the CSV, PNG and summary hold every curve."""
     data = tmp_path / "u.data"
     shifting_stream(data)
     base = [f"kafka.bootstrap_servers={kafka_bootstrap}", "model.max_len=20", "model.d_model=16",
@@ -46,14 +46,21 @@ def test_online_follows_a_shift_in_the_stream_and_frozen_does_not(kafka_bootstra
             "online.max_steps=40", "online.events_per_step=5", "online.lr=0.01", "online.min_holdout=20"]
     out = tmp_path / "out"
     summary = run_prequential(base, str(data), out, limit=None, rate=35, train_minutes=0.15, online_every=100,
-                              bucket=300, retrain_every=600)  # 1200 replayed events: one retrain at 600
+                              bucket=300, retrain_every=600)  # 1200 replayed events: one retrain (and refit) at 600
     modes = summary["modes"]
-    assert list(modes) == ["frozen", "online", "retrain"]
+    assert list(modes) == ["frozen", "online", "reference", "retrain"]
     assert modes["frozen"]["scored"] == modes["online"]["scored"] == modes["retrain"]["scored"] >= 1100
+    assert modes["reference"]["scored"] == modes["frozen"]["scored"]
     online = modes["online"]
     assert online["rounds"] == online["published"] + sum(online["refused"].values())
     assert modes["retrain"]["retrains"] == 1 and modes["retrain"]["train_seconds"] > 0
     assert modes["retrain"]["versions"] == ["v000001", "v000002"] and modes["frozen"]["versions"] == ["v000001"]
+    reference = modes["reference"]
+    assert reference["refits"] == 1 and reference["train_steps"] > 0 and reference["versions"] == ["v000001", "v000002"]
+    versus = summary["versus_frozen"]
+    assert set(versus) == {"online", "reference", "retrain"}
+    assert versus["online"]["paired"] == modes["frozen"]["scored"] and len(versus["online"]["eighths"]) == 8
+    assert versus["online"]["HR@10"]["low"] > 0, "online beats frozen with confidence after the shift"
     assert modes["frozen"]["longest_without_new_version"] == 1200, "one version for the whole replay"
     assert online["longest_without_new_version"] < 0.75 * 1200, "new versions keep coming"
     assert json.loads((out / "summary.json").read_text()) == summary

@@ -49,6 +49,10 @@ class WorkerMetrics:
         self.e2r_latency = Histogram("lrustream_event_to_recommendation_seconds",
                                      "Event timestamp (Kafka) to recommendation produced", registry=r,
                                      buckets=LATENCY_BUCKETS)
+        self.live_events = Counter("lrustream_live_events", "Events scored against the recommendation served for "
+                                   "the user's event before (by the version that served it)", ["version"], registry=r)
+        self.live_hits = Counter("lrustream_live_hits", "Of those, the events whose item was in that recommendation: "
+                                 "live HR@K = rate(hits) / rate(events)", ["version"], registry=r)
         self.lag = Gauge("lrustream_consumer_lag", "Input events not yet consumed, per partition", ["partition"],
                          registry=r)
         self.states = Gauge("lrustream_states", "User states in this worker's local store (RocksDB's estimate)",

@@ -57,7 +57,7 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -185,6 +185,8 @@ class Processor:
         # per (partition, user), the answer of the user's last event, for requests (recommend), at most
         # stream.answer_cache_users of them, the most recently served last
         self._answers: OrderedDict[tuple[int, str], _Answer] = OrderedDict()
+        # per (partition, user) of the batch in hand: version -> [events scored, hits] (_score_live)
+        self._live: dict[tuple[int, str], dict[str, list[int]]] = {}
 
     # ----- model swap, catalogue --------------------------------------------------------------------------------
     def swap(self, serving: Serving) -> None:
@@ -403,9 +405,11 @@ class Processor:
         todo = [i for p, inputs in sorted(by_part.items()) for i in sorted(inputs, key=lambda i: i.offset)
                 if i.offset > applied[p]]
         result.skipped += len(batch) - len(todo)
+        self._live = {}
         dead: list[tuple[Input, str]] = []
         served = self._parse(todo, dead)
         records, outputs = self._apply_isolating(served, result, dead)
+        self._count_live()
         if self.stream.emit_training_examples:
             self._examples(records, outputs)
         self._emit(outputs, dead)
@@ -455,6 +459,7 @@ class Processor:
             log.error("model work of a micro-batch failed (%s: %s); applying its %d events one by one",
                       type(exc).__name__, exc, len(served))
         result.skipped, result.rederived = counts
+        self._live = {}
         records: dict[tuple[int, str], UserRecord] = {}
         outputs: list[dict[str, Any]] = []
         for s in served:
@@ -555,6 +560,7 @@ class Processor:
         outputs = self._rank(h_all, windows, [per_user[users[i]][j] for i, j in order], _cold(users, per_user, records))
         if self.shadow is not None:
             self._observe_shadow(users, per_user, records, hidden, order)
+        self._score_live(users, per_user, records, outputs)
         blobs = model.state_to_bytes(state, self.state_dtype)
         last = hidden[torch.arange(len(users)), torch.tensor([len(per_user[u]) - 1 for u in users])]
         hiddens = [row.tobytes() for row in last.numpy().astype(np.float32, copy=False)]
@@ -568,6 +574,39 @@ class Processor:
                                      evs[-1].inp.offset, now_ms, last_hidden)
         self.metrics.step_latency.observe(time.perf_counter() - t0)
         return advanced, outputs
+
+    def _score_live(self, users: list[tuple[int, str]], per_user: dict[tuple[int, str], list[_Served]],
+                    records: dict[tuple[int, str], UserRecord], outputs: list[dict[str, Any]]) -> None:
+        """The live hit rate of what was served: each event against the recommendation served for the user's event
+        before it (the answer kept for the user's last event, or this batch's answer to the event before it),
+        counted per version that served that recommendation. A user whose last answer is not kept (beyond
+        ``stream.answer_cache_users``, a popular fallback, a restart) has nothing to score its first event against.
+        Run before the batch's answers are kept."""
+        k, row = self.stream.top_k, 0
+        for u in users:
+            kept = self._answers.get(u)
+            before = (kept.items, kept.version) if kept is not None and kept.offset == records[u].offset else None
+            for s in per_user[u]:
+                if before is not None:
+                    tally = self._live.setdefault(u, {}).setdefault(before[1], [0, 0])
+                    hit = s.event.item_id in before[0][:k]
+                    tally[0] += 1
+                    tally[1] += hit
+                out = outputs[row]
+                row += 1
+                before = None if "fallback" in out else (out["items"], out["model_version"])
+
+    def _count_live(self) -> None:
+        """The batch's live scores into the worker's counters, once the batch's model work is done."""
+        totals: Counter[str] = Counter()
+        hits: Counter[str] = Counter()
+        for tallies in self._live.values():
+            for version, (n, h) in tallies.items():
+                totals[version] += n
+                hits[version] += h
+        for version, n in totals.items():
+            self.metrics.live_events.labels(version=version).inc(n)
+            self.metrics.live_hits.labels(version=version).inc(hits[version])
 
     def _observe_shadow(self, users: list[tuple[int, str]], per_user: dict[tuple[int, str], list[_Served]],
                         records: dict[tuple[int, str], UserRecord], hidden: torch.Tensor,
@@ -655,7 +694,8 @@ class Processor:
 
     def _examples(self, records: dict[tuple[int, str], UserRecord], outputs: list[dict[str, Any]]) -> None:
         """Each served user's window (external ids) for the trainer's replay buffer: one record per user per
-        batch, with how many of its items are new. Produced with the recommendations, before the commit."""
+        batch, with how many of its items are new and how they scored against what was served (``_score_live``).
+        Produced with the recommendations, before the commit."""
         new: dict[tuple[int, str], int] = {}
         for out in outputs:
             key = (out["source"]["partition"], out["user_id"])
@@ -663,7 +703,8 @@ class Processor:
         item_of = self.serving.vocab.item_of
         for key, count in new.items():
             self._produce(self.topics.training_examples,
-                          *encode_example(key[1], records[key].external_window(item_of), count), None)
+                          *encode_example(key[1], records[key].external_window(item_of), count, self._live.get(key)),
+                          None)
 
     # ----- output -----------------------------------------------------------------------------------------------
     def _emit(self, outputs: list[dict[str, Any]], dead: list[tuple[Input, str]]) -> None:

@@ -121,6 +121,7 @@ class TopicView:
     collected: set[str] = field(default_factory=set)
     refused: dict[str, str] = field(default_factory=dict)  # version -> why it is not installed
     pointers: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(POINTERS))
+    why: dict[str, dict[str, Any]] = field(default_factory=dict)  # pointer -> its record: reason, by, ts
     highest: int = 0  # the highest version number any record names
 
     def serving(self) -> str | None:
@@ -185,8 +186,10 @@ class VersionLog:
 
     def _apply_one(self, key: str, value: bytes | None, ts_ms: int) -> None:
         if key in POINTERS:
-            version = json.loads(value)["version"] if value is not None else None
+            body = json.loads(value) if value is not None else {}
+            version = body.get("version")
             self.seen.pointers[key] = check_version_name(version) if version is not None else None
+            self.seen.why[key] = body
             return
         version, upload, *rest = key.split("/")
         check_version_name(version)

@@ -3,14 +3,27 @@
 Both models rank every held-out event (trainer/buffer.py's ``holdout``: the most recent new events, never
 trained on) from the same inputs: the user's items before the event, its last ``context`` masked as the worker
 masks its window. The per-event NDCG@10 differences (candidate - serving) get a paired bootstrap percentile
-interval at ``online.confidence``. :func:`judge` refuses the candidate when the interval lies below zero (worse
-with confidence) or the mean difference is below ``-online.tolerance``, and says why, with numbers; whether the
-weights are finite is the round's own check (trainer/online.py).
+interval at ``online.confidence``.
+
+The decision is a non-inferiority test relative to the serving model's own figure. The margin is
+``online.tolerance`` times the serving model's held-out NDCG@10, so it means the same on a dense stream (NDCG@10
+near 0.15) and a sparse one (near 0.01). :func:`judge` publishes only when the interval's lower end lies above
+``-margin``: the evidence says the candidate is not worse by more than the margin. It refuses with code
+``gate`` when the candidate is worse (the interval lies below zero, or the mean difference is below ``-margin``)
+and with ``inconclusive`` when the held-out events cannot tell (the interval reaches below ``-margin`` although
+the mean does not). Every refusal says why, with numbers; whether the weights are finite is the round's own check
+(trainer/online.py).
+
+How many held-out events are enough is measured, not set: :func:`needed_heldout` is the sample size at which a
+candidate like the last one judged passes with probability ``online.power``, from the spread and the mean of the
+per-event differences that the last gate measured on this stream.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -85,22 +98,45 @@ class Verdict:
 
     candidate: dict[str, float]  # the candidate's HR@10 and NDCG@10
     serving: dict[str, float]  # the serving model's
-    numbers: dict[str, float]  # held-out events, mean NDCG@10 difference, its interval and confidence
+    numbers: dict[str, float]  # held-out events, mean NDCG@10 difference, its interval, margin, spread
     refusal: str = ""  # why the candidate may not be published; empty when it may
+    code: str = ""  # "gate" (worse) or "inconclusive" (too few events to tell); empty when it may be published
+
+
+def needed_heldout(numbers: dict[str, float], o: OnlineConfig) -> int | None:
+    """Held-out events at which a candidate like the one just judged passes with probability ``o.power``: its
+    interval's lower end, ``z(confidence)`` standard errors below its mean, stays above ``-margin`` unless the mean
+    falls ``z(power)`` standard errors short. From a gate's numbers: the spread of the per-event differences, their
+    mean (a candidate better than serving needs fewer events; a worse one is sized as an equal one) and the
+    margin. None when they carry no information (both models scored nothing)."""
+    room = numbers["margin"] + max(0.0, numbers["diff"])
+    if room <= 0:
+        return None
+    z = NormalDist().inv_cdf((1 + o.confidence) / 2) + NormalDist().inv_cdf(o.power)
+    return math.ceil((z * numbers["diff_sd"] / room) ** 2)
 
 
 def judge(cand: tuple[np.ndarray, np.ndarray], serv: tuple[np.ndarray, np.ndarray], o: OnlineConfig) -> Verdict:
     """The verdict on (hit@10, NDCG@10) per held-out event of the candidate and of the serving model."""
     diff = cand[1] - serv[1]
     low, high = paired_bootstrap(diff, o.bootstrap_samples, o.confidence)
+    serving_ndcg = float(serv[1].mean())
+    margin = o.tolerance * serving_ndcg
     verdict = Verdict(candidate={"HR@10": float(cand[0].mean()), "NDCG@10": float(cand[1].mean())},
-                      serving={"HR@10": float(serv[0].mean()), "NDCG@10": float(serv[1].mean())},
+                      serving={"HR@10": float(serv[0].mean()), "NDCG@10": serving_ndcg},
                       numbers={"heldout": len(diff), "diff": float(diff.mean()), "diff_low": low, "diff_high": high,
-                               "confidence": o.confidence})
-    worse = (f"held-out NDCG@10 {verdict.candidate['NDCG@10']:.4f} vs serving {verdict.serving['NDCG@10']:.4f} "
-             f"on {len(diff)} events, difference {diff.mean():+.4f}")
+                               "confidence": o.confidence, "margin": margin, "diff_sd": float(diff.std())})
+    if (needed := needed_heldout(verdict.numbers, o)) is not None:
+        verdict.numbers["needed"] = float(needed)
+    said = (f"held-out NDCG@10 {verdict.candidate['NDCG@10']:.4f} vs serving {serving_ndcg:.4f} on {len(diff)} "
+            f"events, difference {diff.mean():+.4f}, {o.confidence:.0%} interval [{low:+.4f}, {high:+.4f}]")
     if high < 0:
-        verdict.refusal = f"{worse}, {o.confidence:.0%} interval [{low:+.4f}, {high:+.4f}] below zero"
-    elif diff.mean() < -o.tolerance:
-        verdict.refusal = f"{worse} < -online.tolerance={o.tolerance}"
+        verdict.code, verdict.refusal = "gate", f"{said} below zero"
+    elif diff.mean() < -margin:
+        verdict.code, verdict.refusal = "gate", f"{said}: mean below -{margin:.4f} (online.tolerance={o.tolerance} " \
+                                                f"of serving)"
+    elif low < -margin:
+        need = f"; about {verdict.numbers['needed']:.0f} events would tell" if "needed" in verdict.numbers else ""
+        verdict.code, verdict.refusal = "inconclusive", (f"{said} reaches below -{margin:.4f} (online.tolerance="
+                                                         f"{o.tolerance} of serving){need}")
     return verdict

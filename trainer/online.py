@@ -7,9 +7,12 @@ The contract of one round (``OnlineLearner.round``):
 1. **Data.** Every event the worker served is a next-item target. The buffer keeps each recently active user's
    latest item window and a log of events in arrival order. Events after ``buffer.trained`` are *new*: the
    serving model has not trained on them (trainer/buffer.py).
-2. **Holdout = what comes next.** The most recent new events (``holdout_fraction`` of them, at least
-   ``min_holdout``, at most ``max_holdout``) are held out. Training sees each user's window cut before that
-   user's first held-out event, so no held-out target, nor anything after it, is trained on.
+2. **Holdout = what comes next.** The most recent new events are held out: as many as the gate needs to tell
+   (trainer/gate.py ``needed_heldout``, from the differences the last gate measured on this stream; before any gate,
+   ``holdout_fraction`` of the new events), at least ``min_holdout``, at most ``max_holdout``; a round that would
+   leave fewer than ``min_holdout`` events to train on waits for more (code ``holdout``). Training
+   sees each user's window cut before that user's first held-out event, so no held-out target, nor anything
+   after it, is trained on. Held-out events are trained on by the next round.
 3. **Training.** Whole user windows (the last ``train_len`` items) through the parallel scan, full-softmax
    cross-entropy at every position. A batch mixes users with new events with a replay of other users (recent
    ones and a reservoir of evicted ones), so the model follows the stream without forgetting. The number of
@@ -22,12 +25,15 @@ The contract of one round (``OnlineLearner.round``):
    made first rounds worse than the serving model). A step's windows go through the model in groups of similar
    length (``length_groups``), each padded only to its longest: the same gradient as one padded batch.
 4. **Gate.** Candidate and serving model rank every held-out event (same inputs); the per-event NDCG@10
-   differences get a paired bootstrap confidence interval. The round publishes unless the weights are not
-   finite, the candidate is worse with confidence (the interval lies below zero), or its mean is worse than
-   ``tolerance``. A refused candidate is discarded: the learner goes back to the serving weights and moments,
-   and its new events stay new for the next round. Every refusal says why, with numbers (trainer/gate.py).
+   differences get a paired bootstrap confidence interval. The round publishes only when the weights are finite
+   and the interval's lower end is above ``-tolerance`` times the serving model's held-out NDCG@10 (a
+   non-inferiority test relative to the serving figure; trainer/gate.py). A refused candidate is discarded: the
+   learner goes back to the serving weights and moments, and its new events stay new for the next round, which
+   holds out more of them. Every refusal says why, with numbers.
 
-Each round is appended to ``<model store>/rounds.jsonl`` (the record :class:`RoundResult.record` writes).
+Each round is appended to ``<model store>/rounds.jsonl`` (the record :class:`RoundResult.record` writes), with
+the seconds of each of its parts: loading the serving version, growing the vocabulary, training, the gate and
+publishing.
 """
 
 from __future__ import annotations
@@ -47,13 +53,14 @@ import torch
 from lrustream.kernel.config import Config, resolve_path
 from lrustream.kernel.http import check_http_exposure
 from models.base import SeqRecModel
-from models.store import LoadedModel, ModelStore
+from models.store import LoadedModel, ModelStore, ModelStoreError
 from models.vocab import Vocabulary
 from stream.examples import BadExample, decode_example
 from stream.versions import VersionLog
 from trainer.buffer import EventBuffer
 from trainer.evaluate import left_pad
 from trainer.gate import Verdict, event_metrics, judge
+from trainer.live import Judgement, LiveWatch
 from trainer.loss import sequence_loss
 from trainer.optim import make_optimizer, pick_device, warm_up
 
@@ -64,7 +71,7 @@ log = logging.getLogger("lrustream.trainer")
 @dataclass
 class RoundResult:
     published: str | None = None
-    refused: str | None = None  # a short code: no-data | holdout | non-finite | gate
+    refused: str | None = None  # a short code: no-data | holdout | non-finite | gate | inconclusive
     reason: str = ""
     candidate: dict[str, float] = field(default_factory=dict)
     serving: dict[str, float] = field(default_factory=dict)
@@ -78,6 +85,7 @@ class RoundResult:
     vocabulary: int = 0  # items the learner's vocabulary holds after the round
     seconds: float = 0.0
     train_seconds: float = 0.0
+    parts: dict[str, float] = field(default_factory=dict)  # seconds per part: load, grow, train, gate, publish
 
     def refuse(self, code: str, reason: str) -> RoundResult:
         self.refused, self.reason = code, reason
@@ -96,7 +104,7 @@ class RoundResult:
         """Take the gate's numbers; True when the candidate may be published."""
         self.candidate, self.serving, self.gate = verdict.candidate, verdict.serving, verdict.numbers
         if verdict.refusal:
-            self.refuse("gate", verdict.refusal)
+            self.refuse(verdict.code, verdict.refusal)
         return self.refused is None
 
     def record(self, buffer: EventBuffer) -> dict[str, Any]:
@@ -105,7 +113,8 @@ class RoundResult:
                 "new_events": self.new_events, "trained_events": self.trained_events, "steps": self.steps,
                 "loss": self.loss, "new_items": self.new_items, "unknown_items": self.unknown_items,
                 "vocabulary": self.vocabulary, "seconds": round(self.seconds, 3),
-                "train_seconds": round(self.train_seconds, 3), "buffer_users": len(buffer.users),
+                "train_seconds": round(self.train_seconds, 3),
+                "parts": {k: round(v, 3) for k, v in self.parts.items()}, "buffer_users": len(buffer.users),
                 "buffer_events": buffer.seen}
 
 
@@ -196,6 +205,8 @@ class OnlineLearner:
         self.rng = torch.Generator().manual_seed(cfg.train.seed)
         self.warm_starts = 0
         self.context = cfg.online.train_len or cfg.model.max_len
+        self.needed: int | None = None  # held-out events the last gate said would tell (gate.py needed_heldout)
+        self.trained_before: dict[str, int] = {}  # per version published: buffer.trained before its round
 
     def _sync(self, serving: LoadedModel) -> None:
         """Warm start from the serving weights unless this learner already stands for the serving version."""
@@ -281,50 +292,67 @@ class OnlineLearner:
         o = self.o
         return max(o.min_steps, min(o.max_steps, math.ceil(new_events / max(1, o.events_per_step))))
 
+    def holdout_size(self, new_events: int) -> int:
+        """Held-out events a round with ``new_events`` wants: what the last gate said would tell, else
+        ``holdout_fraction`` of them; within [min_holdout, max_holdout]."""
+        o = self.o
+        wanted = int(new_events * o.holdout_fraction) if self.needed is None else self.needed
+        return min(o.max_holdout, max(o.min_holdout, wanted))
+
     def round(self, buffer: EventBuffer) -> RoundResult:
         t0 = time.monotonic()
         o = self.o
         result = RoundResult(new_events=buffer.new_events)
         if buffer.new_events == 0:
             return self._done(result.refuse("no-data", "no new events since the last published round"), t0)
-        n_hold = min(o.max_holdout, max(o.min_holdout, int(buffer.new_events * o.holdout_fraction)))
+        n_hold = self.holdout_size(buffer.new_events)
         held, until = buffer.holdout(n_hold)
         trainable = until - buffer.trained
-        if len(held) < o.min_holdout or trainable < o.min_holdout:
+        if len(held) < o.min_holdout or trainable < o.min_holdout:  # wait for more events
             return self._done(result.refuse(
-                "holdout", f"{buffer.new_events} new events: {len(held)} held out and {trainable} to train on, "
-                           f"each needs online.min_holdout={o.min_holdout}"), t0)
+                "holdout", f"{buffer.new_events} new events: {len(held)} held out (the gate wants {n_hold}) and "
+                           f"{trainable} to train on, each needs online.min_holdout={o.min_holdout}"), t0)
         serving = self.store.load()
         self._sync(serving)
         assert self.model is not None and self.opt is not None
         backup = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict()), len(self.vocab))
+        t_load = time.monotonic()
+        result.parts["load"] = t_load - t0
         with_new, others = buffer.training_windows(until)
         result.new_items, result.unknown_items = self._grow([*with_new, *[h.prefix for h in held]])
         result.vocabulary = len(self.vocab)
         result.trained_events = trainable
         t1 = time.monotonic()
+        result.parts["grow"] = t1 - t_load
         raised = ""
         try:
             result.steps, result.loss = self._train(self._batches(with_new, others, self._steps_for(trainable)))
         except (RuntimeError, FloatingPointError) as exc:  # divergence can overflow inside the optimiser
             log.warning("fine-tuning diverged: %s", exc)
             raised = f" (fine-tuning raised {type(exc).__name__}: {exc})"
-        result.train_seconds = time.monotonic() - t1
+        result.train_seconds = result.parts["train"] = time.monotonic() - t1
         self.model.to("cpu")
         if not (math.isfinite(result.loss) and all(torch.isfinite(p).all() for p in self.model.parameters())):
             result.refuse("non-finite",
                           f"loss {result.loss} or weights not finite after {result.steps} steps{raised}")
         else:
+            t_gate = time.monotonic()
             cand = event_metrics(self.model, self.vocab, held, self.context)
             serv = event_metrics(serving.model, serving.vocab, held, self.context)
-            if result.judged(judge(cand, serv, o)):
+            verdict = judge(cand, serv, o)
+            self.needed = int(verdict.numbers["needed"]) if "needed" in verdict.numbers else self.needed
+            t_publish = time.monotonic()
+            result.parts["gate"] = t_publish - t_gate
+            if result.judged(verdict):
                 info = (self.publisher or self.store).publish(self.model, self.vocab, parent=serving.info.version,
                                           metrics={f"holdout_{k}": v for k, v in result.candidate.items()},
                                           notes={"source": "online", "trained_events": trainable,
                                                  "heldout": len(held), "steps": result.steps, "loss": result.loss})
                 self.version, result.published = info.version, info.version
+                self.trained_before[info.version] = buffer.trained
                 buffer.trained = until
                 (self.publisher or self.store).gc(self.cfg.model_store.keep_versions)
+                result.parts["publish"] = time.monotonic() - t_publish
         if result.published is None:  # discard the candidate: back to the serving weights and moments
             self._restore(*backup)
         self.model.to(self.device)
@@ -399,6 +427,8 @@ class TrainerLoop:
         if o.num_threads:
             torch.set_num_threads(o.num_threads)
         self.buffer = EventBuffer(o.recent_buffer, o.reservoir_buffer, cfg.model.max_len, seed=cfg.train.seed)
+        self.live = LiveWatch(o)
+        self._watched: tuple[str, str | None] | None = None  # (serving version, its parent when an online round's)
         self.versions = VersionLog(cfg, self.store, who="trainer")
         self.versions.catch_up()
         self.learner = OnlineLearner(cfg, self.store, self.versions)
@@ -443,10 +473,12 @@ class TrainerLoop:
                             msg.offset())
                 continue
             self.buffer.add(ex.user_id, ex.items, ex.new)
+            self.live.add(ex.live)
             n += 1
         self.health.polled(examples=n)
         self.metrics.observe_poll(n, self.buffer.seen - before)
         self.metrics.observe_buffer(len(self.buffer.users), self.buffer.seen)
+        self.metrics.observe_live(self.live)
         self._observe_lag()
         while (message := self.requests.next_message(0)) is not None:
             if message.get("request") == "refresh":
@@ -502,10 +534,48 @@ class TrainerLoop:
             f.write(json.dumps(record) + "\n")
         return result
 
+    def watch(self) -> Judgement | None:
+        """The serving version judged on live events against its parent once there are enough of them
+        (trainer/live.py), and rolled back when it serves worse: the parent becomes @current again (not pinned:
+        the next rounds publish and serve as usual), the events the version learnt from are new again, and the
+        rollback is logged, counted and appended to ``<model store>/rollbacks.jsonl``."""
+        serving = self.store.current()
+        if serving is None or self.store.pinned() is not None:
+            return None
+        if self._watched is None or self._watched[0] != serving:
+            try:
+                info = self.store.info(serving)
+            except ModelStoreError:
+                return None
+            self._watched = (serving, info.parent if info.notes.get("source") == "online" else None)
+        parent = self._watched[1]
+        verdict = self.live.judge(serving, parent) if parent else None
+        if verdict is None:
+            return None
+        self.log(verdict.line())
+        if verdict.roll_back:
+            self._roll_back(verdict)
+        return verdict
+
+    def _roll_back(self, verdict: Judgement) -> None:
+        try:
+            self.versions.push(verdict.parent, reason=f"rollback: {verdict.line()}")
+        except Exception as exc:  # the parent's weights gone, the broker away: keep serving, say so
+            log.error("could not roll %s back to %s: %s", verdict.version, verdict.parent, exc)
+            return
+        log.warning("rolled back: %s", verdict.line())
+        before = self.learner.trained_before.get(verdict.version)
+        if before is not None:
+            self.buffer.trained = min(self.buffer.trained, before)
+        self.metrics.rollbacks.inc()
+        with (self.store.root / "rollbacks.jsonl").open("a") as f:
+            f.write(json.dumps({"at": time.time(), **verdict.record()}) + "\n")
+
     def run(self, max_rounds: int | None = None) -> None:
         rounds = 0
         while max_rounds is None or rounds < max_rounds:
             self.poll()
+            self.watch()
             if self.due():
                 self.round()
                 rounds += 1

@@ -77,6 +77,13 @@ class TrainerMetrics:
         self.unknown_items = Gauge(PREFIX + "unknown_items", "Distinct items of the last round's windows left "
                                    "unknown because the vocabulary is full", registry=r)
         self.serving_info = Gauge(PREFIX + "serving_info", "Serving model version", ["version"], registry=r)
+        self.rollbacks = Counter(PREFIX + "rollbacks", "Versions rolled back automatically because they served "
+                                 "worse live than their parent (trainer/live.py)", registry=r)
+        self.live_hit_rate = Gauge(PREFIX + "live_hit_rate", "Live HR@K of a version: its recommendations' hits over "
+                                   "the events scored against them, as the training examples report", ["version"],
+                                   registry=r)
+        self.live_events = Gauge(PREFIX + "live_events", "Events scored against a version's recommendations",
+                                 ["version"], registry=r)
         self.round_seconds = Histogram(PREFIX + "round_seconds", "Seconds per round", registry=r,
                                        buckets=ROUND_BUCKETS)
 
@@ -123,6 +130,15 @@ class TrainerMetrics:
                            (self.gate_heldout, "heldout")):
             if key in gate:
                 gauge.set(_number(gate[key]))
+
+    def observe_live(self, watch: Any) -> None:
+        """The live figures of the versions a :class:`trainer.live.LiveWatch` keeps."""
+        self.live_hit_rate.clear()
+        self.live_events.clear()
+        for version, tally in watch.tallies.items():
+            if tally.events:
+                self.live_hit_rate.labels(version=version).set(tally.hits / tally.events)
+                self.live_events.labels(version=version).set(tally.events)
 
     def set_version(self, version: str) -> None:
         self.serving_info.clear()

@@ -143,3 +143,73 @@ def test_refresh_publishes_a_gated_version_the_running_worker_serves(kafka_cfg: 
     assert "lrustream_trainer_buffer_events 600.0" in metrics[1]
 
 
+
+
+@pytest.mark.kafka
+def test_a_version_that_serves_worse_live_than_its_parent_is_rolled_back(kafka_cfg: Config,
+                                                                        kafka_overrides: list[str],
+                                                                        tmp_path: Path) -> None:
+    """v2 (an online round's, the ring learnt) serves; v3 comes as an online round's version would, parent v2,
+    but with the random weights of v1 (as if its gate had been judged on held-out events unlike the live
+    stream). The worker scores every event against the recommendation served before it, the examples carry
+    those scores, and the trainer, judging v3 on its first live events against v2's last, rolls it back: v2
+    serves again, unpinned, and the rollback is logged, counted and listed."""
+    from typer.testing import CliRunner
+
+    from lrustream.cli import app
+
+    overrides = [*kafka_overrides, "online.every_seconds=3600", "online.every_events=1000000",
+                 "online.min_holdout=30", "online.min_steps=60", "online.max_steps=60", "online.lr=0.005",
+                 "model.max_len=20", "online.http_port=0"]
+    cfg = load_config(overrides=overrides)
+    create_topics(cfg)
+    v1 = publish_model(cfg)
+    events = ring_stream(30, 1500)
+    produce_events(cfg, events[:600])
+    worker = WorkerProcess(overrides, tmp_path / "worker.log").start()
+    loop = TrainerLoop(cfg, log_line=print)
+    seen = 600
+
+    def consume(until: int) -> None:
+        deadline = time.monotonic() + 60
+        while loop.buffer.seen < until and time.monotonic() < deadline:
+            loop.poll()
+        assert loop.buffer.seen == until, "every served event reached the trainer"
+
+    try:
+        worker.wait_healthy()
+        consume(seen)
+        v2 = loop.round().published
+        assert v2, "the ring is learnt and published"
+        wait_for_version(worker, v2)
+        produce_events(cfg, events[600:1000], ts0=1_800_000_000_000)
+        consume(seen := seen + 400)
+        assert loop.watch() is None, "v2 is judged against v1 only when enough of its events were scored"
+        store = ModelStore(cfg.model_store.dir)
+        bad = store.load(v1)
+        v3 = loop.versions.publish(bad.model, store.load(v2).vocab, parent=v2,
+                                   notes={"source": "online", "test": "random weights"}).version
+        wait_for_version(worker, v3)
+        produce_events(cfg, events[1000:], ts0=1_900_000_000_000)
+        deadline = time.monotonic() + 60
+        verdict = None
+        while verdict is None and time.monotonic() < deadline:
+            loop.poll()
+            verdict = loop.watch()
+        wait_for_version(worker, v2)
+        metrics = _get(f"http://{cfg.http.host}:{loop.http.port}/metrics")[1]
+        worker_metrics = worker.get("/metrics").decode()
+    finally:
+        loop.close()
+        worker.stop()
+    assert verdict is not None and verdict.version == v3 and verdict.parent == v2, verdict
+    assert verdict.roll_back and verdict.hit_rate < verdict.parent_hit_rate and verdict.diff_high < 0, verdict.line()
+    store = ModelStore(cfg.model_store.dir)
+    assert store.current() == v2 and store.pinned() is None, "rolled back, not pinned: the next rounds serve"
+    [record] = [json.loads(line) for line in (store.root / "rollbacks.jsonl").read_text().splitlines()]
+    assert (record["version"], record["parent"], record["rolled_back"]) == (v3, v2, True)
+    assert "lrustream_trainer_rollbacks_total 1.0" in metrics
+    assert f'lrustream_trainer_live_hit_rate{{version="{v3}"}}' in metrics
+    assert f'lrustream_live_events_total{{version="{v2}"}}' in worker_metrics
+    listed = CliRunner().invoke(app, ["models", "list", *kafka_overrides]).output
+    assert f"{v2} serves after a rollback by trainer: rollback: {v3} serves worse than {v2} live" in listed

@@ -273,3 +273,24 @@ def test_blocked_items_leave_every_ranking_the_others_keep_their_order_and_an_un
     clean.process([_event("u0", "i1", 30)])
     assert json.loads(_sent(producer, topics.recommendations)[-1]["value"])["items"] == \
         json.loads(_sent(clean.producer, topics.recommendations)[-1]["value"])["items"]
+
+
+def test_each_event_is_scored_against_the_recommendation_served_before_it_for_the_live_hit_rate(
+        tmp_path: Path) -> None:
+    producer = RecordingProducer()
+    processor, topics = _processor(tmp_path, producer, stream=StreamConfig(emit_training_examples=True))
+    version = processor.serving.version
+    processor.process([_event("u1", "i3", 0), _event("u2", "i9", 1)])
+    first = [decode_example(r["value"]) for r in _sent(producer, topics.training_examples)]
+    assert [e.live for e in first] == [{}, {}], "a user's first event has nothing served before it"
+    [rec] = [json.loads(r["value"]) for r in _sent(producer, topics.recommendations)
+             if json.loads(r["value"])["user_id"] == "u1"]
+    producer.records.clear()
+    # u1: a hit (the top item served after i3), then i3 again, which no recommendation holds (seen items are
+    # excluded); u2 misses once
+    processor.process([_event("u1", rec["items"][0], 2), _event("u1", "i3", 3), _event("u2", "i9", 4)])
+    live = {e.user_id: e.live for e in (decode_example(r["value"]) for r in _sent(producer, topics.training_examples))}
+    assert live == {"u1": {version: (2, 1)}, "u2": {version: (1, 0)}}
+    metrics = processor.metrics
+    assert metrics.live_events.labels(version=version)._value.get() == 3
+    assert metrics.live_hits.labels(version=version)._value.get() == 1

@@ -1,0 +1,154 @@
+"""The served versions' live hit rate, and the automatic rollback of a version that serves worse than its parent.
+
+Every training example carries, per version that served the user's recommendation before one of its new
+events, how many of those events were scored and how many were hits (stream/examples.py). :class:`LiveWatch`
+adds them up per version, in arrival order, and judges each version the online trainer published against its
+parent (the version it was fine-tuned from, which served before it):
+
+* The parent's figure is its last ``n`` scored events, the new version's its first ``n``: the two stretches of
+  the stream on either side of the swap. ``n`` is sized from the parent's own hit rate ``p`` so that a drop to
+  ``p * (1 - online.rollback_drop)`` is detected with probability ``online.power`` at ``online.confidence``
+  (two proportions, equal sizes): a sparse stream waits for more events than a dense one. At least
+  ``online.min_holdout``, at most the events kept per version (:data:`KEPT_EVENTS`).
+* The new version is rolled back when the interval of its hit rate minus its parent's lies below zero (a
+  normal-approximation interval at ``online.confidence``) and its rate is lower by more than
+  ``online.tolerance`` of its parent's: the gate's margin, on live events.
+* Each version is judged once. A pinned serving version is an operator's choice and never rolled back, nor is a
+  version that did not come from an online round. ``online.rollback_drop`` = 0 turns the watch off.
+
+The figures of the two sides come from different events, so a stream whose hit rate drifts within ``2n``
+events shifts them; the margin and the confidence keep a drift that small from rolling a version back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from statistics import NormalDist
+
+from lrustream.kernel.config import OnlineConfig
+
+KEPT_EVENTS = 200_000  # scored events kept per version (its first ones and its last ones)
+KEPT_VERSIONS = 16  # versions whose tallies are kept, the most recently scored
+
+
+@dataclass
+class Tally:
+    """One version's live scores as (events, hits) chunks in arrival order: the first chunks up to
+    :data:`KEPT_EVENTS` events, and the last ones up to as many."""
+
+    head: list[tuple[int, int]] = field(default_factory=list)
+    head_events: int = 0
+    tail: deque[tuple[int, int]] = field(default_factory=deque)
+    tail_events: int = 0
+    events: int = 0
+    hits: int = 0
+
+    def add(self, events: int, hits: int) -> None:
+        self.events += events
+        self.hits += hits
+        if self.head_events < KEPT_EVENTS:
+            self.head.append((events, hits))
+            self.head_events += events
+        self.tail.append((events, hits))
+        self.tail_events += events
+        while self.tail_events - self.tail[0][0] >= KEPT_EVENTS:
+            self.tail_events -= self.tail.popleft()[0]
+
+    def first(self, n: int) -> tuple[int, int]:
+        """(events, hits) of the chunks that make up its first ``n`` events (a chunk is never split)."""
+        return _sum_until(self.head, n)
+
+    def last(self, n: int) -> tuple[int, int]:
+        """(events, hits) of the chunks that make up its last ``n`` events."""
+        return _sum_until(reversed(self.tail), n)
+
+
+def _sum_until(chunks, n: int) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    events = hits = 0
+    for e, h in chunks:
+        if events >= n:
+            break
+        events, hits = events + e, hits + h
+    return events, hits
+
+
+@dataclass
+class Judgement:
+    """A version judged on live events against its parent."""
+
+    version: str
+    parent: str
+    events: int  # the version's events judged (its first ones)
+    hit_rate: float
+    parent_events: int  # the parent's events judged (its last ones)
+    parent_hit_rate: float
+    diff_low: float
+    diff_high: float
+    roll_back: bool
+
+    def line(self) -> str:
+        verdict = "serves worse than" if self.roll_back else "serves no worse than"
+        return (f"{self.version} {verdict} {self.parent} live: HR@K {self.hit_rate:.4f} on its first {self.events} "
+                f"events vs {self.parent_hit_rate:.4f} on the parent's last {self.parent_events}, difference "
+                f"interval [{self.diff_low:+.4f}, {self.diff_high:+.4f}]")
+
+    def record(self) -> dict[str, object]:
+        return {"version": self.version, "parent": self.parent, "events": self.events, "hit_rate": self.hit_rate,
+                "parent_events": self.parent_events, "parent_hit_rate": self.parent_hit_rate,
+                "diff_low": self.diff_low, "diff_high": self.diff_high, "rolled_back": self.roll_back}
+
+
+def events_needed(parent_rate: float, o: OnlineConfig) -> int:
+    """Scored events per side that detect a drop from ``parent_rate`` by ``o.rollback_drop`` (relative) with
+    probability ``o.power`` at ``o.confidence``; within [o.min_holdout, KEPT_EVENTS]."""
+    p, q = parent_rate, parent_rate * (1 - o.rollback_drop)
+    if p <= 0 or p == q:
+        return KEPT_EVENTS
+    z = NormalDist().inv_cdf((1 + o.confidence) / 2) + NormalDist().inv_cdf(o.power)
+    n = math.ceil(z * z * (p * (1 - p) + q * (1 - q)) / (p - q) ** 2)
+    return min(KEPT_EVENTS, max(o.min_holdout, n))
+
+
+class LiveWatch:
+    """Live (events, hits) per version, and the judgement of a version against its parent (module docstring)."""
+
+    def __init__(self, o: OnlineConfig) -> None:
+        self.o = o
+        self.tallies: dict[str, Tally] = {}
+        self.judged: dict[str, Judgement] = {}
+
+    def add(self, live: dict[str, tuple[int, int]]) -> None:
+        """One training example's live scores."""
+        for version, (events, hits) in live.items():
+            tally = self.tallies.pop(version, None) or Tally()
+            tally.add(events, hits)
+            self.tallies[version] = tally  # most recently scored last
+        while len(self.tallies) > KEPT_VERSIONS:
+            self.tallies.pop(next(iter(self.tallies)))
+
+    def hit_rate(self, version: str) -> float | None:
+        tally = self.tallies.get(version)
+        return tally.hits / tally.events if tally and tally.events else None
+
+    def judge(self, version: str, parent: str) -> Judgement | None:
+        """``version`` against ``parent`` once both have enough scored events (None before, and after the version
+        was judged once)."""
+        if self.o.rollback_drop <= 0 or version in self.judged:
+            return None
+        child, before = self.tallies.get(version), self.tallies.get(parent)
+        if child is None or before is None or not before.events:
+            return None
+        n = events_needed(before.hits / before.events, self.o)
+        if child.events < n or before.events < n:
+            return None
+        (ne, he), (np_, hp) = child.first(n), before.last(n)
+        q, p = he / ne, hp / np_
+        z = NormalDist().inv_cdf((1 + self.o.confidence) / 2)
+        se = math.sqrt(q * (1 - q) / ne + p * (1 - p) / np_)
+        low, high = q - p - z * se, q - p + z * se
+        worse = high < 0 and q - p < -self.o.tolerance * p
+        verdict = Judgement(version, parent, ne, q, np_, p, low, high, worse)
+        self.judged[version] = verdict
+        return verdict

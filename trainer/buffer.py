@@ -81,12 +81,12 @@ class EventBuffer:
         pos = event - (w.total - len(w.items))
         return pos if 0 <= pos < len(w.items) else None
 
-    def holdout(self, n: int) -> tuple[list[HeldEvent], int]:
-        """The last ``n`` new events that can be judged (a prefix in the window), and the number of the first
-        of them: training data ends there."""
+    def holdout(self, n: int, after: int = 0) -> tuple[list[HeldEvent], int]:
+        """The last ``n`` new events numbered ``after`` or later that can be judged (a prefix in the window), and
+        the number of the first of them: training data ends there."""
         picked: list[tuple[int, HeldEvent]] = []
         for number, user, event in reversed(self.log):
-            if number < self.trained or len(picked) >= n:
+            if number < max(self.trained, after) or len(picked) >= n:
                 break
             pos = self._position(user, event)
             if pos:  # pos 0 has no prefix to judge from

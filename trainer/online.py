@@ -27,9 +27,11 @@ The contract of one round (``OnlineLearner.round``):
 4. **Gate.** Candidate and serving model rank every held-out event (same inputs); the per-event NDCG@10
    differences get a paired bootstrap confidence interval. The round publishes only when the weights are finite
    and the interval's lower end is above ``-tolerance`` times the serving model's held-out NDCG@10 (a
-   non-inferiority test relative to the serving figure; trainer/gate.py). A refused candidate is discarded: the
-   learner goes back to the serving weights and moments, and its new events stay new for the next round, which
-   holds out more of them. Every refusal says why, with numbers.
+   non-inferiority test relative to the serving figure; trainer/gate.py). A candidate found worse is discarded:
+   the learner goes back to the serving weights and moments, and its new events stay new for the next round. A
+   candidate the held-out events cannot tell (``inconclusive``) is kept and trained further by the next round,
+   whose holdout is sized anew and taken only from events after those it trained on, so evidence and training
+   both accumulate across rounds until the gate can decide. Every refusal says why, with numbers.
 
 Each round is appended to ``<model store>/rounds.jsonl`` (the record :class:`RoundResult.record` writes), with
 the seconds of each of its parts: loading the serving version, growing the vocabulary, training, the gate and
@@ -207,6 +209,10 @@ class OnlineLearner:
         self.context = cfg.online.train_len or cfg.model.max_len
         self.needed: int | None = None  # held-out events the last gate said would tell (gate.py needed_heldout)
         self.trained_before: dict[str, int] = {}  # per version published: buffer.trained before its round
+        # a candidate the gate found inconclusive, trained on: the serving weights and moments it started from,
+        # and the event number its training data ended at (later rounds hold out only events from there on)
+        self.base: tuple[dict[str, torch.Tensor], dict[str, Any], int] | None = None
+        self.continued_to = 0
 
     def _sync(self, serving: LoadedModel) -> None:
         """Warm start from the serving weights unless this learner already stands for the serving version."""
@@ -217,6 +223,7 @@ class OnlineLearner:
         self.opt = make_optimizer(self.model, self.cfg.train, lr=self.o.lr)
         self.version = serving.info.version
         self.warm_starts += 1
+        self.base, self.continued_to = None, 0
 
     def _tuned(self, model: SeqRecModel) -> SeqRecModel:
         """The learner's copy with ``online.dropout`` (a training-time setting: published weights are alike)."""
@@ -306,16 +313,17 @@ class OnlineLearner:
         if buffer.new_events == 0:
             return self._done(result.refuse("no-data", "no new events since the last published round"), t0)
         n_hold = self.holdout_size(buffer.new_events)
-        held, until = buffer.holdout(n_hold)
+        serving = self.store.load()
+        self._sync(serving)
+        held, until = buffer.holdout(n_hold, after=self.continued_to)  # never what the candidate trained on
         trainable = until - buffer.trained
         if len(held) < o.min_holdout or trainable < o.min_holdout:  # wait for more events
             return self._done(result.refuse(
                 "holdout", f"{buffer.new_events} new events: {len(held)} held out (the gate wants {n_hold}) and "
                            f"{trainable} to train on, each needs online.min_holdout={o.min_holdout}"), t0)
-        serving = self.store.load()
-        self._sync(serving)
         assert self.model is not None and self.opt is not None
-        backup = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict()), len(self.vocab))
+        base = self.base or (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict()),
+                             len(self.vocab))
         t_load = time.monotonic()
         result.parts["load"] = t_load - t0
         with_new, others = buffer.training_windows(until)
@@ -353,8 +361,12 @@ class OnlineLearner:
                 buffer.trained = until
                 (self.publisher or self.store).gc(self.cfg.model_store.keep_versions)
                 result.parts["publish"] = time.monotonic() - t_publish
-        if result.published is None:  # discard the candidate: back to the serving weights and moments
-            self._restore(*backup)
+        if result.refused == "inconclusive":  # too few events to tell: the next round goes on training it
+            self.base, self.continued_to = base, until
+        else:
+            if result.published is None:  # discard the candidate: back to the serving weights and moments
+                self._restore(*base)
+            self.base, self.continued_to = None, 0
         self.model.to(self.device)
         return self._done(result, t0)
 

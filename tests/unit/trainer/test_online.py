@@ -418,3 +418,54 @@ def test_a_harmful_round_is_refused_on_a_sparse_stream_with_a_hit_rate_near_one_
     assert result.refused == "gate" and result.published is None, result.line()
     assert result.gate["diff"] < -result.gate["margin"] and result.gate["diff_high"] > 0
     assert "mean below" in result.reason and s.store.current() == v2
+
+
+def test_an_inconclusive_candidate_is_trained_further_and_judged_only_on_events_after_its_training_data(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainer.online
+
+    verdicts: list[Verdict] = []
+
+    def unsure_the_first_time(cand, serv, o):  # type: ignore[no-untyped-def]
+        verdict = judge(cand, serv, o)
+        if not verdicts:
+            verdict.code, verdict.refusal = "inconclusive", "too few events to tell (this test says so)"
+        verdicts.append(verdict)
+        return verdict
+
+    monkeypatch.setattr(trainer.online, "judge", unsure_the_first_time)
+    s = Setting.make(tmp_path, ring_stream(30, 1500))
+    learner = OnlineLearner(s.cfg, s.store)
+    first = learner.round(s.buf)
+    assert first.refused == "inconclusive" and first.published is None and s.buf.trained == 0
+    assert learner.continued_to == 1350, "10 % of 1,500 held out: its training data ended at event 1,350"
+    served = s.store.load(s.v1).model.state_dict()
+    assert any(not torch.equal(served[k], v) for k, v in learner.model.state_dict().items()), "kept, not undone"
+    fill(s.buf, ring_stream(30, 100, seed=1), s.history)
+    learner.needed = 1000  # more than the 250 events after 1,350: without the bound it would reach back to 600
+    second = learner.round(s.buf)
+    assert second.published and second.gate["heldout"] == 250, second.line()
+    assert s.buf.trained == 1350 and learner.warm_starts == 1 and learner.base is None
+
+
+def test_a_continued_candidate_found_worse_goes_back_to_the_serving_weights(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainer.online
+
+    codes = iter(["inconclusive", "gate"])
+
+    def refuse(cand, serv, o):  # type: ignore[no-untyped-def]
+        verdict = judge(cand, serv, o)
+        verdict.code = next(codes)
+        verdict.refusal = f"{verdict.code} (this test says so)"
+        return verdict
+
+    monkeypatch.setattr(trainer.online, "judge", refuse)
+    s = Setting.make(tmp_path, ring_stream(30, 1500))
+    learner = OnlineLearner(s.cfg, s.store)
+    assert learner.round(s.buf).refused == "inconclusive"
+    fill(s.buf, ring_stream(30, 400, seed=1), s.history)
+    assert learner.round(s.buf).refused == "gate"
+    served = s.store.load(s.v1).model.state_dict()
+    assert all(torch.equal(served[k], v) for k, v in learner.model.state_dict().items()), "back to serving"
+    assert learner.base is None and learner.continued_to == 0 and s.buf.trained == 0

@@ -5,18 +5,22 @@ trained on) from the same inputs: the user's items before the event, its last ``
 masks its window. The per-event NDCG@10 differences (candidate - serving) get a paired bootstrap percentile
 interval at ``online.confidence``.
 
-The decision is a non-inferiority test relative to the serving model's own figure. The margin is
-``online.tolerance`` times the serving model's held-out NDCG@10, so it means the same on a dense stream (NDCG@10
-near 0.15) and a sparse one (near 0.01). :func:`judge` publishes only when the interval's lower end lies above
-``-margin``: the evidence says the candidate is not worse by more than the margin. It refuses with code
-``gate`` when the candidate is worse (the interval lies below zero, or the mean difference is below ``-margin``)
-and with ``inconclusive`` when the held-out events cannot tell (the interval reaches below ``-margin`` although
-the mean does not). Every refusal says why, with numbers; whether the weights are finite is the round's own check
-(trainer/online.py).
+The decision is relative to the serving model's own figure, so it means the same on a dense stream (NDCG@10
+near 0.15) and a sparse one (near 0.01): the margin is ``online.tolerance`` times the serving model's held-out
+NDCG@10. :func:`judge` refuses with code ``gate`` a candidate worse with confidence (the interval lies below
+zero) and publishes one not worse by more than the margin with confidence (the interval lies above ``-margin``),
+however few the events. Between the two, the held-out events must hold enough of the serving model's hits to
+tell (:func:`needed_hits`): with fewer it refuses with ``inconclusive``; with enough, it refuses with ``gate`` a
+candidate whose mean difference is below ``-margin`` and publishes the others. Every refusal says why, with
+numbers; whether the weights are finite is the round's own check (trainer/online.py).
 
-How many held-out events are enough is measured, not set: :func:`needed_heldout` is the sample size at which a
-candidate like the last one judged passes with probability ``online.power``, from the spread and the mean of the
-per-event differences that the last gate measured on this stream.
+How many held-out events are enough follows from the stream's hit rate, measured, not set: to see a drop of
+``online.detectable_drop`` of the hit rate with probability ``online.power`` at ``online.confidence``, the
+held-out events must hold about :func:`needed_hits` hits of the serving model (150 at the defaults), so a round
+holds out :func:`needed_heldout` events: about 750 on a stream hit one time in five, 15,000 on one hit one time in
+a hundred. A candidate refused as ``inconclusive`` is trained further by the next round and judged on that many
+(trainer/online.py), so evidence accumulates across rounds. What a gate cannot see on a few thousand events,
+the live watch sees on the served stream (trainer/live.py).
 """
 
 from __future__ import annotations
@@ -103,17 +107,21 @@ class Verdict:
     code: str = ""  # "gate" (worse) or "inconclusive" (too few events to tell); empty when it may be published
 
 
-def needed_heldout(numbers: dict[str, float], o: OnlineConfig) -> int | None:
-    """Held-out events at which a candidate like the one just judged passes with probability ``o.power``: its
-    interval's lower end, ``z(confidence)`` standard errors below its mean, stays above ``-margin`` unless the mean
-    falls ``z(power)`` standard errors short. From a gate's numbers: the spread of the per-event differences, their
-    mean (a candidate better than serving needs fewer events; a worse one is sized as an equal one) and the
-    margin. None when they carry no information (both models scored nothing)."""
-    room = numbers["margin"] + max(0.0, numbers["diff"])
-    if room <= 0:
-        return None
-    z = NormalDist().inv_cdf((1 + o.confidence) / 2) + NormalDist().inv_cdf(o.power)
-    return math.ceil((z * numbers["diff_sd"] / room) ** 2)
+def z_sum(o: OnlineConfig) -> float:
+    """Standard errors between the two hypotheses: the interval's at ``o.confidence`` plus the power's."""
+    return NormalDist().inv_cdf((1 + o.confidence) / 2) + NormalDist().inv_cdf(o.power)
+
+
+def needed_hits(o: OnlineConfig) -> int:
+    """Hits of the serving model that tell its hit rate ``p`` from ``p * (1 - o.detectable_drop)`` with probability
+    ``o.power`` at ``o.confidence`` (two counts of a rare event: variance about their sum)."""
+    d = o.detectable_drop
+    return math.ceil(z_sum(o) ** 2 * (2 - d) / d**2)
+
+
+def needed_heldout(hit_rate: float, o: OnlineConfig) -> int | None:
+    """Held-out events that hold :func:`needed_hits` at the serving model's ``hit_rate`` (None when it is 0)."""
+    return math.ceil(needed_hits(o) / hit_rate) if hit_rate > 0 else None
 
 
 def judge(cand: tuple[np.ndarray, np.ndarray], serv: tuple[np.ndarray, np.ndarray], o: OnlineConfig) -> Verdict:
@@ -126,17 +134,19 @@ def judge(cand: tuple[np.ndarray, np.ndarray], serv: tuple[np.ndarray, np.ndarra
                       serving={"HR@10": float(serv[0].mean()), "NDCG@10": serving_ndcg},
                       numbers={"heldout": len(diff), "diff": float(diff.mean()), "diff_low": low, "diff_high": high,
                                "confidence": o.confidence, "margin": margin, "diff_sd": float(diff.std())})
-    if (needed := needed_heldout(verdict.numbers, o)) is not None:
+    if (needed := needed_heldout(verdict.serving["HR@10"], o)) is not None:
         verdict.numbers["needed"] = float(needed)
+    hits, enough = int(serv[0].sum()), needed_hits(o)
     said = (f"held-out NDCG@10 {verdict.candidate['NDCG@10']:.4f} vs serving {serving_ndcg:.4f} on {len(diff)} "
             f"events, difference {diff.mean():+.4f}, {o.confidence:.0%} interval [{low:+.4f}, {high:+.4f}]")
     if high < 0:
         verdict.code, verdict.refusal = "gate", f"{said} below zero"
+    elif low >= -margin:  # not worse by more than the margin, with confidence: however few the hits
+        pass
+    elif hits < enough:
+        verdict.code, verdict.refusal = "inconclusive", (f"{said}; the serving model hit {hits} of them, {enough} "
+                                                         f"tell a drop of online.detectable_drop={o.detectable_drop}")
     elif diff.mean() < -margin:
         verdict.code, verdict.refusal = "gate", f"{said}: mean below -{margin:.4f} (online.tolerance={o.tolerance} " \
                                                 f"of serving)"
-    elif low < -margin:
-        need = f"; about {verdict.numbers['needed']:.0f} events would tell" if "needed" in verdict.numbers else ""
-        verdict.code, verdict.refusal = "inconclusive", (f"{said} reaches below -{margin:.4f} (online.tolerance="
-                                                         f"{o.tolerance} of serving){need}")
     return verdict

@@ -7,14 +7,14 @@ parent (the version it was fine-tuned from, which served before it):
 
 * The parent's figure is its last ``n`` scored events, the new version's its first ``n``: the two stretches of
   the stream on either side of the swap. ``n`` is sized from the parent's own hit rate ``p`` so that a drop to
-  ``p * (1 - online.rollback_drop)`` is detected with probability ``online.power`` at ``online.confidence``
+  ``p * (1 - online.detectable_drop)`` is seen with probability ``online.power`` at ``online.confidence``
   (two proportions, equal sizes): a sparse stream waits for more events than a dense one. At least
   ``online.min_holdout``, at most the events kept per version (:data:`KEPT_EVENTS`).
 * The new version is rolled back when the interval of its hit rate minus its parent's lies below zero (a
   normal-approximation interval at ``online.confidence``) and its rate is lower by more than
   ``online.tolerance`` of its parent's: the gate's margin, on live events.
 * Each version is judged once. A pinned serving version is an operator's choice and never rolled back, nor is a
-  version that did not come from an online round. ``online.rollback_drop`` = 0 turns the watch off.
+  version that did not come from an online round. ``online.rollback=false`` turns the watch off.
 
 The figures of the two sides come from different events, so a stream whose hit rate drifts within ``2n``
 events shifts them; the margin and the confidence keep a drift that small from rolling a version back.
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 
 from lrustream.kernel.config import OnlineConfig
+from trainer.gate import z_sum
 
 KEPT_EVENTS = 200_000  # scored events kept per version (its first ones and its last ones)
 KEPT_VERSIONS = 16  # versions whose tallies are kept, the most recently scored
@@ -101,13 +102,12 @@ class Judgement:
 
 
 def events_needed(parent_rate: float, o: OnlineConfig) -> int:
-    """Scored events per side that detect a drop from ``parent_rate`` by ``o.rollback_drop`` (relative) with
+    """Scored events per side that see a drop from ``parent_rate`` by ``o.detectable_drop`` (relative) with
     probability ``o.power`` at ``o.confidence``; within [o.min_holdout, KEPT_EVENTS]."""
-    p, q = parent_rate, parent_rate * (1 - o.rollback_drop)
+    p, q = parent_rate, parent_rate * (1 - o.detectable_drop)
     if p <= 0 or p == q:
         return KEPT_EVENTS
-    z = NormalDist().inv_cdf((1 + o.confidence) / 2) + NormalDist().inv_cdf(o.power)
-    n = math.ceil(z * z * (p * (1 - p) + q * (1 - q)) / (p - q) ** 2)
+    n = math.ceil(z_sum(o) ** 2 * (p * (1 - p) + q * (1 - q)) / (p - q) ** 2)
     return min(KEPT_EVENTS, max(o.min_holdout, n))
 
 
@@ -135,7 +135,7 @@ class LiveWatch:
     def judge(self, version: str, parent: str) -> Judgement | None:
         """``version`` against ``parent`` once both have enough scored events (None before, and after the version
         was judged once)."""
-        if self.o.rollback_drop <= 0 or version in self.judged:
+        if not self.o.rollback or version in self.judged:
             return None
         child, before = self.tallies.get(version), self.tallies.get(parent)
         if child is None or before is None or not before.events:

@@ -8,7 +8,7 @@ The contract of one round (``OnlineLearner.round``):
    latest item window and a log of events in arrival order. Events after ``buffer.trained`` are *new*: the
    serving model has not trained on them (trainer/buffer.py).
 2. **Holdout = what comes next.** The most recent new events are held out: as many as the gate needs to tell
-   (trainer/gate.py ``needed_heldout``, from the differences the last gate measured on this stream; before any gate,
+   (trainer/gate.py ``needed_heldout``, from the serving model's hit rate the last gate measured; before any gate,
    ``holdout_fraction`` of the new events), at least ``min_holdout``, at most ``max_holdout``; a round that would
    leave fewer than ``min_holdout`` events to train on waits for more (code ``holdout``). Training
    sees each user's window cut before that user's first held-out event, so no held-out target, nor anything
@@ -25,13 +25,14 @@ The contract of one round (``OnlineLearner.round``):
    made first rounds worse than the serving model). A step's windows go through the model in groups of similar
    length (``length_groups``), each padded only to its longest: the same gradient as one padded batch.
 4. **Gate.** Candidate and serving model rank every held-out event (same inputs); the per-event NDCG@10
-   differences get a paired bootstrap confidence interval. The round publishes only when the weights are finite
-   and the interval's lower end is above ``-tolerance`` times the serving model's held-out NDCG@10 (a
-   non-inferiority test relative to the serving figure; trainer/gate.py). A candidate found worse is discarded:
-   the learner goes back to the serving weights and moments, and its new events stay new for the next round. A
-   candidate the held-out events cannot tell (``inconclusive``) is kept and trained further by the next round,
-   whose holdout is sized anew and taken only from events after those it trained on, so evidence and training
-   both accumulate across rounds until the gate can decide. Every refusal says why, with numbers.
+   differences get a paired bootstrap confidence interval (trainer/gate.py). The round publishes unless the
+   weights are not finite, the candidate is worse with confidence, or, unless it is not worse by more than
+   ``tolerance`` of serving's own figure with confidence, the held-out events hold too few of the serving
+   model's hits to tell (``inconclusive``) or its mean is below serving's by more than that margin. A
+   candidate found worse is discarded: the learner goes back to the serving weights and moments, and its new
+   events stay new for the next round. An ``inconclusive`` candidate is kept and trained further by the next
+   round, whose holdout is sized anew and taken only from events after those it trained on, so evidence and
+   training both accumulate across rounds until the gate can decide. Every refusal says why, with numbers.
 
 Each round is appended to ``<model store>/rounds.jsonl`` (the record :class:`RoundResult.record` writes), with
 the seconds of each of its parts: loading the serving version, growing the vocabulary, training, the gate and

@@ -230,24 +230,27 @@ class OnlineConfig:
     """Dropout while fine-tuning (-1 = the model's own). Dropout is about half a CPU step's cost."""
     holdout_fraction: float = 0.1
     """Share of the new events (the most recent ones) held out to judge the candidate until a gate has measured
-    how many it needs (``power``)."""
+    how many it needs (``detectable_drop``)."""
     min_holdout: int = 500
     """Fewer held-out (or trainable) events are no evidence: the round publishes nothing and waits for more."""
     max_holdout: int = 20_000
     """The most events a round holds out, however many the gate would need to tell."""
     tolerance: float = 0.05
-    """The gate's margin as a share of the serving model's held-out NDCG@10: a candidate is published only when
-    the confidence interval of its NDCG@10 difference to serving lies above ``-tolerance`` times serving's
-    figure (not worse by more than 5 % of it, with confidence), on any stream, dense or sparse."""
+    """The gate's margin as a share of the serving model's held-out NDCG@10: with enough held-out hits
+    (``detectable_drop``), a candidate whose mean NDCG@10 is below serving's by more than this share of it is
+    refused, on any stream, dense or sparse. The live watch uses the same share of the parent's hit rate."""
     confidence: float = 0.95
     """Confidence of the gate's paired-bootstrap interval of NDCG@10 (candidate - serving)."""
+    detectable_drop: float = 0.3
+    """The relative drop in hit rate that the gate (on held-out events) and the live watch (on served events) are
+    sized to see with probability ``power``: rounds hold out enough events for the serving model's measured hit
+    rate to give about 150 hits (trainer/gate.py), and a version is judged live on as many events against its
+    parent (trainer/live.py)."""
     power: float = 0.8
-    """The chance that a candidate exactly as good as the serving model passes the gate: rounds hold out as many
-    events as that takes, computed from the spread of the differences the last gate measured on the stream."""
-    rollback_drop: float = 0.2
-    """The relative drop in live HR@K that the rollback watch is sized to catch (with probability ``power``): a
-    version the online trainer published is judged on as many live events as that takes against its parent, and
-    rolled back when it serves worse (trainer/live.py). 0 turns automatic rollbacks off."""
+    """The chance that the gate and the live watch see a drop of ``detectable_drop``."""
+    rollback: bool = True
+    """Roll back automatically a version an online round published that serves worse live than its parent
+    (trainer/live.py)."""
     bootstrap_samples: int = 1000
     http_port: int = 6067
     """The trainer's /health and /metrics (on http.host, guarded by http.token like the worker's)."""
@@ -410,7 +413,7 @@ RULES: dict[str, Rule] = {
     "online.max_holdout": _at_least(1),
     "online.tolerance": _at_least(0),
     "online.power": FRACTION,
-    "online.rollback_drop": Rule(lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "online.detectable_drop": FRACTION,
     "online.confidence": FRACTION,
     "online.bootstrap_samples": _at_least(1),
     "online.http_port": PORT_OR_0,  # 0 = any free port

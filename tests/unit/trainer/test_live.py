@@ -22,7 +22,7 @@ def test_a_sparse_stream_needs_more_live_events_than_a_dense_one_within_bounds()
     assert o.min_holdout <= dense < sparse <= KEPT_EVENTS
     assert sparse > 20 * dense, "about inversely proportional to the hit rate"
     assert events_needed(0.0, o) == KEPT_EVENTS, "a parent that never hit cannot be compared"
-    assert events_needed(0.3, dataclasses.replace(o, rollback_drop=0.1)) > 3 * dense, "a smaller drop needs more"
+    assert events_needed(0.3, dataclasses.replace(o, detectable_drop=0.15)) > 3 * dense, "a smaller drop needs more"
 
 
 def test_a_tally_keeps_its_first_and_its_last_events() -> None:
@@ -66,7 +66,7 @@ def test_a_version_as_good_as_its_parent_is_kept_and_a_small_drift_does_not_roll
 
 
 def test_the_watch_can_be_turned_off() -> None:
-    watch = LiveWatch(dataclasses.replace(load_config().online, rollback_drop=0.0))
+    watch = LiveWatch(dataclasses.replace(load_config().online, rollback=False))
     rng = np.random.default_rng(2)
     _feed(watch, "v1", 0.5, 3000, rng)
     _feed(watch, "v2", 0.0, 3000, rng)

@@ -53,6 +53,27 @@ def _rows_of_runs(held: list[HeldEvent], per_row: int) -> list[list[int]]:
     return rows
 
 
+def _hidden_before(model: SeqRecModel, tokens: list[np.ndarray], rows: list[list[int]], events: int,
+                   batch_size: int) -> torch.Tensor:
+    """[events, d]: the model's output before each held-out event. Row ``r`` reads ``tokens[r]`` (the items before
+    the last event of its run ``rows[r]``); the output before the run's ``k``-th event is the one ``len(run) - k``
+    columns from the end. Rows go through the model sorted by length, each batch padded only to its longest:
+    every model here is causal and reads no padding, so the outputs are those of one padded batch."""
+    order = sorted(range(len(rows)), key=lambda r: len(tokens[r]))
+    out: torch.Tensor | None = None
+    for s in range(0, len(order), batch_size):
+        batch = order[s: s + batch_size]
+        width = max(1, max(len(tokens[r]) for r in batch))
+        hidden = model(left_pad([tokens[r] for r in batch], width))
+        if out is None:
+            out = hidden.new_empty(events, hidden.shape[-1])
+        for b, r in enumerate(batch):
+            run = rows[r]
+            out[run] = hidden[b, width - len(run):]
+    assert out is not None
+    return out
+
+
 def event_metrics(model: SeqRecModel, vocab: Vocabulary, held: list[HeldEvent], context: int,
                   batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(hit@10, NDCG@10) per held-out event, in order. Each event is ranked from the user's items before it,
@@ -65,18 +86,9 @@ def event_metrics(model: SeqRecModel, vocab: Vocabulary, held: list[HeldEvent], 
     oov = model.oov_index
     ids = [np.array([vocab.get(x) or oov for x in [*h.prefix[-context:], h.target]]) for h in held]
     rows = _rows_of_runs(held, max(1, context // 2))
-    position = np.empty(len(held), dtype=np.int64)  # column of the hidden state that predicts each event
-    for row in rows:
-        for k, e in enumerate(row):
-            position[e] = context - len(row) + k
-    row_of = np.empty(len(held), dtype=np.int64)
-    for r, row in enumerate(rows):
-        row_of[row] = r
-    tokens = left_pad([ids[row[-1]][:-1] for row in rows], context)
     model.eval()
     with torch.no_grad():
-        hidden = torch.cat([model(tokens[s: s + batch_size]) for s in range(0, len(rows), batch_size)])
-        h = hidden[torch.from_numpy(row_of), torch.from_numpy(position)]
+        h = _hidden_before(model, [ids[row[-1]][:-1] for row in rows], rows, len(held), batch_size)
         inputs = left_pad([i[:-1] for i in ids], context)
         targets = torch.tensor([vocab.get(x.target) or 0 for x in held])
         r = ranks_of(model.score(h).float(), inputs, targets.clamp(min=1))

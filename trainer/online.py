@@ -16,8 +16,9 @@ The contract of one round (``OnlineLearner.round``):
 3. **Training.** Whole user windows (the last ``train_len`` items) through the parallel scan, full-softmax
    cross-entropy at every position. A batch mixes users with new events with a replay of other users (recent
    ones and a reservoir of evicted ones), so the model follows the stream without forgetting. The number of
-   steps follows the amount of new data (``events_per_step``, clamped), and training stops after
-   ``max_train_seconds`` whatever the count, so versions keep coming on a machine the trainer shares. The
+   time training takes is at least ``max_train_seconds`` and at least the rest of the last round's time (the
+   gate, growing the vocabulary, publishing), so training is at least half of every round however large the
+   catalogue; it takes ``min_steps`` to ``max_steps`` steps within that time. The
    learner starts from the serving weights (warm start), fine-tunes with ``online.dropout`` and keeps its
    AdamW moments from round to round, resized when the vocabulary grows; it starts afresh only when the
    serving version is not the one it last published (a rollback, a version from elsewhere). A fresh optimiser
@@ -214,6 +215,7 @@ class OnlineLearner:
         # and the event number its training data ended at (later rounds hold out only events from there on)
         self.base: tuple[dict[str, torch.Tensor], dict[str, Any], int] | None = None
         self.continued_to = 0
+        self.overhead = 0.0  # the last round's seconds outside training (train_seconds)
 
     def _sync(self, serving: LoadedModel) -> None:
         """Warm start from the serving weights unless this learner already stands for the serving version."""
@@ -278,12 +280,12 @@ class OnlineLearner:
             yield length_groups(rows, self.o.length_groups, self.model.oov_index)
 
     def _train(self, batches: Iterable[list[Batch]]) -> tuple[int, float]:
-        """Optimiser steps until the batches or ``online.max_train_seconds`` run out. A step's loss is the mean
-        over every labelled position of its batch, whatever the grouping."""
+        """Optimiser steps until the batches or the round's training time (:meth:`train_seconds`) run out. A step's
+        loss is the mean over every labelled position of its batch, whatever the grouping."""
         assert self.model is not None and self.opt is not None
         self.model.train()
         steps, loss = 0, math.nan
-        deadline = time.monotonic() + self.o.max_train_seconds
+        deadline = time.monotonic() + self.train_seconds()
         for groups in batches:
             if steps and time.monotonic() > deadline:
                 break
@@ -296,9 +298,10 @@ class OnlineLearner:
         self.model.eval()
         return steps, loss
 
-    def _steps_for(self, new_events: int) -> int:
-        o = self.o
-        return max(o.min_steps, min(o.max_steps, math.ceil(new_events / max(1, o.events_per_step))))
+    def train_seconds(self) -> float:
+        """A round's training time: ``max_train_seconds``, or the rest of the last round's time when that was
+        longer, so that training is at least half of every round."""
+        return max(self.o.max_train_seconds, self.overhead)
 
     def holdout_size(self, new_events: int) -> int:
         """Held-out events a round with ``new_events`` wants: what the last gate said would tell, else
@@ -335,7 +338,7 @@ class OnlineLearner:
         result.parts["grow"] = t1 - t_load
         raised = ""
         try:
-            result.steps, result.loss = self._train(self._batches(with_new, others, self._steps_for(trainable)))
+            result.steps, result.loss = self._train(self._batches(with_new, others, self.o.max_steps))
         except (RuntimeError, FloatingPointError) as exc:  # divergence can overflow inside the optimiser
             log.warning("fine-tuning diverged: %s", exc)
             raised = f" (fine-tuning raised {type(exc).__name__}: {exc})"
@@ -369,7 +372,9 @@ class OnlineLearner:
                 self._restore(*base)
             self.base, self.continued_to = None, 0
         self.model.to(self.device)
-        return self._done(result, t0)
+        result = self._done(result, t0)
+        self.overhead = result.seconds - result.train_seconds
+        return result
 
     def _restore(self, weights: dict[str, torch.Tensor], opt_state: dict[str, Any], n_items: int) -> None:
         assert self.model is not None

@@ -204,15 +204,14 @@ class OnlineConfig:
     """Share of each batch drawn from users without new events (recent and reservoir). On the 2-core ML-1M replay
     from one starting model, online/frozen HR@10 was 1.121 at 0, 1.132 at 0.1, 1.134 at 0.25, 1.152 and 1.148 at
     0.5, 1.139 at 0.7, 1.136 at 0.9: the starting model is far from converged, and old windows keep teaching it."""
-    events_per_step: int = 300
-    """Steps per round = new events / this, clamped to [min_steps, max_steps]. Rounds keep up with a stream of
-    R events/s while a step costs less than events_per_step / R seconds."""
     min_steps: int = 10
+    """Steps a round takes whatever its time."""
     max_steps: int = 100
+    """Steps a round takes at most, however much time it has."""
     max_train_seconds: float = 4.0
-    """Training stops after this long whatever the step count, so a round's length (and the events between two
-    versions) stays bounded on a machine the trainer shares with the worker and the broker. Short rounds serve
-    fresher versions: on the 2-core ML-1M replay 4 s rounds beat 8 s ones (and a refused round costs less)."""
+    """A round trains for this long, or for as long as the rest of the last round took (its gate, vocabulary and
+    publishing) when that was longer, so that training is at least half of every round. Short rounds serve
+    fresher versions on a machine the trainer shares with the worker and the broker."""
     num_threads: int = 0
     """torch CPU threads of the trainer (0 = torch's default, every core). Where it shares the cores with a
     worker and a broker, 1 avoids threads waiting on each other."""
@@ -400,7 +399,6 @@ RULES: dict[str, Rule] = {
     "online.batch_size": _at_least(0),
     "online.length_groups": _at_least(1),
     "online.replay_share": _within(0, 1),
-    "online.events_per_step": _at_least(1),
     "online.min_steps": _at_least(0),
     "online.max_steps": _at_least(1),
     "online.max_train_seconds": _above(0),

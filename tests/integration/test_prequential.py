@@ -43,7 +43,7 @@ def test_online_follows_a_shift_in_the_stream_and_frozen_does_not(kafka_bootstra
     shifting_stream(data)
     base = [f"kafka.bootstrap_servers={kafka_bootstrap}", "model.max_len=20", "model.d_model=16",
             "train.batch_size=32", "train.val_every=20", "stream.exclude_seen=false", "online.min_steps=20",
-            "online.max_steps=40", "online.events_per_step=5", "online.lr=0.01", "online.min_holdout=20"]
+            "online.max_steps=40", "online.lr=0.01", "online.min_holdout=20"]
     out = tmp_path / "out"
     summary = run_prequential(base, str(data), out, limit=None, rate=35, train_minutes=0.15, online_every=100,
                               bucket=300, retrain_every=600)  # 1200 replayed events: one retrain (and refit) at 600

@@ -483,3 +483,15 @@ def test_a_continued_candidate_found_worse_goes_back_to_the_serving_weights(tmp_
     served = s.store.load(s.v1).model.state_dict()
     assert all(torch.equal(served[k], v) for k, v in learner.model.state_dict().items()), "back to serving"
     assert learner.base is None and learner.continued_to == 0 and s.buf.trained == 0
+
+
+def test_a_round_trains_at_least_as_long_as_the_rest_of_the_last_round_took(tmp_path: Path) -> None:
+    s = Setting.make(tmp_path, ring_stream(30, 1500), "online.max_train_seconds=0.01", "online.min_steps=1",
+                     "online.max_steps=100000")
+    learner = OnlineLearner(s.cfg, s.store)
+    first = learner.round(s.buf)
+    assert first.train_seconds < 0.3 and learner.overhead == pytest.approx(first.seconds - first.train_seconds)
+    learner.overhead = 0.6  # as if the gate and publishing of the last round had taken 0.6 s
+    fill(s.buf, ring_stream(30, 400, seed=1), s.history)
+    second = learner.round(s.buf)
+    assert second.train_seconds >= 0.6 and second.steps > first.steps, second.line()

@@ -11,8 +11,9 @@ parent (the version it was fine-tuned from, which served before it):
   (two proportions, equal sizes): a sparse stream waits for more events than a dense one. At least
   ``online.min_holdout``, at most the events kept per version (:data:`KEPT_EVENTS`).
 * The new version is rolled back when the interval of its hit rate minus its parent's lies below zero (a
-  normal-approximation interval at ``online.confidence``) and its rate is lower by more than
-  ``online.tolerance`` of its parent's: the gate's margin, on live events.
+  normal-approximation interval at ``online.confidence``, with the variance of each rate taken over users'
+  micro-batches, not events: one user's burst of events hits or misses together) and its rate is lower by more
+  than ``online.tolerance`` of its parent's: the gate's margin, on live events.
 * Each version is judged once. A pinned serving version is an operator's choice and never rolled back, nor is a
   version that did not come from an online round. ``online.rollback=false`` turns the watch off.
 
@@ -26,6 +27,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from statistics import NormalDist
+
+import numpy as np
 
 from lrustream.kernel.config import OnlineConfig
 from trainer.gate import z_sum
@@ -57,22 +60,38 @@ class Tally:
         while self.tail_events - self.tail[0][0] >= KEPT_EVENTS:
             self.tail_events -= self.tail.popleft()[0]
 
-    def first(self, n: int) -> tuple[int, int]:
-        """(events, hits) of the chunks that make up its first ``n`` events (a chunk is never split)."""
-        return _sum_until(self.head, n)
+    def first(self, n: int) -> list[tuple[int, int]]:
+        """The chunks that make up its first ``n`` events (a chunk is never split)."""
+        return _until(self.head, n)
 
-    def last(self, n: int) -> tuple[int, int]:
-        """(events, hits) of the chunks that make up its last ``n`` events."""
-        return _sum_until(reversed(self.tail), n)
+    def last(self, n: int) -> list[tuple[int, int]]:
+        """The chunks that make up its last ``n`` events."""
+        return _until(reversed(self.tail), n)
 
 
-def _sum_until(chunks, n: int) -> tuple[int, int]:  # type: ignore[no-untyped-def]
-    events = hits = 0
+def _until(chunks, n: int) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
+    out, events = [], 0
     for e, h in chunks:
         if events >= n:
             break
-        events, hits = events + e, hits + h
-    return events, hits
+        out.append((e, h))
+        events += e
+    return out
+
+
+def rate_and_variance(chunks: list[tuple[int, int]]) -> tuple[int, float, float]:
+    """(events, hit rate, variance of that rate) over ``chunks`` of (events, hits). A chunk is one user's events
+    of one micro-batch, and a user's events hit or miss together more often than independent ones would (a
+    burst of one user's ratings), so the variance is the one of a ratio over independent chunks, not over
+    independent events."""
+    e = np.array([c[0] for c in chunks], dtype=float)
+    h = np.array([c[1] for c in chunks], dtype=float)
+    total = float(e.sum())
+    rate = float(h.sum()) / total
+    if len(chunks) < 2:
+        return int(total), rate, rate * (1 - rate) / total
+    residual = h - rate * e
+    return int(total), rate, float((residual**2).sum()) / total**2 * len(chunks) / (len(chunks) - 1)
 
 
 @dataclass
@@ -143,10 +162,10 @@ class LiveWatch:
         n = events_needed(before.hits / before.events, self.o)
         if child.events < n or before.events < n:
             return None
-        (ne, he), (np_, hp) = child.first(n), before.last(n)
-        q, p = he / ne, hp / np_
+        ne, q, var_q = rate_and_variance(child.first(n))
+        np_, p, var_p = rate_and_variance(before.last(n))
         z = NormalDist().inv_cdf((1 + self.o.confidence) / 2)
-        se = math.sqrt(q * (1 - q) / ne + p * (1 - p) / np_)
+        se = math.sqrt(var_q + var_p)
         low, high = q - p - z * se, q - p + z * se
         worse = high < 0 and q - p < -self.o.tolerance * p
         verdict = Judgement(version, parent, ne, q, np_, p, low, high, worse)

@@ -11,8 +11,8 @@ parent (the version it was fine-tuned from, which served before it):
   (two proportions, equal sizes): a sparse stream waits for more events than a dense one. At least
   ``online.min_holdout``, at most the events kept per version (:data:`KEPT_EVENTS`).
 * The new version is rolled back when the interval of its hit rate minus its parent's lies below zero (a
-  normal-approximation interval at ``online.confidence``, with the variance of each rate taken over users'
-  micro-batches, not events: one user's burst of events hits or misses together) and its rate is lower by more
+  normal-approximation interval at ``online.confidence``, with the variance of each rate taken over users, not
+  events: one user's burst of events hits or misses together) and its rate is lower by more
   than ``online.tolerance`` of its parent's: the gate's margin, on live events.
 * Each version is judged once. A pinned serving version is an operator's choice and never rolled back, nor is a
   version that did not come from an online round. ``online.rollback=false`` turns the watch off.
@@ -35,63 +35,68 @@ from trainer.gate import z_sum
 
 KEPT_EVENTS = 200_000  # scored events kept per version (its first ones and its last ones)
 KEPT_VERSIONS = 16  # versions whose tallies are kept, the most recently scored
+Chunk = tuple[str, int, int]  # (user, events, hits) of one training example
 
 
 @dataclass
 class Tally:
-    """One version's live scores as (events, hits) chunks in arrival order: the first chunks up to
+    """One version's live scores as (user, events, hits) chunks in arrival order: the first chunks up to
     :data:`KEPT_EVENTS` events, and the last ones up to as many."""
 
-    head: list[tuple[int, int]] = field(default_factory=list)
+    head: list[Chunk] = field(default_factory=list)
     head_events: int = 0
-    tail: deque[tuple[int, int]] = field(default_factory=deque)
+    tail: deque[Chunk] = field(default_factory=deque)
     tail_events: int = 0
     events: int = 0
     hits: int = 0
 
-    def add(self, events: int, hits: int) -> None:
+    def add(self, user: str, events: int, hits: int) -> None:
         self.events += events
         self.hits += hits
         if self.head_events < KEPT_EVENTS:
-            self.head.append((events, hits))
+            self.head.append((user, events, hits))
             self.head_events += events
-        self.tail.append((events, hits))
+        self.tail.append((user, events, hits))
         self.tail_events += events
-        while self.tail_events - self.tail[0][0] >= KEPT_EVENTS:
-            self.tail_events -= self.tail.popleft()[0]
+        while self.tail_events - self.tail[0][1] >= KEPT_EVENTS:
+            self.tail_events -= self.tail.popleft()[1]
 
-    def first(self, n: int) -> list[tuple[int, int]]:
+    def first(self, n: int) -> list[Chunk]:
         """The chunks that make up its first ``n`` events (a chunk is never split)."""
         return _until(self.head, n)
 
-    def last(self, n: int) -> list[tuple[int, int]]:
+    def last(self, n: int) -> list[Chunk]:
         """The chunks that make up its last ``n`` events."""
         return _until(reversed(self.tail), n)
 
 
-def _until(chunks, n: int) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
+def _until(chunks, n: int) -> list[Chunk]:  # type: ignore[no-untyped-def]
     out, events = [], 0
-    for e, h in chunks:
+    for chunk in chunks:
         if events >= n:
             break
-        out.append((e, h))
-        events += e
+        out.append(chunk)
+        events += chunk[1]
     return out
 
 
-def rate_and_variance(chunks: list[tuple[int, int]]) -> tuple[int, float, float]:
-    """(events, hit rate, variance of that rate) over ``chunks`` of (events, hits). A chunk is one user's events
-    of one micro-batch, and a user's events hit or miss together more often than independent ones would (a
-    burst of one user's ratings), so the variance is the one of a ratio over independent chunks, not over
-    independent events."""
-    e = np.array([c[0] for c in chunks], dtype=float)
-    h = np.array([c[1] for c in chunks], dtype=float)
+def rate_and_variance(chunks: list[Chunk]) -> tuple[int, float, float]:
+    """(events, hit rate, variance of that rate) over ``chunks`` of (user, events, hits). One user's events hit or
+    miss together more often than independent events would (a burst of one user's ratings; a user the model
+    knows well), and which users are active changes from one stretch of the stream to the next, so the variance
+    is the one of a ratio over independent users, not over independent events."""
+    per_user: dict[str, list[int]] = {}
+    for user, events, hits in chunks:
+        counts = per_user.setdefault(user, [0, 0])
+        counts[0] += events
+        counts[1] += hits
+    e, h = np.array(list(per_user.values()), dtype=float).reshape(-1, 2).T
     total = float(e.sum())
     rate = float(h.sum()) / total
-    if len(chunks) < 2:
+    if len(per_user) < 2:
         return int(total), rate, rate * (1 - rate) / total
     residual = h - rate * e
-    return int(total), rate, float((residual**2).sum()) / total**2 * len(chunks) / (len(chunks) - 1)
+    return int(total), rate, float((residual**2).sum()) / total**2 * len(per_user) / (len(per_user) - 1)
 
 
 @dataclass
@@ -138,11 +143,11 @@ class LiveWatch:
         self.tallies: dict[str, Tally] = {}
         self.judged: dict[str, Judgement] = {}
 
-    def add(self, live: dict[str, tuple[int, int]]) -> None:
-        """One training example's live scores."""
+    def add(self, user: str, live: dict[str, tuple[int, int]]) -> None:
+        """One training example's live scores (``user``'s)."""
         for version, (events, hits) in live.items():
             tally = self.tallies.pop(version, None) or Tally()
-            tally.add(events, hits)
+            tally.add(user, events, hits)
             self.tallies[version] = tally  # most recently scored last
         while len(self.tallies) > KEPT_VERSIONS:
             self.tallies.pop(next(iter(self.tallies)))

@@ -215,7 +215,7 @@ class OnlineLearner:
         # and the event number its training data ended at (later rounds hold out only events from there on)
         self.base: tuple[dict[str, torch.Tensor], dict[str, Any], int] | None = None
         self.continued_to = 0
-        self.overhead = 0.0  # the last round's seconds outside training (train_seconds)
+        self.overhead = 0.0  # the seconds outside training of the last round that trained (train_seconds)
 
     def _sync(self, serving: LoadedModel) -> None:
         """Warm start from the serving weights unless this learner already stands for the serving version."""
@@ -362,6 +362,8 @@ class OnlineLearner:
                                                  "heldout": len(held), "steps": result.steps, "loss": result.loss})
                 self.version, result.published = info.version, info.version
                 self.trained_before[info.version] = buffer.trained
+                while len(self.trained_before) > 64:  # only a recent version is ever rolled back
+                    del self.trained_before[next(iter(self.trained_before))]
                 buffer.trained = until
                 (self.publisher or self.store).gc(self.cfg.model_store.keep_versions)
                 result.parts["publish"] = time.monotonic() - t_publish
@@ -373,7 +375,8 @@ class OnlineLearner:
             self.base, self.continued_to = None, 0
         self.model.to(self.device)
         result = self._done(result, t0)
-        self.overhead = result.seconds - result.train_seconds
+        if result.steps:
+            self.overhead = result.seconds - result.train_seconds
         return result
 
     def _restore(self, weights: dict[str, torch.Tensor], opt_state: dict[str, Any], n_items: int) -> None:
@@ -491,7 +494,7 @@ class TrainerLoop:
                             msg.offset())
                 continue
             self.buffer.add(ex.user_id, ex.items, ex.new)
-            self.live.add(ex.live)
+            self.live.add(ex.user_id, ex.live)
             n += 1
         self.health.polled(examples=n)
         self.metrics.observe_poll(n, self.buffer.seen - before)

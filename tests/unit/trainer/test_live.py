@@ -6,14 +6,15 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 
 from lrustream.kernel.config import load_config
 from trainer.live import KEPT_EVENTS, LiveWatch, Tally, events_needed, rate_and_variance
 
 
 def _feed(watch: LiveWatch, version: str, rate: float, events: int, rng: np.random.Generator, chunk: int = 5) -> None:
-    for _ in range(events // chunk):
-        watch.add({version: (chunk, int((rng.random(chunk) < rate).sum()))})
+    for k in range(events // chunk):
+        watch.add(f"u{k}", {version: (chunk, int((rng.random(chunk) < rate).sum()))})
 
 
 def test_a_sparse_stream_needs_more_live_events_than_a_dense_one_within_bounds() -> None:
@@ -28,21 +29,24 @@ def test_a_sparse_stream_needs_more_live_events_than_a_dense_one_within_bounds()
 def test_a_tally_keeps_its_first_and_its_last_events() -> None:
     tally = Tally()
     for k in range(10):
-        tally.add(10, k)  # ten chunks of ten events; chunk k has k hits
+        tally.add(f"u{k}", 10, k)  # ten chunks of ten events; chunk k has k hits
     assert (tally.events, tally.hits) == (100, 45)
-    assert tally.first(25) == [(10, 0), (10, 1), (10, 2)], "whole chunks, oldest first"
-    assert tally.last(20) == [(10, 9), (10, 8)]
+    assert tally.first(25) == [("u0", 10, 0), ("u1", 10, 1), ("u2", 10, 2)], "whole chunks, oldest first"
+    assert tally.last(20) == [("u9", 10, 9), ("u8", 10, 8)]
 
 
-def test_the_variance_of_a_live_hit_rate_counts_users_bursts_not_events() -> None:
-    """The same 10 % hit rate over 1,000 events: spread evenly over 100 chunks, or as 10 chunks that hit every
-    time and 90 that never do (each user's events hit or miss together). The second tells far less."""
-    even = [(10, 1)] * 100
-    bursts = [(10, 10)] * 10 + [(10, 0)] * 90
+def test_the_variance_of_a_live_hit_rate_counts_users_not_events() -> None:
+    """The same 10 % hit rate over 1,000 events: spread evenly over 100 users, or 10 users who hit every time and
+    90 who never do (each user's events hit or miss together). The second tells far less; and one user's events
+    over several micro-batches are one user."""
+    even = [(f"u{k}", 10, 1) for k in range(100)]
+    bursts = [(f"u{k}", 10, 10 if k < 10 else 0) for k in range(100)]
     n_even, rate_even, var_even = rate_and_variance(even)
     n_bursts, rate_bursts, var_bursts = rate_and_variance(bursts)
     assert (n_even, rate_even) == (n_bursts, rate_bursts) == (1000, 0.1)
     assert var_even == 0.0 and var_bursts > 8 * 0.1 * 0.9 / 1000, "about ten times the variance of events"
+    split = [(user, 5, h // 2) for user, _, h in bursts] * 2  # each user's events in two micro-batches
+    assert rate_and_variance(split) == (1000, 0.1, pytest.approx(var_bursts))
 
 
 def test_a_version_that_serves_worse_than_its_parent_is_rolled_back_once_there_is_enough_evidence() -> None:

@@ -34,7 +34,9 @@ from lrustream.kernel.config import OnlineConfig
 from trainer.gate import z_sum
 
 KEPT_EVENTS = 200_000  # scored events kept per version (its first ones and its last ones)
-KEPT_VERSIONS = 16  # versions whose tallies are kept, the most recently scored
+# versions whose tallies are kept, the most recently scored: the serving one, its parent and stragglers. A
+# version's chunks (one per training example) take up to a few tens of MB at KEPT_EVENTS on each side.
+KEPT_VERSIONS = 4
 Chunk = tuple[str, int, int]  # (user, events, hits) of one training example
 
 

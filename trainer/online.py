@@ -16,9 +16,9 @@ The contract of one round (``OnlineLearner.round``):
 3. **Training.** Whole user windows (the last ``train_len`` items) through the parallel scan, full-softmax
    cross-entropy at every position. A batch mixes users with new events with a replay of other users (recent
    ones and a reservoir of evicted ones), so the model follows the stream without forgetting. The number of
-   time training takes is at least ``max_train_seconds`` and at least the rest of the last round's time (the
-   gate, growing the vocabulary, publishing), so training is at least half of every round however large the
-   catalogue; it takes ``min_steps`` to ``max_steps`` steps within that time. The
+   time training takes is at least ``max_train_seconds`` and at least the longest time one of the last few
+   rounds spent outside training (the gate, growing the vocabulary, publishing), so training is at least half of
+   every round however large the catalogue; it takes ``min_steps`` to ``max_steps`` steps within that time. The
    learner starts from the serving weights (warm start), fine-tunes with ``online.dropout`` and keeps its
    AdamW moments from round to round, resized when the vocabulary grows; it starts afresh only when the
    serving version is not the one it last published (a rollback, a version from elsewhere). A fresh optimiser
@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,7 @@ from trainer.loss import sequence_loss
 from trainer.optim import make_optimizer, pick_device, warm_up
 
 log = logging.getLogger("lrustream.trainer")
+OVERHEAD_ROUNDS = 5  # rounds whose time outside training sets the next round's training time (train_seconds)
 
 
 # ----- one round's outcome -------------------------------------------------------------------------------------
@@ -215,7 +217,8 @@ class OnlineLearner:
         # and the event number its training data ended at (later rounds hold out only events from there on)
         self.base: tuple[dict[str, torch.Tensor], dict[str, Any], int] | None = None
         self.continued_to = 0
-        self.overhead = 0.0  # the seconds outside training of the last round that trained (train_seconds)
+        # the seconds outside training of the last rounds that trained (train_seconds)
+        self.overheads: deque[float] = deque(maxlen=OVERHEAD_ROUNDS)
 
     def _sync(self, serving: LoadedModel) -> None:
         """Warm start from the serving weights unless this learner already stands for the serving version."""
@@ -299,9 +302,10 @@ class OnlineLearner:
         return steps, loss
 
     def train_seconds(self) -> float:
-        """A round's training time: ``max_train_seconds``, or the rest of the last round's time when that was
-        longer, so that training is at least half of every round."""
-        return max(self.o.max_train_seconds, self.overhead)
+        """A round's training time: ``max_train_seconds``, or the longest time the last few rounds spent outside
+        training when that was longer, so that training is at least half of every round (a round slower than the
+        one before it still is, unless it is slower than all of the last few)."""
+        return max([self.o.max_train_seconds, *self.overheads])
 
     def holdout_size(self, new_events: int) -> int:
         """Held-out events a round with ``new_events`` wants: what the last gate said would tell, else
@@ -376,7 +380,7 @@ class OnlineLearner:
         self.model.to(self.device)
         result = self._done(result, t0)
         if result.steps:
-            self.overhead = result.seconds - result.train_seconds
+            self.overheads.append(result.seconds - result.train_seconds)
         return result
 
     def _restore(self, weights: dict[str, torch.Tensor], opt_state: dict[str, Any], n_items: int) -> None:

@@ -119,9 +119,14 @@ class Verdict:
     code: str = ""  # "gate" (worse) or "inconclusive" (too few events to tell); empty when it may be published
 
 
+def z_interval(o: OnlineConfig) -> float:
+    """Standard errors from the middle to either end of a two-sided interval at ``o.confidence``."""
+    return NormalDist().inv_cdf((1 + o.confidence) / 2)
+
+
 def z_sum(o: OnlineConfig) -> float:
     """Standard errors between the two hypotheses: the interval's at ``o.confidence`` plus the power's."""
-    return NormalDist().inv_cdf((1 + o.confidence) / 2) + NormalDist().inv_cdf(o.power)
+    return z_interval(o) + NormalDist().inv_cdf(o.power)
 
 
 def needed_hits(o: OnlineConfig) -> int:

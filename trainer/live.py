@@ -26,12 +26,11 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from statistics import NormalDist
 
 import numpy as np
 
 from lrustream.kernel.config import OnlineConfig
-from trainer.gate import z_sum
+from trainer.gate import z_interval, z_sum
 
 KEPT_EVENTS = 200_000  # scored events kept per version (its first ones and its last ones)
 # versions whose tallies are kept, the most recently scored: the serving one, its parent and stragglers. A
@@ -154,10 +153,6 @@ class LiveWatch:
         while len(self.tallies) > KEPT_VERSIONS:
             self.tallies.pop(next(iter(self.tallies)))
 
-    def hit_rate(self, version: str) -> float | None:
-        tally = self.tallies.get(version)
-        return tally.hits / tally.events if tally and tally.events else None
-
     def judge(self, version: str, parent: str) -> Judgement | None:
         """``version`` against ``parent`` once both have enough scored events (None before, and after the version
         was judged once)."""
@@ -171,7 +166,7 @@ class LiveWatch:
             return None
         ne, q, var_q = rate_and_variance(child.first(n))
         np_, p, var_p = rate_and_variance(before.last(n))
-        z = NormalDist().inv_cdf((1 + self.o.confidence) / 2)
+        z = z_interval(self.o)
         se = math.sqrt(var_q + var_p)
         low, high = q - p - z * se, q - p + z * se
         worse = high < 0 and q - p < -self.o.tolerance * p

@@ -33,7 +33,8 @@ Contract:
   reference: each pause's training seconds and steps); where frozen ran, each other mode's HR@10 and NDCG@10
   difference from frozen on the events both scored, with a 95 % paired-bootstrap interval, and its HR@10 ratio to
   frozen on each eighth of those events; where online and reference ran, online's training seconds as a share
-  of the reference's and (with frozen) online's HR@10 gain over frozen as a share of the reference's.
+  of the reference's and (with frozen) online's HR@10 gain over frozen as a share of the reference's; where
+  frozen ran, what its decay by eighth is made of (``decay``, :mod:`lrustream.decay`).
 * When the online mode ran and published no version, :class:`OnlinePublishedNothing` is raised AFTER the outputs
   are written: an "online" curve that is the starting model under another name must not pass for a result.
 """
@@ -59,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lrustream.children import spawn_cli, stop, wait_healthy
+from lrustream.decay import decay_lines, decompose
 from lrustream.kernel.config import Config, TrainConfig, load_config
 from lrustream.kernel.errors import LrustreamError
 
@@ -125,6 +127,7 @@ class ModeRun:
     replayed: int = 0  # events replayed
     version_starts: list[int] = field(default_factory=list)  # replayed event number where each version began
     sources: list[Source] = field(default_factory=list)  # the source of each of ``scores``, in the same order
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # (user, item) of each of ``scores``, same order
 
 
 def parse_modes(text: str) -> tuple[str, ...]:
@@ -483,7 +486,7 @@ def run_mode(mode: str, plan: Replay) -> ModeRun:
     rounds = read_rounds(Path(cfg.model_store.dir) / "rounds.jsonl") if mode == "online" else []
     scored = scores_by_source(recs.records, sent)
     return ModeRun(list(scored.values()), versions, rounds, pause.refits if pause else [], len(sent),
-                   version_starts(recs.records, sent), list(scored))
+                   version_starts(recs.records, sent), list(scored), [sent[source] for source in scored])
 
 
 def round_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -557,7 +560,7 @@ def online_vs_reference(modes: dict[str, dict[str, Any]], versus: dict[str, dict
     return out
 
 
-def summarise(runs: dict[str, ModeRun]) -> dict[str, Any]:
+def summarise(runs: dict[str, ModeRun], warm: list[Event] | None = None) -> dict[str, Any]:
     """``{"modes": {mode: {"HR@10", "NDCG@10", "scored", "versions", "longest_without_new_version" (replayed
     events in a row that no new version began in)} plus, for online, "rounds", "published",
     "refused" {code: n}, "round_seconds", "train_seconds"; for retrain, "retrains", "train_seconds",
@@ -565,7 +568,8 @@ def summarise(runs: dict[str, ModeRun]) -> dict[str, Any]:
     "ratios": {"online/frozen": HR@10 ratio, "online/reference": ..., "online/retrain": ...},
     "versus_frozen": {mode: :func:`versus_frozen`}, "online_vs_reference": :func:`online_vs_reference`}`` (a
     ratio only where both modes ran and the denominator is not 0; "versus_frozen" empty where frozen did not
-    run)."""
+    run), plus "decay" (:func:`lrustream.decay.decompose` of the frozen run after ``warm``) where frozen ran with
+    its events recorded and ``warm`` is given."""
     modes: dict[str, dict[str, Any]] = {}
     for mode, run in runs.items():
         m: dict[str, Any] = {"HR@10": _mean([h for h, _ in run.scores]), "NDCG@10": _mean([g for _, g in run.scores]),
@@ -582,8 +586,13 @@ def summarise(runs: dict[str, ModeRun]) -> dict[str, Any]:
               if "online" in modes and other in modes and modes[other]["HR@10"] > 0}
     versus = {mode: versus_frozen(run, runs["frozen"]) for mode, run in runs.items()
               if mode != "frozen" and "frozen" in runs}
-    return {"modes": modes, "ratios": ratios, "versus_frozen": versus,
-            "online_vs_reference": online_vs_reference(modes, versus)}
+    out = {"modes": modes, "ratios": ratios, "versus_frozen": versus,
+           "online_vs_reference": online_vs_reference(modes, versus)}
+    frozen = runs.get("frozen")
+    if warm is not None and frozen is not None and len(frozen.pairs) == len(frozen.scores) > 0:
+        out["decay"] = decompose([(user, item) for user, item, _ in warm], frozen.pairs,
+                                 [hit for hit, _ in frozen.scores])
+    return out
 
 
 def _plural(n: int, word: str) -> str:
@@ -637,6 +646,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         gain = "" if "hr10_gain_share" not in both else (
             f", {_percent(both['hr10_gain_share'])} of its HR@10 gain over frozen (gain captured)")
         lines.append(f"online/reference: {_percent(both['train_seconds_share'])} of its training seconds{gain}")
+    if "decay" in summary:
+        lines.append("frozen by eighth of the replay (where its decay comes from):")
+        lines += decay_lines(summary["decay"], INDENT)
     return lines
 
 
@@ -678,10 +690,11 @@ def write_outputs(results: dict[str, Scores], out: Path, bucket: int) -> tuple[P
     return csv_path, png_path
 
 
-def finish(runs: dict[str, ModeRun], out: Path, bucket: int, log: Callable[[str], None]) -> dict[str, Any]:
+def finish(runs: dict[str, ModeRun], out: Path, bucket: int, log: Callable[[str], None],
+           warm: list[Event] | None = None) -> dict[str, Any]:
     """Write the CSV, PNG and summary.json, print the summary; then :class:`OnlinePublishedNothing` if due."""
     csv_path, png_path = write_outputs({mode: run.scores for mode, run in runs.items()}, out, bucket)
-    summary = summarise(runs)
+    summary = summarise(runs, warm)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for line in summary_lines(summary):
         log(line)
@@ -707,4 +720,4 @@ def run_prequential(base: list[str], data: str, out: Path, limit: int | None, ra
     plan = Replay(base, out / "runs", warm, events, model, vocab, rate, online_every, retrain_every,
                   train_minutes, log, start)
     runs = {mode: run_mode(mode, plan) for mode in MODES if mode in modes}
-    return finish(runs, out, bucket, log)
+    return finish(runs, out, bucket, log, warm)

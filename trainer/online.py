@@ -8,17 +8,20 @@ The contract of one round (``OnlineLearner.round``):
    latest item window and a log of events in arrival order. Events after ``buffer.trained`` are *new*: the
    serving model has not trained on them (trainer/buffer.py).
 2. **Holdout = what comes next.** The most recent new events are held out: as many as the gate needs to tell
-   (trainer/gate.py ``needed_heldout``, from the serving model's hit rate the last gate measured; before any gate,
-   ``holdout_fraction`` of the new events), at least ``min_holdout``, at most ``max_holdout``; a round that would
+   (trainer/gate.py ``needed_heldout``, at the lowest serving hit rate of the last few gates: a few hundred
+   recent events are a few users' bursts, and their hit rate swings from one round to the next: sized from the
+   last one alone, every few rounds would hold too few hits to tell; before any gate, ``holdout_fraction`` of the new
+   events), at least ``min_holdout``, at most ``max_holdout``; a round that would
    leave fewer than ``min_holdout`` events to train on waits for more (code ``holdout``). Training
    sees each user's window cut before that user's first held-out event, so no held-out target, nor anything
    after it, is trained on. Held-out events are trained on by the next round.
 3. **Training.** Whole user windows (the last ``train_len`` items) through the parallel scan, full-softmax
    cross-entropy at every position. A batch mixes users with new events with a replay of other users (recent
-   ones and a reservoir of evicted ones), so the model follows the stream without forgetting. The number of
-   time training takes is at least ``max_train_seconds`` and at least the longest time one of the last few
-   rounds spent outside training (the gate, growing the vocabulary, publishing), so training is at least half of
-   every round however large the catalogue; it takes ``min_steps`` to ``max_steps`` steps within that time. The
+   ones and a reservoir of evicted ones), so the model follows the stream without forgetting. The time
+   training takes is at least ``max_train_seconds`` and at least what the round spends outside training
+   (loading and growing the vocabulary, measured before training; the gate on its held-out events and publishing,
+   predicted from the last few rounds' rates), so training is at least half of every round however large the
+   catalogue; it takes ``min_steps`` to ``max_steps`` steps within that time. The
    learner starts from the serving weights (warm start), fine-tunes with ``online.dropout`` and keeps its
    AdamW moments from round to round, resized when the vocabulary grows; it starts afresh only when the
    serving version is not the one it last published (a rollback, a version from elsewhere). A fresh optimiser
@@ -64,13 +67,13 @@ from stream.examples import BadExample, decode_example
 from stream.versions import VersionLog
 from trainer.buffer import EventBuffer
 from trainer.evaluate import left_pad
-from trainer.gate import Verdict, event_metrics, judge
+from trainer.gate import Verdict, event_metrics, judge, needed_heldout
 from trainer.live import Judgement, LiveWatch
 from trainer.loss import sequence_loss
 from trainer.optim import make_optimizer, pick_device, warm_up
 
 log = logging.getLogger("lrustream.trainer")
-OVERHEAD_ROUNDS = 5  # rounds whose time outside training sets the next round's training time (train_seconds)
+OVERHEAD_ROUNDS = 5  # rounds whose gate and publishing costs predict the next round's (train_seconds)
 
 
 # ----- one round's outcome -------------------------------------------------------------------------------------
@@ -211,14 +214,16 @@ class OnlineLearner:
         self.rng = torch.Generator().manual_seed(cfg.train.seed)
         self.warm_starts = 0
         self.context = cfg.online.train_len or cfg.model.max_len
-        self.needed: int | None = None  # held-out events the last gate said would tell (gate.py needed_heldout)
+        # the serving model's held-out hit rate at the last few gates (holdout_size)
+        self.hit_rates: deque[float] = deque(maxlen=OVERHEAD_ROUNDS)
         self.trained_before: dict[str, int] = {}  # per version published: buffer.trained before its round
         # a candidate the gate found inconclusive, trained on: the serving weights and moments it started from,
         # and the event number its training data ended at (later rounds hold out only events from there on)
         self.base: tuple[dict[str, torch.Tensor], dict[str, Any], int] | None = None
         self.continued_to = 0
-        # the seconds outside training of the last rounds that trained (train_seconds)
-        self.overheads: deque[float] = deque(maxlen=OVERHEAD_ROUNDS)
+        # what the last rounds' gates took per held-out event and their publishing took (train_seconds)
+        self.gate_rates: deque[float] = deque(maxlen=OVERHEAD_ROUNDS)
+        self.publish_seconds: deque[float] = deque(maxlen=OVERHEAD_ROUNDS)
 
     def _sync(self, serving: LoadedModel) -> None:
         """Warm start from the serving weights unless this learner already stands for the serving version."""
@@ -282,13 +287,13 @@ class OnlineLearner:
             rows = [np.array([self.vocab.get(x, -1) for x in w[-(L + 1):]], dtype=np.int64) for w in picks]
             yield length_groups(rows, self.o.length_groups, self.model.oov_index)
 
-    def _train(self, batches: Iterable[list[Batch]]) -> tuple[int, float]:
-        """Optimiser steps until the batches or the round's training time (:meth:`train_seconds`) run out. A step's
-        loss is the mean over every labelled position of its batch, whatever the grouping."""
+    def _train(self, batches: Iterable[list[Batch]], seconds: float) -> tuple[int, float]:
+        """Optimiser steps until the batches or ``seconds`` (:meth:`train_seconds`) run out. A step's loss is the
+        mean over every labelled position of its batch, whatever the grouping."""
         assert self.model is not None and self.opt is not None
         self.model.train()
         steps, loss = 0, math.nan
-        deadline = time.monotonic() + self.train_seconds()
+        deadline = time.monotonic() + seconds
         for groups in batches:
             if steps and time.monotonic() > deadline:
                 break
@@ -301,17 +306,23 @@ class OnlineLearner:
         self.model.eval()
         return steps, loss
 
-    def train_seconds(self) -> float:
-        """A round's training time: ``max_train_seconds``, or the longest time the last few rounds spent outside
-        training when that was longer, so that training is at least half of every round (a round slower than the
-        one before it still is, unless it is slower than all of the last few)."""
-        return max([self.o.max_train_seconds, *self.overheads])
+    def train_seconds(self, spent: float, held: int) -> float:
+        """A round's training time: ``max_train_seconds``, or the time the round spends outside training when that
+        is longer, so that training is at least half of every round however large the catalogue. That time is
+        ``spent`` (loading and growing, already measured) plus what the gate will take on ``held`` events at the
+        slowest rate per event of the last few gates plus the slowest of the last few publishes."""
+        gate = held * max(self.gate_rates, default=0.0)
+        return max(self.o.max_train_seconds, spent + gate + max(self.publish_seconds, default=0.0))
 
     def holdout_size(self, new_events: int) -> int:
-        """Held-out events a round with ``new_events`` wants: what the last gate said would tell, else
-        ``holdout_fraction`` of them; within [min_holdout, max_holdout]."""
+        """Held-out events a round with ``new_events`` wants: enough to hold :func:`~trainer.gate.needed_hits` at
+        the lowest serving hit rate of the last few gates (``max_holdout`` after a gate with no hit), before any
+        gate ``holdout_fraction`` of them; within [min_holdout, max_holdout]."""
         o = self.o
-        wanted = int(new_events * o.holdout_fraction) if self.needed is None else self.needed
+        if not self.hit_rates:
+            wanted = int(new_events * o.holdout_fraction)
+        else:
+            wanted = needed_heldout(min(self.hit_rates), o) or o.max_holdout
         return min(o.max_holdout, max(o.min_holdout, wanted))
 
     def round(self, buffer: EventBuffer) -> RoundResult:
@@ -342,7 +353,8 @@ class OnlineLearner:
         result.parts["grow"] = t1 - t_load
         raised = ""
         try:
-            result.steps, result.loss = self._train(self._batches(with_new, others, self.o.max_steps))
+            result.steps, result.loss = self._train(self._batches(with_new, others, self.o.max_steps),
+                                                    self.train_seconds(t1 - t0, len(held)))
         except (RuntimeError, FloatingPointError) as exc:  # divergence can overflow inside the optimiser
             log.warning("fine-tuning diverged: %s", exc)
             raised = f" (fine-tuning raised {type(exc).__name__}: {exc})"
@@ -356,9 +368,10 @@ class OnlineLearner:
             cand = event_metrics(self.model, self.vocab, held, self.context)
             serv = event_metrics(serving.model, serving.vocab, held, self.context)
             verdict = judge(cand, serv, o)
-            self.needed = int(verdict.numbers["needed"]) if "needed" in verdict.numbers else self.needed
+            self.hit_rates.append(verdict.serving["HR@10"])
             t_publish = time.monotonic()
             result.parts["gate"] = t_publish - t_gate
+            self.gate_rates.append(result.parts["gate"] / len(held))
             if result.judged(verdict):
                 info = (self.publisher or self.store).publish(self.model, self.vocab, parent=serving.info.version,
                                           metrics={f"holdout_{k}": v for k, v in result.candidate.items()},
@@ -371,6 +384,7 @@ class OnlineLearner:
                 buffer.trained = until
                 (self.publisher or self.store).gc(self.cfg.model_store.keep_versions)
                 result.parts["publish"] = time.monotonic() - t_publish
+                self.publish_seconds.append(result.parts["publish"])
         if result.refused == "inconclusive":  # too few events to tell: the next round goes on training it
             self.base, self.continued_to = base, until
         else:
@@ -378,10 +392,7 @@ class OnlineLearner:
                 self._restore(*base)
             self.base, self.continued_to = None, 0
         self.model.to(self.device)
-        result = self._done(result, t0)
-        if result.steps:
-            self.overheads.append(result.seconds - result.train_seconds)
-        return result
+        return self._done(result, t0)
 
     def _restore(self, weights: dict[str, torch.Tensor], opt_state: dict[str, Any], n_items: int) -> None:
         assert self.model is not None

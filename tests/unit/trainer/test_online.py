@@ -343,7 +343,7 @@ def test_a_round_without_enough_evidence_or_with_non_finite_training_publishes_n
     assert s.store.current() == s.v1
 
     learner = OnlineLearner(s.cfg, s.store)
-    learner._train = lambda batches: (_ for _ in ()).throw(RuntimeError("kernel said no"))  # type: ignore[method-assign]
+    learner._train = lambda batches, seconds: (_ for _ in ()).throw(RuntimeError("kernel said no"))  # type: ignore[method-assign]
     result = learner.round(s.buf)
     assert result.refused == "non-finite" and "raised RuntimeError: kernel said no" in result.reason, result.line()
 
@@ -456,7 +456,8 @@ def test_an_inconclusive_candidate_is_trained_further_and_judged_only_on_events_
     served = s.store.load(s.v1).model.state_dict()
     assert any(not torch.equal(served[k], v) for k, v in learner.model.state_dict().items()), "kept, not undone"
     fill(s.buf, ring_stream(30, 100, seed=1), s.history)
-    learner.needed = 1000  # more than the 250 events after 1,350: without the bound it would reach back to 600
+    learner.hit_rates.append(needed_hits(learner.o) / 1000)  # 1,000 wanted: more than the 250 events after 1,350,
+    # without the bound it would reach back to 600
     second = learner.round(s.buf)
     assert second.published and second.gate["heldout"] == 250, second.line()
     assert s.buf.trained == 1350 and learner.warm_starts == 1 and learner.base is None
@@ -485,13 +486,19 @@ def test_a_continued_candidate_found_worse_goes_back_to_the_serving_weights(tmp_
     assert learner.base is None and learner.continued_to == 0 and s.buf.trained == 0
 
 
-def test_a_round_trains_at_least_as_long_as_the_rest_of_the_last_round_took(tmp_path: Path) -> None:
+def test_a_round_trains_at_least_as_long_as_the_rest_of_it_takes(tmp_path: Path) -> None:
     s = Setting.make(tmp_path, ring_stream(30, 1500), "online.max_train_seconds=0.01", "online.min_steps=1",
                      "online.max_steps=100000")
     learner = OnlineLearner(s.cfg, s.store)
     first = learner.round(s.buf)
-    assert first.train_seconds < 0.3 and list(learner.overheads) == [pytest.approx(first.seconds - first.train_seconds)]
-    learner.overheads.extend([0.6, 0.1])  # as if the gate and publishing of a recent round had taken 0.6 s
+    assert first.train_seconds < 0.3 and first.published, first.line()
+    assert list(learner.gate_rates) == [pytest.approx(first.parts["gate"] / first.gate["heldout"])]
+    assert list(learner.publish_seconds) == [pytest.approx(first.parts["publish"])]
     fill(s.buf, ring_stream(30, 400, seed=1), s.history)
+    held = learner.holdout_size(s.buf.new_events)
+    learner.gate_rates.append(0.4 / held)  # as if a recent gate had taken 0.4 s on this many events
+    learner.publish_seconds.append(0.2)  # and a recent publish 0.2 s
     second = learner.round(s.buf)
+    assert second.gate["heldout"] == held
     assert second.train_seconds >= 0.6 and second.steps > first.steps, second.line()
+    assert second.train_seconds >= second.seconds - second.train_seconds - 0.05, "at least half of the round"

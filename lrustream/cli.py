@@ -7,20 +7,24 @@ line on stderr and exit non-zero (2 for bad configuration or arguments, 1 for ev
 from __future__ import annotations
 
 import getpass
+import importlib.metadata
+import json
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from lrustream.broker import LocalBroker, ensure_env_java_home
+from lrustream.broker import BrokerStatus, LocalBroker, ensure_env_java_home
 from lrustream.kernel.config import Config, load_config, to_yaml
 from lrustream.kernel.errors import LrustreamError, UsageError
 
 if TYPE_CHECKING:
-    from stream.versions import VersionLog
+    from models.store import VersionInfo
+    from stream.versions import TopicView, VersionLog
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="lrustream: a streaming, online-learning sequential recommender on Kafka.")
@@ -32,11 +36,41 @@ app.add_typer(config_app, name="config")
 app.add_typer(topics_app, name="topics")
 
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML config file (default: configs/default.yaml).")
+    Path | None, typer.Option("--config", "-c", help="YAML config file (default: the packaged defaults, as in "
+                                                     "configs/default.yaml).")
 ]
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="key=value overrides, e.g. broker.port=19092", show_default=False)
 ]
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of text.")]
+
+
+def package_version() -> str:
+    """The installed package's version; "unknown" where lrustream runs from a source tree never installed."""
+    try:
+        return importlib.metadata.version("lrustream")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        typer.echo(f"lrustream {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """lrustream: a streaming, online-learning sequential recommender on Kafka."""
+
+
+def echo_json(document: Any) -> None:
+    typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
 
 
 def cfg_of(config: Path | None, overrides: list[str] | None) -> Config:
@@ -75,11 +109,22 @@ def broker_stop(config: ConfigOpt = None, overrides: Overrides = None) -> None:
 
 
 @broker_app.command("status")
-def broker_status(config: ConfigOpt = None, overrides: Overrides = None) -> None:
-    """Exit 0 when our broker runs and answers, 3 when it is not running (LSB convention)."""
+def broker_status(config: ConfigOpt = None, overrides: Overrides = None, as_json: JsonOpt = False) -> None:
+    """Exit 0 when our broker runs and answers, 3 otherwise (LSB convention). --json: {"running", "answering",
+    "pid", "bootstrap"}."""
     status = LocalBroker.from_config(cfg_of(config, overrides)).status()
-    echo(status.line())
+    if as_json:
+        echo_json(broker_document(status))
+    else:
+        echo(status.line())
     raise typer.Exit(0 if status.running and status.answering else 3)
+
+
+def broker_document(status: BrokerStatus) -> dict[str, Any]:
+    """``broker status --json``: whether the broker process runs (its pid file names a live process), whether it
+    answers metadata requests, its pid (null when not running) and its bootstrap address."""
+    return {"running": status.running, "answering": status.answering, "pid": status.pid,
+            "bootstrap": status.bootstrap}
 
 
 @broker_app.command("fetch")
@@ -197,23 +242,58 @@ def _version_log(cfg: Config) -> VersionLog:
 
 
 @models_app.command("list")
-def models_list(config: ConfigOpt = None, overrides: Overrides = None) -> None:
-    """Versions, newest last; * marks the one workers serve, - those whose weights gc removed."""
+def models_list(config: ConfigOpt = None, overrides: Overrides = None, as_json: JsonOpt = False) -> None:
+    """Versions, newest last; * marks the one workers serve, - those whose weights gc removed. --json: the
+    document of :func:`versions_document`."""
     with _version_log(cfg_of(config, overrides)) as log:
-        serving, pinned = log.seen.serving(), log.seen.pointers["@pin"]
-        if pinned:
-            echo(f"serving is pinned to {pinned} (lrustream models unpin releases it)")
-        for info in log.versions():
-            mark = "*" if info.version == serving else "-" if log.store.collected(info.version) else " "
-            metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(info.metrics.items()) if "10" in k)
-            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))
-            echo(f"{mark} {info.version}  {info.model:7s} items={info.num_items}  parent={info.parent}  "
-                 f"{created}  {metrics}")
-        for version, why in sorted(log.seen.refused.items()):
-            echo(f"! {version}  refused: {why}")
-        current = log.seen.why.get("@current") or {}
-        if str(current.get("reason", "")).startswith("rollback"):
-            echo(f"{current.get('version')} serves after a rollback by {current.get('by', '?')}: {current['reason']}")
+        document = versions_document(log.versions(), log.seen, log.store.collected)
+    if as_json:
+        echo_json(document)
+    else:
+        for line in versions_lines(document):
+            echo(line)
+
+
+def versions_document(versions: list[VersionInfo], seen: TopicView, collected: Callable[[str], bool]
+                      ) -> dict[str, Any]:
+    """``models list --json``: ``serving`` (the version workers serve), ``current``, ``pinned`` and ``shadow`` (the
+    topic's pointers, null when unset); ``versions``, oldest first, each with ``version``, ``model``,
+    ``num_items``, ``parent``, ``created`` (Unix seconds), ``metrics`` (name -> value), ``serving`` (true for the
+    served one) and ``collected`` (its weights were removed by gc); ``refused``: versions never installed, each
+    with ``version`` and ``reason``; ``rollback``: ``{version, by, reason}`` when the current version serves
+    after a rollback, else null."""
+    serving = seen.serving()
+    current = seen.why.get("@current") or {}
+    rollback = ({"version": current.get("version"), "by": current.get("by"), "reason": current["reason"]}
+                if str(current.get("reason", "")).startswith("rollback") else None)
+    return {
+        "serving": serving, "current": seen.pointers["@current"], "pinned": seen.pointers["@pin"],
+        "shadow": seen.pointers["@shadow"],
+        "versions": [{"version": info.version, "model": info.model, "num_items": info.num_items,
+                      "parent": info.parent, "created": info.created, "metrics": dict(info.metrics),
+                      "serving": info.version == serving, "collected": collected(info.version)}
+                     for info in versions],
+        "refused": [{"version": version, "reason": why} for version, why in sorted(seen.refused.items())],
+        "rollback": rollback,
+    }
+
+
+def versions_lines(document: dict[str, Any]) -> list[str]:
+    """``models list`` as text, from :func:`versions_document`."""
+    lines = []
+    if document["pinned"]:
+        lines.append(f"serving is pinned to {document['pinned']} (lrustream models unpin releases it)")
+    for v in document["versions"]:
+        mark = "*" if v["serving"] else "-" if v["collected"] else " "
+        metrics = " ".join(f"{k}={value:.4f}" for k, value in sorted(v["metrics"].items()) if "10" in k)
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["created"]))
+        lines.append(f"{mark} {v['version']}  {v['model']:7s} items={v['num_items']}  parent={v['parent']}  "
+                     f"{created}  {metrics}")
+    lines += [f"! {r['version']}  refused: {r['reason']}" for r in document["refused"]]
+    if rollback := document["rollback"]:
+        lines.append(f"{rollback['version']} serves after a rollback by {rollback['by'] or '?'}: "
+                     f"{rollback['reason']}")
+    return lines
 
 
 @models_app.command("rollback")
@@ -320,12 +400,22 @@ def items_unblock(item: ItemArg, config: ConfigOpt = None, overrides: Overrides 
 
 
 @items_app.command("list")
-def items_list(config: ConfigOpt = None, overrides: Overrides = None) -> None:
-    """The items blocked now, one per line, as the items topic says."""
+def items_list(config: ConfigOpt = None, overrides: Overrides = None, as_json: JsonOpt = False) -> None:
+    """The items blocked now, one per line, as the items topic says. --json: {"topic", "blocked"}."""
     from stream.catalogue import read_blocked
 
-    for item in sorted(read_blocked(cfg_of(config, overrides))):
-        echo(item)
+    cfg = cfg_of(config, overrides)
+    blocked = read_blocked(cfg)
+    if as_json:
+        echo_json(blocked_document(cfg.topics.items, blocked))
+    else:
+        for item in sorted(blocked):
+            echo(item)
+
+
+def blocked_document(topic: str, blocked: set[str]) -> dict[str, Any]:
+    """``items list --json``: the items topic read and the item ids it blocks now, sorted."""
+    return {"topic": topic, "blocked": sorted(blocked)}
 
 
 def _set_item_status(item: str, status: str, config: Path | None, overrides: list[str] | None) -> None:
@@ -567,7 +657,6 @@ def state_inspect(
 ) -> None:
     """Print a user's stored record as JSON (read-only; safe while the worker runs)."""
     import contextlib
-    import json
 
     from models.store import ModelStore, ModelStoreError
     from state.store import find_user
@@ -640,8 +729,6 @@ def recs_cmd(
     overrides: Overrides = None,
 ) -> None:
     """Print recommendation records as JSON lines (from the beginning; without --follow, up to the end)."""
-    import json
-
     from lrustream.recommendations import read_recommendations
 
     try:

@@ -1,7 +1,8 @@
 """Typed configuration: one schema (dataclasses), one default file, overrides from the command line.
 
-Every command loads the same way: the dataclass schema, then ``configs/default.yaml`` (or ``--config FILE``),
-then ``key=value`` overrides. OmegaConf checks keys and types against the schema and :data:`RULES` the values
+Every command loads the same way: the dataclass schema, then the default file :data:`DEFAULT_CONFIG` (shipped in
+the package; ``configs/default.yaml`` is its copy in the source tree) or ``--config FILE``, then ``key=value``
+overrides. OmegaConf checks keys and types against the schema and :data:`RULES` the values
 (ranges, choices, Kafka security), so a typo, a wrong type or a value out of range is refused before anything
 starts; :class:`ConfigError` carries the one-line reason the CLI prints, naming the key.
 """
@@ -19,8 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lrustream.kernel.errors import LrustreamError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+"""The default config file, shipped inside the package (configs/default.yaml in the source tree is its copy)."""
 
 
 class ConfigError(LrustreamError, ValueError):
@@ -31,44 +32,73 @@ class ConfigError(LrustreamError, ValueError):
 
 @dataclass
 class KafkaSecurity:
-    """Passed through unchanged to every Kafka client (librdkafka and aiokafka names are mapped in stream)."""
+    """How every Kafka client authenticates and encrypts: the same settings reach librdkafka (confluent-kafka) and
+    aiokafka (Faust), mapped to each one's names in lrustream/kernel/kafka.py."""
 
-    protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
+    protocol: str = "PLAINTEXT"
+    """PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL: librdkafka's ``security.protocol``."""
     sasl_mechanism: str | None = None
     """PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512; required, with username and password, when the protocol is SASL_*
-    (every client gets the same one: :func:`sasl_mechanism`)."""
+    (every client gets the same one: no client default applies, as librdkafka's and aiokafka's differ)."""
     sasl_username: str | None = None
+    """The SASL user; required when the protocol is SASL_*."""
     sasl_password: str | None = None
+    """The SASL user's password; required when the protocol is SASL_*. Give it by environment variable rather
+    than in a file; ``lrustream config show`` masks it."""
     ssl_cafile: str | None = None
+    """PEM file of the certificate authorities that sign the brokers' certificates (unset: the system's)."""
     ssl_certfile: str | None = None
+    """PEM file of this client's certificate, for brokers that authenticate clients by TLS."""
     ssl_keyfile: str | None = None
+    """PEM file of the private key of ``ssl_certfile``."""
     ssl_check_hostname: bool = True
+    """With SSL: check that the broker's certificate names the host connected to. Turn off only for test
+    certificates that do not name their host."""
 
 
 @dataclass
 class KafkaConfig:
+    """Where the Kafka cluster is and how every client of this process reaches it."""
+
     bootstrap_servers: str = "127.0.0.1:9092"
+    """Comma-separated ``host:port`` list of brokers to bootstrap from. The default config file points it at the
+    embedded broker (``broker.host:broker.port``)."""
     client_id: str = "lrustream"
+    """The ``client.id`` Kafka clients report to the brokers (their logs and quotas). A worker's input consumer
+    appends its advertised HTTP address to it, so other workers can redirect requests to it."""
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
+    """Authentication and encryption (the ``kafka.security`` section)."""
 
 
 @dataclass
 class TopicsConfig:
+    """The names of the Kafka topics lrustream reads and writes, and how ``lrustream topics create`` (run by
+    every worker and trainer at start-up) creates the missing ones; a topic that exists is left as it is."""
+
     interactions: str = "interactions"
+    """Input events, keyed by user id: one JSON object per event."""
     recommendations: str = "recommendations"
+    """Output: one recommendation record per input event, keyed by user id."""
     dlq: str = "interactions.dlq"
+    """Dead letters: a copy of each input record that could not be served, with the reason and its source in
+    headers (1 partition)."""
     training_examples: str = "training-examples"
+    """What workers send the online trainer: each served user's window, one record per user and micro-batch."""
     model_updates: str = "model-updates"
-    """Operators' refresh requests to the trainer (stream/updates.py)."""
+    """Operators' refresh requests to the trainer (stream/updates.py); 1 partition."""
     model_versions: str = "model-versions"
     """Model versions, chunked, and which one to serve, compacted: how versions reach every host
-    (stream/versions.py)."""
+    (stream/versions.py); 1 partition."""
     state_changelog: str = "lrustream-state-changelog"
+    """The user states, compacted: a worker restores the partitions it is given from it."""
     items: str = "items"
     """Catalogue control, compacted: key = item id, value ``{"status": "blocked" | "active"}``
-    (stream/catalogue.py)."""
+    (stream/catalogue.py); 1 partition."""
     partitions: int = 4
+    """Partitions of the interactions, recommendations, training-examples and state changelog topics, which must
+    be equal: a user lives on the same partition number in each. The most workers that can share the load."""
     replication_factor: int = 1
+    """Replicas of each topic created (-1: the broker's ``default.replication.factor``)."""
 
 
 @dataclass
@@ -76,25 +106,35 @@ class BrokerConfig:
     """The embedded single-node KRaft broker started by ``lrustream broker start``."""
 
     data_dir: str = ".lrustream/broker"
+    """Its storage, properties, pid file and log (formatted once; relative to the working directory)."""
     jars_dir: str = ".lrustream/kafka-jars"
+    """Where ``lrustream broker fetch`` puts the Kafka jars resolved from Maven Central (cached: offline after)."""
     host: str = "127.0.0.1"
+    """The address it listens on and advertises."""
     port: int = 9092
-    controller_port: int = 0  # 0 = port + 1
+    """Its client port."""
+    controller_port: int = 0
+    """Its KRaft controller port (0 = ``port`` + 1)."""
     heap: str = "512m"
+    """The JVM's maximum heap (``-Xmx``)."""
     jvm_options: str = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
     """Extra flags for the broker's JVM, split on spaces. The default suits what this broker is for (tests, demos,
-    one small machine): a JVM that has just started spends its first minutes compiling Kafka's hot paths, and on
-    2 cores its C2 compiler took about 7 CPU-seconds from the worker beside it in the first minute (issue 16:
-    ``make demo`` on a fresh broker, p50 68-228 ms with G1 and C2, 20-22 ms with these flags). C1 alone compiles
-    soon and cheaply; the serial collector runs no concurrent GC threads on a 512 MiB heap. A long-lived broker
-    that carries heavy traffic wants "-XX:+UseG1GC" here (full compilation) instead."""
+    one small machine): a JVM that has just started spends its first minutes compiling Kafka's hot paths, and the
+    optimising (C2) compiler takes CPU from the worker beside it just when the first events are served. C1 alone
+    compiles soon and cheaply; the serial collector runs no concurrent GC threads on a small heap. A long-lived
+    broker that carries heavy traffic wants "-XX:+UseG1GC" here (full compilation) instead."""
     start_timeout_s: float = 60.0
+    """``broker start`` fails when the broker does not answer metadata requests this long after launch."""
 
 
 @dataclass
 class StateConfig:
+    """The worker's per-user state store (RocksDB, restored from ``topics.state_changelog``)."""
+
     dir: str = ".lrustream/state"
-    dtype: str = "float32"  # float32 | float16: how recurrent states are stored
+    """Where the local state store lives (under a folder named ``stream.app_id``)."""
+    dtype: str = "float32"
+    """How recurrent states are stored: float32 | float16 (half the size, at float16's precision)."""
     ttl_days: float = 90.0
     """A user state not updated for this long is deleted (locally and in the changelog); the user's next event
     starts from a fresh state. 0 keeps states for ever. Checked every minute, a bounded scan at a time."""
@@ -102,7 +142,10 @@ class StateConfig:
 
 @dataclass
 class ModelStoreConfig:
+    """This host's model store: its cache of the versions the model-versions topic carries."""
+
     dir: str = ".lrustream/models"
+    """Where versions' weights and vocabularies, and the trainer's round records, are kept."""
     keep_versions: int = 10
     """After each online round that publishes, the weights of older versions are removed (``lrustream models gc``):
     the newest this many stay loadable, plus the serving and the pinned version."""
@@ -137,46 +180,83 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    """Offline training (``lrustream train``, and the starting model of ``evaluate-stream``). The optimiser's
+    settings (weight decay, epsilon, clipping), the device and the seed apply to the online trainer too."""
+
     lr: float = 1e-3
+    """AdamW learning rate of offline training (the online trainer has its own, ``online.lr``)."""
     weight_decay: float = 0.01
+    """AdamW weight decay of every weight but biases and LayerNorms."""
     adam_eps: float = 1e-9
+    """AdamW's epsilon."""
     grad_clip: float = 5.0
+    """Gradients are clipped to this global norm before each step."""
     batch_size: int = 128
+    """Training sequences per step (and the online trainer's when ``online.batch_size`` is 0)."""
     eval_batch_size: int = 256
+    """Users scored at once in validation and test."""
     max_steps: int = 100_000
+    """Training stops after this many steps at most."""
     val_every: int = 500
+    """Validation every this many steps; the best validation's weights are the result."""
     patience: int = 10
+    """Training stops after this many validations without a better validation Recall@10."""
     seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda
-    num_threads: int = 0  # 0 = torch default (every core); runs sharing a host: cores / runs (README, GPU runs)
+    """Seed of the weights' initialisation, the batches' order and the online trainer's sampling."""
+    device: str = "auto"
+    """auto | cpu | cuda: where training runs, offline and online (auto: CUDA when available)."""
+    num_threads: int = 0
+    """torch CPU threads of offline training (0 = torch's default, every core). Runs sharing a host each want
+    their share of the cores."""
 
 
 @dataclass
 class StreamConfig:
+    """The streaming worker (``lrustream worker``): its consumer group, micro-batches and recommendations."""
+
     app_id: str = "lrustream-worker"
-    batch_size: int = 512  # the most events one step of the input loop takes (it takes what is there: no linger)
-    linger_ms: int = 20  # unused since issue 16 (batches take what is there); kept so that older configs load
-    commit_interval_ms: int = 1000  # states and input offsets are committed this often (stream/pipeline.py)
+    """The workers' consumer group on the input topic (workers with the same one share its partitions) and the
+    name of the local state folder."""
+    batch_size: int = 512
+    """The most events one step of the input loop takes. It takes what has arrived, without waiting for more, so
+    a lone event is served at once and a backlog makes batches large by itself."""
+    commit_interval_ms: int = 1000
+    """States and input offsets are committed this often (stream/pipeline.py). A crash replays at most the
+    events since the last commit."""
     top_k: int = 10
+    """Items in each recommendation (a request may ask for another ``k``)."""
     exclude_seen: bool = True
-    unknown_items: str = "dlq"  # dlq | oov
+    """Leave the items of the user's window (``model.max_len`` most recent) out of their recommendations."""
+    unknown_items: str = "dlq"
+    """dlq | oov: an event whose item the serving model does not know goes to the dead-letter topic (dlq), or is
+    served with the model's unknown-item token (oov) so the user's state still advances."""
     max_value_bytes: int = 65536
-    min_step_rows: int = 16  # pad every batched step to at least this many rows (batch-invariant maths)
+    """An input record larger than this is a dead letter."""
+    min_step_rows: int = 16
+    """Every batched model step is padded to at least this many users: small matrix products take other kernels
+    than large ones, and from about a dozen rows on a user's numbers no longer depend on how the stream was cut
+    into micro-batches."""
     emit_training_examples: bool = True
-    stall_after_s: float = 60.0  # /health says "degraded" when a micro-batch or the input stalls this long
-    stop_timeout_s: float = 5.0  # after SIGTERM/SIGINT, exit anyway this long later (a crash is safe: see kill tests)
-    session_timeout_s: float = 60.0  # a worker silent this long (frozen, cut off) leaves the group: its partitions move
-    popular_half_life_s: float = 3600.0  # an event counts half as much in the popular fallback this long after it
+    """Send each served user's window to ``topics.training_examples`` for the online trainer."""
+    stall_after_s: float = 60.0
+    """/health says "degraded" when a micro-batch or the input stalls this long (the trainer's /health when
+    examples wait unconsumed this long)."""
+    stop_timeout_s: float = 5.0
+    """After SIGTERM/SIGINT, the worker exits anyway this long later; what it had not committed is replayed by
+    the partitions' next owner."""
+    session_timeout_s: float = 60.0
+    """A worker silent this long (frozen, cut off) leaves the consumer group, and its partitions move to the
+    others. Must lie within the broker's group.min/max.session.timeout.ms."""
+    popular_half_life_s: float = 3600.0
+    """An event counts half as much in the popular fallback (users without a state) this long after it."""
     answer_cache_users: int = 20_000
     """Users whose last recommendation a worker keeps in memory (the most recently served; about 1.3 KB each, 25 MB
     at this default), so that a request for one of them with the default ``k`` and no exclusions is answered
     without scoring, when nothing has changed since (stream/processor.py, ``recommend``). 0 keeps none."""
     torch_threads: int = 1
     """torch CPU threads of a worker (0 = torch's default, every core). A worker's steps are small (a batch of
-    events, one user per request), and a second thread waits for work on a core that the broker and the
-    worker's own Kafka clients need: at 2,000 events/s on the 2-core machine one thread gave event-to-
-    recommendation p99 59, 75, 59, 45 and 64 ms where two gave 82, 93, 78, 81 and 70 (alternating runs), and
-    the second thread used 8-11 % of a core."""
+    events, one user per request), so a second thread gains little and waits for work on a core that the broker
+    and the worker's own Kafka clients need, which adds to the latency of every event."""
 
 
 @dataclass
@@ -184,6 +264,8 @@ class OnlineConfig:
     """The online fine-tuning loop (``lrustream trainer``); the round's contract is in trainer/online.py."""
 
     group_id: str = "lrustream-trainer"
+    """The consumer group under which the trainer commits its position in ``topics.training_examples`` (a
+    restarted trainer resumes there)."""
     every_events: int = 5_000
     """A round when this many new events arrived (rounds run back to back while the stream outpaces them)."""
     every_seconds: float = 300.0
@@ -201,9 +283,9 @@ class OnlineConfig:
     """A step's windows, sorted by length, go through the model in this many groups, each padded only to its
     longest window (gradients summed: the same step as one padded batch, for less work on padding)."""
     replay_share: float = 0.5
-    """Share of each batch drawn from users without new events (recent and reservoir). On the 2-core ML-1M replay
-    from one starting model, online/frozen HR@10 was 1.121 at 0, 1.132 at 0.1, 1.134 at 0.25, 1.152 and 1.148 at
-    0.5, 1.139 at 0.7, 1.136 at 0.9: the starting model is far from converged, and old windows keep teaching it."""
+    """Share of each batch drawn from users without new events (recent and reservoir). Half of each batch
+    replays them, so the model follows the stream without forgetting older users; a starting model that is far
+    from converged also keeps learning from old windows."""
     min_steps: int = 10
     """Steps a round takes whatever its time."""
     max_steps: int = 100
@@ -251,15 +333,25 @@ class OnlineConfig:
     """Roll back automatically a version an online round published that serves worse live than its parent
     (trainer/live.py)."""
     bootstrap_samples: int = 1000
+    """Resamples of the gate's paired bootstrap (more: a steadier interval, a slower gate)."""
     http_port: int = 6067
-    """The trainer's /health and /metrics (on http.host, guarded by http.token like the worker's)."""
+    """The trainer's /health and /metrics (on http.host, guarded by http.token like the worker's; 0 = any free
+    port)."""
 
 
 @dataclass
 class HttpConfig:
+    """The worker's HTTP API (/recommendations, /health, /metrics, /model, /refresh); the trainer's /health and
+    /metrics use the same host and token on ``online.http_port``."""
+
     host: str = "127.0.0.1"
+    """The address the HTTP API listens on (0.0.0.0: every interface, which needs ``token`` or ``allow_open``)."""
     port: int = 6066
+    """The worker's HTTP port."""
     token: str | None = None
+    """A bearer token (``Authorization: Bearer TOKEN``) required by the worker's POST /refresh and the trainer's
+    /metrics; unset or empty guards nothing. Give it by environment variable; ``lrustream config show`` masks
+    it."""
     allow_open: bool = False
     """Listening beyond loopback without ``http.token`` is refused unless this is true (an operator's explicit
     opt-in, e.g. in a container whose port is published on the host's loopback only): see
@@ -272,16 +364,28 @@ class HttpConfig:
 
 @dataclass
 class Config:
+    """The whole configuration: one section per part of the system."""
+
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    """The Kafka cluster and how to reach it."""
     topics: TopicsConfig = field(default_factory=TopicsConfig)
+    """Topic names and how they are created."""
     broker: BrokerConfig = field(default_factory=BrokerConfig)
+    """The embedded local broker."""
     state: StateConfig = field(default_factory=StateConfig)
+    """The worker's per-user state store."""
     model_store: ModelStoreConfig = field(default_factory=ModelStoreConfig)
+    """This host's model store."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model's hyper-parameters."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Offline training."""
     stream: StreamConfig = field(default_factory=StreamConfig)
+    """The streaming worker."""
     online: OnlineConfig = field(default_factory=OnlineConfig)
+    """The online trainer."""
     http: HttpConfig = field(default_factory=HttpConfig)
+    """The HTTP APIs."""
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:
@@ -378,7 +482,6 @@ RULES: dict[str, Rule] = {
     "train.device": _one_of("auto", "cpu", "cuda"),
     "train.num_threads": _at_least(0),
     "stream.batch_size": _at_least(1),
-    "stream.linger_ms": _at_least(0),
     "stream.commit_interval_ms": _at_least(1),
     "stream.top_k": _at_least(1),
     "stream.unknown_items": _one_of("dlq", "oov"),

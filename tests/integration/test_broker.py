@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -42,6 +43,9 @@ def test_cli_start_is_idempotent_status_reports_and_stop_ends_only_ours(tmp_path
 
         status = _cli("broker", "status", *args)
         assert status.returncode == 0 and f"pid={pid}" in status.stdout
+        as_json = _cli("broker", "status", "--json", *args)
+        assert as_json.returncode == 0 and json.loads(as_json.stdout) == {
+            "running": True, "answering": True, "pid": pid, "bootstrap": f"127.0.0.1:{port}"}
 
         # A second data dir on the same port is refused with one clear line, and ours keeps running.
         clash = _cli("broker", "start", *_overrides(tmp_path / "other", port, free_port()))

@@ -3,6 +3,7 @@ recommendation within seconds, comes back after unblock, and stays blocked acros
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -52,6 +53,7 @@ def test_a_blocked_item_leaves_every_recommendation_within_seconds_comes_back_af
         late = _emitted_after(send(seed=2), blocked_ms + APPLIED_WITHIN_MS)
         assert len(late) == 300 and not [r for r in late if target in r["items"]]
         assert _items(["list"], kafka_overrides).split() == [target]
+        assert json.loads(_items(["list", "--json"], kafka_overrides))["blocked"] == [target]
         assert worker.get_metric("lrustream_blocked_items") == 1.0
 
         _items(["unblock", target], kafka_overrides)

@@ -3,6 +3,7 @@ names are refused, unpin releases, gc reaches every host."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,10 @@ def test_rollback_pins_the_version_for_every_host_and_refuses_a_path(kafka_cfg: 
     v3 = publish_model(kafka_cfg, seed=2)  # the trainer goes on publishing
     listed = runner.invoke(app, ["models", "list", *kafka_overrides]).output
     assert store.current() == v1 and f"pinned to {v1}" in listed and f"* {v1}" in listed and f"  {v3}" in listed
+    document = json.loads(runner.invoke(app, ["models", "list", "--json", *kafka_overrides]).output)
+    assert (document["serving"], document["pinned"]) == (v1, v1)
+    assert [v["version"] for v in document["versions"] if v["serving"]] == [v1]
+    assert {v["version"] for v in document["versions"]} >= {v1, v3}
 
     bad = runner.invoke(app, ["models", "rollback", "../evil/v999999", *kafka_overrides])
     assert isinstance(bad.exception, ModelStoreError) and "invalid model version name" in str(bad.exception)
@@ -57,6 +62,8 @@ def test_gc_removes_old_weights_on_every_host_and_list_marks_them(kafka_cfg: Con
     assert out.exit_code == 0 and f"{v1} {v2}" in out.output, out.output
     listed = runner.invoke(app, ["models", "list", *kafka_overrides]).output
     assert f"- {v1}" in listed and f"- {v2}" in listed and f"* {v3}" in listed
+    document = json.loads(runner.invoke(app, ["models", "list", "--json", *kafka_overrides]).output)
+    assert [(v["version"], v["collected"]) for v in document["versions"]] == [(v1, True), (v2, True), (v3, False)]
     assert store.current() == v3 and runner.invoke(app, ["models", "gc", *kafka_overrides]).output.strip() == \
         "nothing to collect"
     early.poll(5)  # a host that had the weights removes them

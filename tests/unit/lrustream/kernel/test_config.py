@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from omegaconf import OmegaConf
 
-from lrustream.kernel.config import ConfigError, load_config
+from lrustream.kernel import config as config_module
+from lrustream.kernel.config import DEFAULT_CONFIG, Config, ConfigError, as_dict, load_config
 from lrustream.kernel.http import check_http_exposure
 from tests.conftest import REPO
 
@@ -32,7 +36,7 @@ def test_file_then_overrides_merge_in_order(tmp_path: Path) -> None:
     f.write_text("stream:\n  batch_size: 64\n  top_k: 5\nmodel:\n  name: sasrec\n")
     cfg = load_config(f, ["stream.top_k=20"])
     assert (cfg.stream.batch_size, cfg.stream.top_k, cfg.model.name) == (64, 20, "sasrec")
-    assert cfg.stream.linger_ms == 20  # untouched keys keep schema defaults
+    assert cfg.stream.commit_interval_ms == 1000  # untouched keys keep schema defaults
 
 
 @pytest.mark.parametrize(
@@ -57,7 +61,6 @@ def test_bad_overrides_are_config_errors(overrides: list[str], message: str) -> 
         ("stream.top_k", "1", "-3", "stream.top_k must be >= 1 (got -3)"),
         ("stream.max_value_bytes", "1", "0", "stream.max_value_bytes must be >= 1 (got 0)"),
         ("stream.min_step_rows", "1", "0", "stream.min_step_rows must be >= 1 (got 0)"),
-        ("stream.linger_ms", "0", "-1", "stream.linger_ms must be >= 0 (got -1)"),
         ("stream.stall_after_s", "0.5", "0", "stream.stall_after_s must be > 0 (got 0.0)"),
         ("stream.stop_timeout_s", "0", "-1", "stream.stop_timeout_s must be >= 0 (got -1.0)"),
         ("stream.unknown_items", "oov", "drop", "stream.unknown_items must be one of dlq, oov (got 'drop')"),
@@ -168,3 +171,57 @@ def test_a_command_that_builds_or_loads_a_model_refuses_an_unknown_model_name_fi
     assert bad.returncode == 2, bad.stderr
     assert bad.stderr.startswith("error: model.name must be one of ") and "(got 'gru4rec')" in bad.stderr
     assert bad.stderr.strip().count("\n") == 0
+
+
+# ----- the default file ------------------------------------------------------------------------------------------
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every leaf of a nested mapping."""
+    if not isinstance(node, dict):
+        return {prefix.rstrip("."): node}
+    return {k: v for key, child in node.items() for k, v in _leaves(child, f"{prefix}{key}.").items()}
+
+
+def _default_file_leaves() -> dict[str, Any]:
+    return _leaves(OmegaConf.to_container(OmegaConf.load(DEFAULT_CONFIG), resolve=False))
+
+
+def test_the_default_file_shows_every_schema_key_and_no_other() -> None:
+    schema = _leaves(as_dict(Config()))
+    assert sorted(_default_file_leaves()) == sorted(schema)
+
+
+def test_the_default_file_values_are_the_schema_defaults_except_where_it_reads_the_environment() -> None:
+    schema = _leaves(as_dict(Config()))
+    differ = {key: (value, schema[key]) for key, value in _default_file_leaves().items()
+              if not (isinstance(value, str) and "${" in value) and value != schema[key]}
+    assert differ == {}, "configs/default.yaml disagrees with lrustream/kernel/config.py: {file: schema}"
+
+
+def test_the_default_file_reads_these_environment_variables() -> None:
+    interpolated = {key for key, value in _default_file_leaves().items() if isinstance(value, str) and "${" in value}
+    assert interpolated == {"kafka.bootstrap_servers", "kafka.security.protocol", "kafka.security.sasl_password",
+                            "http.token"}
+
+
+def test_the_packaged_default_file_and_its_copy_in_configs_are_identical() -> None:
+    assert DEFAULT_CONFIG.parent == Path(config_module.__file__).parent, "the default file ships in the package"
+    assert (REPO / "configs" / "default.yaml").read_text() == DEFAULT_CONFIG.read_text(), (
+        "configs/default.yaml is the user-facing copy of lrustream/kernel/default.yaml: "
+        "cp lrustream/kernel/default.yaml configs/default.yaml")
+
+
+def test_the_wheel_ships_the_default_file() -> None:
+    package_data = re.search(r"^lrustream = \[(.*)\]", (REPO / "pyproject.toml").read_text(), re.M)
+    assert package_data and '"kernel/default.yaml"' in package_data.group(1)
+
+
+def test_load_config_works_from_a_folder_outside_the_repository(tmp_path: Path) -> None:
+    script = ("from lrustream.kernel.config import load_config; "
+              "print(load_config(overrides=['stream.top_k=3']).stream.top_k)")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("LRUSTREAM_KAFKA_BOOTSTRAP", None)
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "3"
+

@@ -15,8 +15,8 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /app
 COPY . .
 
-# Installed in place (-e) on purpose: the default config is found next to the package (configs/default.yaml
-# under the source tree, see lrustream/kernel/config.py), which a plain site-packages install would not carry.
+# Installed in place (-e): /app is the working directory, and the image's code is its source tree. The default
+# config ships inside the package (lrustream/kernel/default.yaml), so a plain install would find it too.
 RUN pip install -e . \
     && useradd --create-home --uid 10001 lrustream \
     && mkdir -p /app/.lrustream/state /app/.lrustream/models \

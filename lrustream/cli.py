@@ -323,8 +323,8 @@ def models_push(
     config: ConfigOpt = None,
     overrides: Overrides = None,
 ) -> None:
-    """Publish a version this host's model store holds but the topic does not (e.g. a store written before
-    versions travelled through Kafka) and serve it, on every worker."""
+    """Publish a version this host's model store holds but the topic does not (e.g. one trained with
+    --no-publish, or copied from another host's store) and serve it, on every worker."""
     cfg = model_cfg_of(config, overrides)
     with _version_log(cfg) as log:
         log.push(version)

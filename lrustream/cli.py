@@ -42,8 +42,6 @@ ConfigOpt = Annotated[
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="key=value overrides, e.g. broker.port=19092", show_default=False)
 ]
-
-
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of text.")]
 
 
@@ -243,8 +241,9 @@ def _version_log(cfg: Config) -> VersionLog:
 
 @models_app.command("list")
 def models_list(config: ConfigOpt = None, overrides: Overrides = None, as_json: JsonOpt = False) -> None:
-    """Versions, newest last; * marks the one workers serve, - those whose weights gc removed. --json: the
-    document of :func:`versions_document`."""
+    """Versions, newest last; * marks the one workers serve, - those whose weights gc removed. --json: {"serving",
+    "current", "pinned", "shadow", "versions": [{"version", "model", "num_items", "parent", "created", "metrics",
+    "serving", "collected"}], "refused": [{"version", "reason"}], "rollback": {"version", "by", "reason"} | null}."""
     with _version_log(cfg_of(config, overrides)) as log:
         document = versions_document(log.versions(), log.seen, log.store.collected)
     if as_json:

@@ -93,9 +93,21 @@ def env_variables(path: Path = DEFAULT_CONFIG) -> dict[str, str]:
     return found
 
 
+def other_checks() -> dict[str, str]:
+    """The checks outside ``RULES``: Kafka security as a whole (``sasl_mechanism``), and the model registry."""
+    from models import MODEL_NAMES
+
+    sasl = "required when kafka.security.protocol is SASL_*"
+    return {"kafka.security.sasl_mechanism": sasl, "kafka.security.sasl_username": sasl,
+            "kafka.security.sasl_password": sasl,
+            "model.name": f"must be one of {', '.join(sorted(MODEL_NAMES))} (commands that build or load a model)"}
+
+
 def validation(key: str) -> str:
-    """What the loader checks about a key's value beyond its type: its rule and the order it keeps with another."""
+    """What the loader checks about a key's value beyond its type: its rule, the order it keeps with another, and
+    the checks outside ``RULES``."""
     checks = [RULES[key].text] if key in RULES else []
+    checks += [text for name, text in other_checks().items() if name == key]
     checks += [f"must be <= {high}" for low, high in ORDERED if low == key]
     checks += [f"must be >= {low}" for low, high in ORDERED if high == key]
     return "; ".join(checks)

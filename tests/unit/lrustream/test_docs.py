@@ -71,6 +71,8 @@ def test_validation_states_the_rule_and_the_order_between_keys() -> None:
     assert validation("online.min_steps") == "must be >= 0; must be <= online.max_steps"
     assert validation("online.max_holdout") == "must be >= 1; must be >= online.min_holdout"
     assert validation("topics.interactions") == ""
+    assert validation("kafka.security.sasl_username") == "required when kafka.security.protocol is SASL_*"
+    assert validation("model.name").startswith("must be one of ") and "lrurec" in validation("model.name")
 
 
 def test_markdown_turns_rest_into_one_table_safe_line() -> None:

@@ -32,7 +32,7 @@ kcat:
 	  for f in *.deb; do dpkg -x $$f ..; done ) || echo "kcat: not installed (apt-get download failed)"
 
 # pytest exits 5 when it collects no tests: a failure like any other (a suite that runs nothing proves nothing).
-# `make test` runs everything, the slow reliability tier included (about 16 minutes on 2 cores); `make test-slow`
+# `make test` runs everything, the slow reliability tier included (about 25 minutes on 2 cores); `make test-slow`
 # runs that tier alone.
 test: jars kcat
 	$(BIN)/python -m pytest -q --run-slow

@@ -1,4 +1,4 @@
-"""The ``items`` control topic: which items may be recommended (issue 17, catalogue control).
+"""The ``items`` control topic: which items may be recommended (catalogue control).
 
 Contract (also in stream/README.md):
 

@@ -1,6 +1,6 @@
-"""The worker's input loop: consume, apply, and commit on an interval, in one thread (issue 16).
+"""The worker's input loop: consume, apply, and commit on an interval, in one thread.
 
-Faust's stream machinery delivers at most ~5,700 events/s on the 2-core machine even to an agent that does
+Faust's stream machinery delivers at most ~5,700 events/s on a 2-core machine even to an agent that does
 nothing with them (``take_events``, measured beside a librdkafka consumer at ~780,000/s), and it acknowledges a
 batch as soon as the loop body returns, so a body cannot let outputs be in flight while the next batch runs. The
 worker therefore consumes with a confluent-kafka (librdkafka) consumer in this thread, as a member of the
@@ -115,7 +115,7 @@ class Pipeline:
         from confluent_kafka import Consumer
 
         # What exists now (modules, the Faust app, the first model) lives as long as the process: a full
-        # collection walked all of it, stalling events for ~150 ms every few seconds (issue 16). Frozen, it is
+        # collection walked all of it, stalling events for ~150 ms every few seconds. Frozen, it is
         # never walked; a swapped-in model is a few hundred objects, not worth freezing (frozen garbage is kept).
         gc.freeze()
         self.processor.warm_up()

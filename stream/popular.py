@@ -1,5 +1,4 @@
-"""The cold-start fallback: recency-weighted item popularity, kept by each worker from the events it applies
-(issue 17).
+"""The cold-start fallback: recency-weighted item popularity, kept by each worker from the events it applies.
 
 An event at time ``t`` adds ``2 ** (t / half_life)`` to its item's weight, so that at any time ``now`` an item's
 weight is the sum of ``2 ** (-(now - t) / half_life)`` over its events: every event counts, a recent one more,

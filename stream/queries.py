@@ -1,4 +1,4 @@
-"""Which worker answers a request for a user (issue 17): the one that owns the user's input partition.
+"""Which worker answers a request for a user: the one that owns the user's input partition.
 
 A user's events, state and recommendations all live in partition ``partition_of(user_id, partitions)``
 (murmur2 of the key, as every producer partitions: lrustream.kernel.kafka). A worker owns the partitions the

@@ -1,4 +1,4 @@
-"""Shadow scoring (issue 17): a candidate model version predicts every event beside the serving one, off the
+"""Shadow scoring: a candidate model version predicts every event beside the serving one, off the
 output path, so that an operator (or the trainer's gate) can compare the two on live events before promoting.
 
 The measure is prequential: for an event of item ``i`` by a user with an earlier event, each version's top-K

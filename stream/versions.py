@@ -1,4 +1,4 @@
-"""The ``model-versions`` topic: how model versions reach every host, with nothing shared but the broker (issue 18).
+"""The ``model-versions`` topic: how model versions reach every host, with nothing shared but the broker.
 
 Contract (also in stream/README.md, "Model versions"):
 

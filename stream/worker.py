@@ -3,8 +3,8 @@ operator HTTP endpoints, the hot swap, housekeeping and the stop on a signal. Wh
 commits is the contract in stream/processor.py's docstring; how batches are taken, committed and retried is
 stream/pipeline.py's (each stated there only).
 
-Faust hosts the process: the web server, the timers and tasks, the signals. It no longer consumes the input
-(issue 16): its stream delivers ~5,700 events/s at most on the 2-core machine and acknowledges a batch when the
+Faust hosts the process: the web server, the timers and tasks, the signals. It does not consume the input:
+its stream delivers ~5,700 events/s at most on a 2-core machine and acknowledges a batch when the
 loop body returns, so outputs could not stay in flight across batches. Nor are states a Faust table: table
 writes need ``current_event()`` (faust-streaming #497), and its recovery has open races after hard kills
 (#596); the state store (state/README.md) has its own changelog and offset guard instead.
@@ -542,7 +542,7 @@ class _ServiceHost(faust.App):
 class _StopSignalWorker(faust.Worker):
     """faust.Worker that reports SIGTERM/SIGINT before stopping. Faust cancels its tasks, but the input loop runs
     in a thread that a cancel cannot reach: a batch waiting for a dead broker would keep the process alive for a
-    minute (issue 14). ``_schedule_shutdown`` is mode's one entry point for both signals."""
+    minute. ``_schedule_shutdown`` is mode's one entry point for both signals."""
 
     def __init__(self, *args: Any, on_stop_signal: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

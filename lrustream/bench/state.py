@@ -2,9 +2,9 @@
 
 ``commit_cost`` times ``Changelog.publish`` for batches of ``records`` user records spread over ``partitions``
 changelog partitions, on the broker the config points at: each partition's writer commits one Kafka
-transaction per batch (the fencing of issue 14, item 4), so the cost is a few round trips to the transaction
-coordinator on top of the records' acknowledgement. For comparison it also times the same records sent by a
-plain idempotent producer and flushed (how the changelog was written before it was fenced).
+transaction per batch (the fencing that keeps one writer per partition, state/README.md), so the cost is a few
+round trips to the transaction coordinator on top of the records' acknowledgement. For comparison it also times
+the same records sent by a plain idempotent producer and flushed (what the commit would cost without fencing).
 """
 
 from __future__ import annotations

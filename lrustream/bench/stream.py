@@ -169,9 +169,9 @@ def topic_overrides(base: list[str], tag: str, tmp: Path) -> list[str]:
 
 def drop_topics(cfg: Config, log: Log) -> None:
     """Delete the topics of one benchmark run (named by :func:`topic_overrides`) when it is done with them: a
-    broker that runs the benchmarks again and again would otherwise carry hundreds of them, and its pauses grow
-    with that (README, issue 16). Refuses any name not made by ``topic_overrides``; a failure is reported, not
-    raised: the figures stand."""
+    broker that runs the benchmarks again and again would otherwise carry hundreds of them, and its
+    garbage-collection pauses grow with that. Refuses any name not made by ``topic_overrides``; a failure is
+    reported, not raised: the figures stand."""
     from stream.topics import topic_specs
 
     names = [spec.name for spec in topic_specs(cfg)]

@@ -1,6 +1,6 @@
 """The embedded local broker: real Apache Kafka (single combined broker+controller, KRaft) on loopback.
 
-Why our own launcher: tests and demos must talk to a real Kafka, and this machine (like many CI runners) has
+Why our own launcher: tests and demos must talk to a real Kafka, and many machines (CI runners among them) have
 Java and Maven but no Docker engine. The jars come from Maven Central through ``pom.xml`` beside this file and
 are cached in ``broker.jars_dir``; storage is formatted once per ``broker.data_dir``; the pid file records the
 process we started so that ``stop`` never touches a broker it did not start.

@@ -102,7 +102,7 @@ def test_broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice(kafka
 def test_sigterm_stops_a_worker_within_seconds_while_its_batch_waits_for_a_dead_broker(kafka_overrides: list[str],
                                                                                       tmp_path: Path) -> None:
     """Faust cancels the agent on SIGTERM, but the batch runs in a thread that waits up to a minute for
-    acknowledgements from a broker that is gone; the stop signal must reach that thread (issue 14)."""
+    acknowledgements from a broker that is gone; the stop signal must reach that thread."""
     broker = LocalBroker(tmp_path / "kafka", JARS_DIR, port=free_port(), controller_port=free_port())
     broker.start()
     overrides = [o for o in kafka_overrides if not o.startswith("kafka.bootstrap_servers=")]

@@ -1,4 +1,4 @@
-"""Catalogue control on real Kafka (issue 17): an item blocked through the items topic leaves every emitted
+"""Catalogue control on real Kafka: an item blocked through the items topic leaves every emitted
 recommendation within seconds, comes back after unblock, and stays blocked across a worker restart."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from lrustream.kernel.config import Config
 from stream.topics import create_topics
 from tests.streamkit import WorkerProcess, produce_events, publish_model, recommendations, synthetic_events
 
-APPLIED_WITHIN_MS = 5_000  # the issue's bound: from the control record to the last recommendation that may hold it
+APPLIED_WITHIN_MS = 5_000  # stream/README.md's bound: from the control record to the last recommendation holding it
 
 
 def _items(args: list[str], overrides: list[str]) -> str:

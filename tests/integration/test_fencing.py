@@ -1,4 +1,4 @@
-"""A former owner cannot overwrite the new owner's state (issue 14, item 4), on the real broker.
+"""A former owner cannot overwrite the new owner's state, on the real broker.
 
 Two workers' processors, each with its own RocksDB and changelog producer, share one changelog topic. The first
 is stopped in the middle of a batch, just before it writes the changelog; the partition moves to the second (a

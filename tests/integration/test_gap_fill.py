@@ -1,5 +1,5 @@
 """The direct reader of skipped offsets (faust-streaming #596) on a real broker: the whole range in bounded
-chunks, or GapFillError (issue 14, item 2; the processor's side: tests/unit/stream/test_gap_fill.py)."""
+chunks, or GapFillError (the processor's side: tests/unit/stream/test_gap_fill.py)."""
 
 from __future__ import annotations
 

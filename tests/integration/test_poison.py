@@ -1,4 +1,4 @@
-"""Poison records on the real broker: one bad record costs only itself, never the partition (issue 14)."""
+"""Poison records on the real broker: one bad record costs only itself, never the partition."""
 
 from __future__ import annotations
 

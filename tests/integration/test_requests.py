@@ -1,4 +1,4 @@
-"""Requests on real Kafka (issue 17): two workers share 4 partitions; a GET to either one answers any user with
+"""Requests on real Kafka: two workers share 4 partitions; a GET to either one answers any user with
 the top-K of the user's stored state scored directly, which is the top-K the stream last emitted for that user
 (the owner answers, the other redirects); an unknown user gets the popular fallback; a blocked item leaves the
 answers within seconds and comes back after unblock; lrustream.client sends the events and asks."""
@@ -27,7 +27,7 @@ from stream.serving import Serving
 from stream.topics import create_topics
 from tests.streamkit import WorkerProcess, publish_model, recommendations, synthetic_events
 
-APPLIED_WITHIN_S = 5.0  # the issue's bound, from the control record to the answers
+APPLIED_WITHIN_S = 5.0  # the bound the contract states, from the control record to the answers
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

@@ -61,7 +61,7 @@ def test_a_worker_refuses_an_open_http_api_unless_told_and_then_warns(kafka_over
                                                                        monkeypatch: pytest.MonkeyPatch,
                                                                        tmp_path: Path) -> None:
     """``lrustream worker`` with its API on every interface and no token stops before it opens anything, with one
-    line naming the opt-in; with ``http.allow_open=true`` it serves, and says so in its log (issue 14, item 7)."""
+    line naming the opt-in; with ``http.allow_open=true`` it serves, and says so in its log."""
     monkeypatch.delenv("LRUSTREAM_HTTP_TOKEN", raising=False)
     cfg = load_config(overrides=kafka_overrides)
     create_topics(cfg)

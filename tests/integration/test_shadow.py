@@ -1,4 +1,4 @@
-"""Shadow scoring on real Kafka (issue 17): an operator shadows a candidate version; the worker's /metrics give
+"""Shadow scoring on real Kafka: an operator shadows a candidate version; the worker's /metrics give
 both versions' prequential hit rates over the same events, each what that version would have scored alone, while
 every recommendation still comes from the serving version, as without a shadow."""
 

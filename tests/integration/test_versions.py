@@ -1,4 +1,4 @@
-"""Model versions through Kafka (issue 18, stream/versions.py) on the real broker: hosts that share nothing but
+"""Model versions through Kafka (stream/versions.py) on the real broker: hosts that share nothing but
 the broker serve the trainer's versions, a late worker catches up, a rollback reaches every worker; a worker
 started before any version waits; a version over the broker's record limit round-trips bit for bit; a publish
 killed half-way leaves only complete versions visible."""

@@ -276,7 +276,7 @@ def _recreate_input_topic(cfg: Config) -> None:
 def test_a_recreated_input_topic_starts_its_partitions_from_scratch_instead_of_skipping_its_events(
         kafka_cfg: Config, kafka_overrides: list[str], worker_log: Path) -> None:
     """Offsets of a re-created topic start at 0 again: the old applied marker must not make the worker skip
-    every event below it (issue 14, item 3). The states start from scratch, and the log says so."""
+    every event below it. The states start from scratch, and the log says so."""
     create_topics(kafka_cfg)
     publish_model(kafka_cfg)
     before = synthetic_events(300, users=12, seed=11)
@@ -305,7 +305,7 @@ def test_a_recreated_input_topic_starts_its_partitions_from_scratch_instead_of_s
 def test_idle_states_expire_after_the_ttl_through_the_changelog(kafka_cfg: Config, kafka_overrides: list[str],
                                                                 worker_log: Path) -> None:
     """state.ttl_days: states idle longer are deleted, even while no event arrives, with a changelog tombstone
-    (so the expiry survives a restore), and the user's next event starts from a fresh state (issue 14, item 6)."""
+    (so the expiry survives a restore), and the user's next event starts from a fresh state."""
     create_topics(kafka_cfg)
     publish_model(kafka_cfg)
     worker = WorkerProcess(kafka_overrides, worker_log).start(["state.ttl_days=0.0000347"])  # 3 s

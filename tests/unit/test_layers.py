@@ -1,4 +1,4 @@
-"""The house rules of issue 15, checked on every run: the import layers, and one produce loop."""
+"""The house rules, checked on every run: the import layers, and one produce loop."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """docker-compose.yml keeps its promises without a Docker engine: the file is parsed and checked against the
 Kafka listener settings it declares, the Dockerfile it builds, and lrustream's own configuration schema; workers
-and trainer share nothing but the broker (issue 18), so `docker compose up --scale worker=3` gives three workers,
+and trainer share nothing but the broker, so `docker compose up --scale worker=3` gives three workers,
 each with its own states and model cache."""
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def test_trainer_killed_while_publishing_leaves_only_complete_versions(tmp_path:
 
 
 def test_a_version_name_that_is_not_v_and_digits_is_refused_before_it_touches_the_filesystem(tmp_path: Path) -> None:
-    """`models rollback ../evil/v999999` used to load (and serve) a version from outside the store."""
+    """`models rollback ../evil/v999999` must not load (and serve) a version from outside the store."""
     store, v1, _ = _store(tmp_path)
     evil = store.root / "evil" / "v999999"  # where versions/../evil/v999999 leads
     evil.parent.mkdir()

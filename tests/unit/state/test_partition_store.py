@@ -25,7 +25,7 @@ def test_partition_store_survives_reopen(tmp_path: Path) -> None:
 
 
 def test_the_state_count_is_rocksdbs_estimate_not_a_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """/metrics reads the count on the event loop: it must not iterate every key (issue 14)."""
+    """/metrics reads the count on the event loop: it must not iterate every key."""
     from state.record import UserRecord
     from state.store import StateStore
 

@@ -1,5 +1,5 @@
 """The guard against consumer skips (faust-streaming #596), in the processor: offsets the consumer skipped are
-fetched directly, all of them or the batch fails, chunk by chunk (issue 14, item 2)."""
+fetched directly, all of them or the batch fails, chunk by chunk."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A request for a user's top-K (Processor.recommend, issue 17) without Kafka: it answers what the user's last
+"""A request for a user's top-K (Processor.recommend) without Kafka: it answers what the user's last
 event was recommended, from applied or committed state, without advancing it; exclusions, blocked items and the
 popular fallback for users the model cannot rank."""
 

@@ -242,7 +242,7 @@ def test_a_round_learns_the_stream_publishes_a_grown_vocabulary_and_the_next_rou
 
 
 def test_a_full_vocabulary_leaves_new_items_unknown_and_still_learns(tmp_path: Path) -> None:
-    """online.max_items bounds the vocabulary (issue 14, item 6): items past it read as the unknown-item token
+    """online.max_items bounds the vocabulary: items past it read as the unknown-item token
     and are no target; the rest of the stream is still learnt and published."""
     events = ring_stream(30, 1500)
     for k, at in enumerate((-200, -190, -180)):  # three new items, room for one

@@ -291,9 +291,10 @@ class OnlineConfig:
     max_steps: int = 100
     """Steps a round takes at most, however much time it has."""
     max_train_seconds: float = 4.0
-    """A round trains for this long, or for as long as the longest of the last few rounds spent outside training
-    (the gate, the vocabulary, publishing) when that was longer, so that training is at least half of every
-    round. Short rounds serve fresher versions on a machine the trainer shares with the worker and the broker."""
+    """A round trains for this long, or for as long as the round spends outside training (loading and growing the
+    vocabulary, measured; the gate and publishing, predicted from the last few rounds) when that is longer, so
+    that training is at least half of every round. Short rounds serve fresher versions on a machine the trainer
+    shares with the worker and the broker."""
     num_threads: int = 0
     """torch CPU threads of the trainer (0 = torch's default, every core). Where it shares the cores with a
     worker and a broker, 1 avoids threads waiting on each other."""

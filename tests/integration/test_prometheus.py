@@ -167,6 +167,8 @@ def test_prometheus_scrapes_worker_and_trainer_and_fires_worker_down(guarded: tu
         assert [m["metric"]["version"] for m in model] == [version]
         health = server.query('lrustream_health{job="lrustream-worker"} == 1')
         assert [h["metric"]["state"] for h in health] == ["ok"]
+        trainer_health = server.query('lrustream_trainer_health{job="lrustream-trainer"} == 1')
+        assert [h["metric"]["state"] for h in trainer_health] == ["ok"]
         published = server.query("lrustream_trainer_last_published_timestamp_seconds")
         created = ModelStore(cfg.model_store.dir).info(version).created
         assert float(published[0]["value"][1]) == pytest.approx(created), "the serving version's creation"

@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: venv jars kcat test test-slow demo lint bench clean
+.PHONY: venv jars kcat prometheus test test-slow demo lint bench clean
 
 venv: $(STAMP)
 
@@ -31,10 +31,24 @@ kcat:
 	  mkdir -p $(KCAT_DIR)/debs && cd $(KCAT_DIR)/debs && apt-get download kcat librdkafka1 libyajl2 && \
 	  for f in *.deb; do dpkg -x $$f ..; done ) || echo "kcat: not installed (apt-get download failed)"
 
+# Debian's `prometheus` package (promtool and the server) for the monitoring tests (tests/unit/test_monitoring.py,
+# tests/integration/test_prometheus.py): the one on PATH; else, as root, `apt-get install` (no recommended
+# packages); else the package downloaded and unpacked under .lrustream/prometheus (no root needed, no service
+# set up). Best effort: without apt-get it prints a note, and the tests skip, or fail when CI is set.
+PROM_DIR = .lrustream/prometheus
+prometheus:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || test -x $(PROM_DIR)/usr/bin/promtool || \
+	if ! command -v apt-get >/dev/null; then echo "prometheus: not installed (no apt-get here)"; \
+	elif [ "$$(id -u)" = 0 ]; then ( apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends prometheus ) >/dev/null 2>&1 || \
+	  echo "prometheus: not installed (apt-get install prometheus failed)"; \
+	else ( mkdir -p $(PROM_DIR)/debs && cd $(PROM_DIR)/debs && apt-get download prometheus >/dev/null 2>&1 && \
+	  for f in prometheus_*.deb; do dpkg -x $$f ..; done ) || echo "prometheus: not installed (apt-get download failed)"; fi
+
 # pytest exits 5 when it collects no tests: a failure like any other (a suite that runs nothing proves nothing).
 # `make test` runs everything, the slow reliability tier included (about 25 minutes on 2 cores); `make test-slow`
 # runs that tier alone.
-test: jars kcat
+test: jars kcat prometheus
 	$(BIN)/python -m pytest -q --run-slow
 
 test-slow: jars

@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 # reads these buckets, lrustream/children.py), coarse beyond
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25,
                    0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# what GET /health can say (stream/worker.py, Worker.health); each is a series of lrustream_health, 1 for the
+# state the worker is in and 0 for the others, so a rule can select one state and an absent series means no scrape
+HEALTH_STATES = ("ok", "starting", "waiting", "degraded")
 
 
 class WorkerMetrics:
@@ -74,6 +77,10 @@ class WorkerMetrics:
                                      ["role", "version"], registry=r)
         self.popular = Gauge("lrustream_popular_item_weight", "The popular fallback's top items (recency-weighted "
                              "events, stream/popular.py) as this worker counts them", ["item"], registry=r)
+        self.health = Gauge("lrustream_health", "1 for the state GET /health reports (ok, starting, waiting, "
+                            "degraded), 0 for the others; set whenever /health or /metrics is asked", ["state"],
+                            registry=r)
+        self.set_health("starting")
         self._window: deque[tuple[float, int]] = deque()  # (when, events) per batch of the last 10 s
         self._window_events = 0  # their sum, kept as batches come and go (a batch is a few events at low rates)
 
@@ -89,6 +96,13 @@ class WorkerMetrics:
     def set_version(self, version: str) -> None:
         self.model_version.clear()
         self.model_version.labels(version=version).set(1)
+
+    def set_health(self, state: str) -> None:
+        """The state /health reports; one outside :data:`HEALTH_STATES` is a bug, refused."""
+        if state not in HEALTH_STATES:
+            raise ValueError(f"unknown health state {state!r}")
+        for each in HEALTH_STATES:
+            self.health.labels(state=each).set(1 if each == state else 0)
 
     def set_shadow(self, tally: Tally | None) -> None:
         """Both versions' figures side by side (None: no shadow, nothing shown)."""

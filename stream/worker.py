@@ -377,6 +377,7 @@ class Worker:
             body["reason"] = reason
         if (since := self.liveness.busy_since) is not None:
             body["batch_in_progress_s"] = round(time.monotonic() - since, 3)
+        self.metrics.set_health(status)
         return body, 200 if status == "ok" else 503
 
     def assigned(self) -> list[int]:
@@ -463,6 +464,7 @@ class Worker:
         class Metrics(View):
             async def get(self, request: Request) -> Response:
                 worker.metrics.states.set(worker.store.count())
+                worker.health()  # the state is derived from time (a stall), so it is worked out at each scrape
                 if worker.processor.serving is not None:
                     worker.metrics.set_popular(*worker.processor.popular_top(POPULAR_SHOWN, ()))
                 return self.bytes(worker.metrics.render(), content_type="text/plain; version=0.0.4")

@@ -151,3 +151,27 @@ def kcat() -> tuple[str, dict[str, str]]:
             pytest.fail(f"{missing}; CI must run this test, not skip it")
         pytest.skip(missing)
     return found
+
+
+PROMETHEUS_PKG_DIR = REPO / ".lrustream" / "prometheus"  # where `make prometheus` unpacks Debian's package
+
+
+def prometheus_tool(name: str) -> str:
+    """``promtool`` or ``prometheus`` from Debian's ``prometheus`` package: the one on PATH, else the one
+    `make prometheus` unpacked. Missing: a skip on a developer's machine, a failure when CI is set (`make test`
+    installs it first)."""
+    found = shutil.which(name)
+    local = PROMETHEUS_PKG_DIR / "usr" / "bin" / name
+    if found:
+        return found
+    if local.is_file():
+        return str(local)
+    missing = f"{name} is not installed: run `make prometheus` or `apt-get install prometheus`"
+    if os.environ.get("CI"):
+        pytest.fail(f"{missing}; CI must run this test, not skip it")
+    pytest.skip(missing)
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    return prometheus_tool("promtool")

@@ -469,6 +469,7 @@ class TrainerLoop:
         self.versions.catch_up()
         self.learner = OnlineLearner(cfg, self.store, self.versions)
         self.metrics, self.health = TrainerMetrics(), TrainerHealth(stall_after_s=cfg.stream.stall_after_s)
+        self._seed_last_published()
         self.lag: int | None = None
         self._lag_at = 0.0
         self.examples = Consumer(librdkafka_config(cfg, **{"group.id": o.group_id, "auto.offset.reset": "earliest",
@@ -479,14 +480,31 @@ class TrainerLoop:
         self.seen_at_round = 0  # buffer.seen when the last round ran
         self.requested = False
         self.http = TrainerHttp(cfg.http.host, o.http_port, cfg.http.token, self.health_report,
-                                self.metrics.render).start() if serve_http else None
+                                self.render_metrics).start() if serve_http else None
         if http_warning:
             log.warning(http_warning)
+
+    def _seed_last_published(self) -> None:
+        """Before this trainer's first publish, the last one is the serving version's creation: a restart does
+        not reset the age an operator alerts on."""
+        serving = self.store.current()
+        if serving is None:
+            return
+        try:
+            self.metrics.last_published.set(self.store.info(serving).created)
+        except ModelStoreError as exc:
+            log.warning("the serving version %s has no readable info (%s): no publish time to show", serving, exc)
+
+    def render_metrics(self) -> bytes:
+        """/metrics, with the health state worked out now (a stall is a matter of time, not of an event)."""
+        self.health_report()
+        return self.metrics.render()
 
     def health_report(self) -> tuple[dict[str, Any], int]:
         from trainer.service import health_body
 
         status, reason = self.health.report(self.lag)
+        self.metrics.set_health(status)
         return health_body(status, reason, serving=self.learner.version, new_events=self.buffer.new_events,
                            buffer_users=len(self.buffer.users), examples_lag=self.lag)
 

@@ -37,6 +37,7 @@ log = logging.getLogger("lrustream.trainer")
 
 ROUND_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 PREFIX = "lrustream_trainer_"
+HEALTH_STATES = ("ok", "degraded")  # what TrainerHealth.report can say
 
 
 def _number(value: Any) -> float:
@@ -86,6 +87,14 @@ class TrainerMetrics:
                                  ["version"], registry=r)
         self.round_seconds = Histogram(PREFIX + "round_seconds", "Seconds per round", registry=r,
                                        buckets=ROUND_BUCKETS)
+        self.refused_in_a_row = Gauge(PREFIX + "refused_in_a_row", "Rounds refused one after the other since the "
+                                      "last publish (or the start): 0 once a round publishes", registry=r)
+        self.last_published = Gauge(PREFIX + "last_published_timestamp_seconds", "Unix time the last version "
+                                    "was published: by a round of this trainer, else when the version serving at "
+                                    "start-up was created; 0 while no version exists", registry=r)
+        self.health = Gauge(PREFIX + "health", "1 for the state GET /health reports (ok, degraded), 0 for the "
+                            "other; set whenever /health or /metrics is asked", ["state"], registry=r)
+        self.set_health("ok")
 
     def observe_poll(self, examples: int, events: int) -> None:
         """One poll consumed ``examples`` records carrying ``events`` new events."""
@@ -104,16 +113,20 @@ class TrainerMetrics:
     def observe_round(self, entry: Mapping[str, Any]) -> None:
         """One round record as written to rounds.jsonl; any key may be missing."""
         self.rounds.inc()
+        at = _number(entry.get("at"))
+        at = at if math.isfinite(at) else time.time()
         if version := entry.get("published"):
             self.published.inc()
             self.set_version(str(version))
+            self.refused_in_a_row.set(0)
+            self.last_published.set(at)
         if reason := entry.get("refused"):
             self.refused.labels(reason=str(reason)).inc()
+            self.refused_in_a_row.inc()
         seconds = _number(entry.get("seconds"))
         if math.isfinite(seconds) and seconds >= 0:
             self.round_seconds.observe(seconds)
-        at = _number(entry.get("at"))
-        self.last_round.set(at if math.isfinite(at) else time.time())
+        self.last_round.set(at)
         self._observe_gate(entry.get("gate") or {})
         if (items := _number(entry.get("vocabulary"))) > 0:  # a round that got as far as its vocabulary
             self.vocabulary.set(items)
@@ -143,6 +156,13 @@ class TrainerMetrics:
     def set_version(self, version: str) -> None:
         self.serving_info.clear()
         self.serving_info.labels(version=version).set(1)
+
+    def set_health(self, state: str) -> None:
+        """The state /health reports; one outside :data:`HEALTH_STATES` is a bug, refused."""
+        if state not in HEALTH_STATES:
+            raise ValueError(f"unknown health state {state!r}")
+        for each in HEALTH_STATES:
+            self.health.labels(state=each).set(1 if each == state else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,4 +1,6 @@
-"""WorkerMetrics: the events/s gauge over the last 10 s."""
+"""WorkerMetrics: the events/s gauge over the last 10 s; the health gauge."""
+
+import pytest
 
 from stream.metrics import WorkerMetrics
 
@@ -15,3 +17,40 @@ def test_events_per_second_counts_the_last_ten_seconds_only() -> None:
     assert rate(m) == 41 * 25 / 10.0  # the batches from t=9.75 s on: 41 of them over 10 s
     m.observe_rate(5, now=40.0)  # after a pause, only the new batch is left
     assert rate(m) == 5.0
+
+
+def health_of(m: WorkerMetrics) -> dict[str, float]:
+    return {s.labels["state"]: s.value for f in m.registry.collect() if f.name == "lrustream_health"
+            for s in f.samples}
+
+
+def test_the_health_gauge_shows_one_state_at_a_time_and_refuses_an_unknown_one() -> None:
+    m = WorkerMetrics()
+    assert health_of(m) == {"ok": 0, "starting": 1, "waiting": 0, "degraded": 0}, "a new worker is starting"
+    m.set_health("degraded")
+    assert health_of(m) == {"ok": 0, "starting": 0, "waiting": 0, "degraded": 1}
+    m.set_health("ok")
+    assert health_of(m) == {"ok": 1, "starting": 0, "waiting": 0, "degraded": 0}
+    with pytest.raises(ValueError, match="unknown health state"):
+        m.set_health("fine")
+    assert health_of(m)["ok"] == 1, "a refused state changes nothing"
+
+
+def test_a_partition_given_away_leaves_the_lag_gauge() -> None:
+    from types import SimpleNamespace
+
+    from lrustream.kernel.config import load_config
+    from stream.health import Liveness
+    from stream.pipeline import Pipeline
+
+    m = WorkerMetrics()
+    store = SimpleNamespace(mark_stale=lambda: None)
+    pipeline = Pipeline(load_config(), SimpleNamespace(), store, m, Liveness())  # type: ignore[arg-type]
+    pipeline.assignment = [0, 1]
+    for p in (0, 1):
+        m.lag.labels(partition=str(p)).set(100 + p)
+    pipeline._forget([SimpleNamespace(partition=0), SimpleNamespace(partition=5)])  # 5: never owned
+    lags = {s.labels["partition"]: s.value for f in m.registry.collect() if f.name == "lrustream_consumer_lag"
+            for s in f.samples}
+    assert lags == {"1": 101}
+    assert pipeline.assignment == [1]

@@ -75,6 +75,34 @@ def test_a_later_publish_replaces_the_serving_version_and_polls_are_counted() ->
     assert samples(other)[("lrustream_trainer_rounds_total", ())] == 0, "each instance has its own registry"
 
 
+def test_refusals_in_a_row_count_up_until_a_publish_which_sets_the_publish_time() -> None:
+    m = TrainerMetrics()
+    assert samples(m)[("lrustream_trainer_refused_in_a_row", ())] == 0
+    assert samples(m)[("lrustream_trainer_last_published_timestamp_seconds", ())] == 0, "nothing published yet"
+    for _ in range(3):
+        m.observe_round(REFUSED)
+    assert samples(m)[("lrustream_trainer_refused_in_a_row", ())] == 3
+    assert samples(m)[("lrustream_trainer_last_published_timestamp_seconds", ())] == 0, "refusals publish nothing"
+    m.observe_round(PUBLISHED)
+    assert samples(m)[("lrustream_trainer_refused_in_a_row", ())] == 0
+    assert samples(m)[("lrustream_trainer_last_published_timestamp_seconds", ())] == PUBLISHED["at"]
+    m.observe_round({**REFUSED, "at": PUBLISHED["at"] + 600})
+    got = samples(m)
+    assert got[("lrustream_trainer_refused_in_a_row", ())] == 1
+    assert got[("lrustream_trainer_last_published_timestamp_seconds", ())] == PUBLISHED["at"]
+
+
+def test_the_health_gauge_shows_the_reported_state_only() -> None:
+    m = TrainerMetrics()
+    assert samples(m)[("lrustream_trainer_health", (("state", "ok"),))] == 1
+    m.set_health("degraded")
+    got = samples(m)
+    assert got[("lrustream_trainer_health", (("state", "ok"),))] == 0
+    assert got[("lrustream_trainer_health", (("state", "degraded"),))] == 1
+    with pytest.raises(ValueError, match="unknown health state"):
+        m.set_health("waiting")
+
+
 def test_health_is_ok_at_start_and_degraded_while_polling_fails() -> None:
     h = TrainerHealth(stall_after_s=10, progress_at=0.0)
     assert h.report(lag=0, now=1.0) == ("ok", None)

@@ -11,8 +11,10 @@ the replay into what each eighth's events are made of, from the events alone:
   history the recurrent state summarises;
 * ``hr10_known``: HR@10 on the events whose item and user the warm half holds;
 * ``hr10_first_mix``: HR@10 re-weighted to the first eighth's mix of strata (item new or not x history length in
-  :data:`HISTORY_BINS`): where it stays near the first eighth's HR@10 while the plain figure falls, the decay is a
-  change of mix (harder events); where it falls too, the model is going stale within each kind of event;
+  :data:`HISTORY_BINS`; a stratum an eighth lacks is left out and the others' weights scaled up, none given when
+  the strata left hold under half of the first eighth's events): where it stays near the first eighth's HR@10
+  while the plain figure falls, the decay is a change of mix (harder events); where it falls too, the model is
+  going stale within each kind of event;
 * ``pop_warm`` / ``pop_recent``: HR@10 of two popularity recommenders, the ten most frequent items of the warm half
   and those of the eighth before (the warm half's last eighth-length for the first), each skipping what the user
   has already seen. ``pop_recent`` overtaking ``pop_warm`` measures a shift in what is popular.
@@ -54,14 +56,14 @@ def _popular_hit(ranked: list[str], seen: set[str], item: str) -> float:
 
 
 def _standardised(hits: np.ndarray, strata: np.ndarray, weights: dict[int, float]) -> float | None:
-    """HR@10 with each stratum weighted as in ``weights``; None when a weighted stratum has no event here."""
-    total = 0.0
-    for stratum, weight in weights.items():
-        mask = strata == stratum
-        if not mask.any():
-            return None
-        total += weight * float(hits[mask].mean())
-    return total
+    """HR@10 with each stratum weighted as in ``weights``, over the strata that have events here (their weights
+    scaled to sum to 1); None when those strata hold less than half of ``weights``: the figure would then speak
+    for a different mix."""
+    present = {stratum: weight for stratum, weight in weights.items() if (strata == stratum).any()}
+    covered = sum(present.values())
+    if covered < 0.5:
+        return None
+    return sum(weight * float(hits[strata == stratum].mean()) for stratum, weight in present.items()) / covered
 
 
 def _ranked(counts: Counter[str]) -> list[str]:

@@ -34,11 +34,20 @@ def test_a_change_of_mix_leaves_the_first_mix_figure_flat_while_the_plain_one_fa
     assert all(abs(v - rows["hr10"][0]) < 0.01 for v in rows["hr10_first_mix"])  # the mix explains all of it
 
 
-def test_a_stratum_missing_later_gives_no_first_mix_figure() -> None:
-    warm = [("a", "w")] * 300 + [("b", "w")]
-    scored = [("b", "w")] * 4 + [("a", "w")] * 4  # b's short history in the first eighths only
-    rows = decompose(warm, scored, [1.0] * 8)
-    assert rows["hr10_first_mix"][0] == 1.0 and rows["hr10_first_mix"][-1] is None
+def test_a_stratum_missing_later_is_left_out_unless_it_held_most_of_the_first_mix() -> None:
+    short = [(f"s{n}", "w") for n in range(40)]  # users with one warm event: the shortest stratum
+    warm = [("a", "w")] * 300 + short + [("b", "w")] * 60
+    # first eighth: 3 short-history events (hit) and 1 of a (300 earlier events, miss); later eighths lack the
+    # short stratum: a's stratum alone stands for the first mix, its hit rate as it is there
+    scored = [("s0", "w"), ("s1", "w"), ("s2", "w"), ("a", "w")] + [("a", "w")] * 28
+    hits = [1.0, 1.0, 1.0, 0.0] + [1.0, 0.0, 0.0, 0.0] * 7
+    rows = decompose(warm, scored, hits)
+    assert rows["hr10_first_mix"][0] == pytest.approx(0.75)
+    assert rows["hr10_first_mix"][1:] == [None] * 7, "the short stratum held 3/4 of the first mix"
+    # the other way round: a's stratum is the missing quarter, the short one stands for the rest
+    scored = [("a", "w"), ("s0", "w"), ("s1", "w"), ("s2", "w")] + [(f"s{3 + n}", "w") for n in range(28)]
+    rows = decompose(warm, scored, [0.0, 1.0, 1.0, 1.0] + [1.0, 0.0, 1.0, 1.0] * 7)
+    assert rows["hr10_first_mix"][1:] == [pytest.approx(0.75)] * 7
 
 
 def test_a_stale_model_falls_at_the_first_mix_too() -> None:

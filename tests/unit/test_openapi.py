@@ -317,7 +317,8 @@ def test_a_running_trainer_answers_as_documented() -> None:
     from trainer.service import TrainerHealth, TrainerHttp, TrainerMetrics
 
     doc = load(TRAINER_DOC)
-    loop = types.SimpleNamespace(health=TrainerHealth(), lag=None, learner=types.SimpleNamespace(version="v000004"),
+    loop = types.SimpleNamespace(health=TrainerHealth(), metrics=TrainerMetrics(), lag=None,
+                                 learner=types.SimpleNamespace(version="v000004"),
                                  buffer=types.SimpleNamespace(new_events=12, users={"u1": None}))
     health = types.MethodType(TrainerLoop.health_report, loop)
     http = TrainerHttp("127.0.0.1", 0, TOKEN, health, TrainerMetrics().render).start()

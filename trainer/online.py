@@ -73,7 +73,8 @@ from trainer.loss import sequence_loss
 from trainer.optim import make_optimizer, pick_device, warm_up
 
 log = logging.getLogger("lrustream.trainer")
-OVERHEAD_ROUNDS = 5  # rounds whose gate and publishing costs predict the next round's (train_seconds)
+# the last rounds whose gates (hit rate, seconds per event) and publishes size the next: holdout_size, train_seconds
+OVERHEAD_ROUNDS = 5
 
 
 # ----- one round's outcome -------------------------------------------------------------------------------------

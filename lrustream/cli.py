@@ -1,7 +1,9 @@
 """The ``lrustream`` command. Thin: parse arguments, load config, call the package that does the work.
 
 Every command takes ``--config FILE`` and trailing ``key=value`` overrides. Errors a user can fix print one
-line on stderr and exit non-zero (2 for bad configuration or arguments, 1 for everything else).
+line on stderr and exit non-zero (2 for bad configuration or arguments, 1 for everything else); ``broker status``
+and ``status`` exit 3 when the broker does not answer, and Ctrl-C exits 130. docs/cli.md lists the commands and
+these codes.
 """
 
 from __future__ import annotations

@@ -210,3 +210,60 @@ def test_probe_status_reports_missing_topics_part_by_part(monkeypatch: pytest.Mo
     assert lines[2:] == ["workers  group lrustream-worker dead: 0 member(s)",
                          "serving  topic model-versions does not exist",
                          "lag      topic interactions does not exist"]
+
+
+class _Future:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+def test_worker_group_reads_members_urls_and_input_partitions(monkeypatch: pytest.MonkeyPatch) -> None:
+    from confluent_kafka import ConsumerGroupState, TopicPartition
+    from confluent_kafka.admin import ConsumerGroupDescription, MemberAssignment, MemberDescription
+
+    import lrustream.kernel.kafka
+
+    members = [MemberDescription("m1", "lrustream url=http://w1:6066", "/10.0.0.1",
+                                 MemberAssignment([TopicPartition("interactions", 1), TopicPartition("other", 0),
+                                                   TopicPartition("interactions", 0)])),
+               MemberDescription("m2", "someone-else", "/10.0.0.2", MemberAssignment(None))]
+    description = ConsumerGroupDescription("lrustream-worker", False, members, "range", ConsumerGroupState.STABLE,
+                                           None)
+
+    class Admin:
+        def describe_consumer_groups(self, groups: list[str], request_timeout: float) -> dict[str, _Future]:
+            return {groups[0]: _Future(description)}
+
+    monkeypatch.setattr(lrustream.kernel.kafka, "admin", lambda cfg: Admin())
+    assert cli._worker_group(load_config(), {}, 1.0) == {"state": "stable", "members": [
+        {"client_id": "lrustream url=http://w1:6066", "host": "/10.0.0.1", "url": "http://w1:6066",
+         "partitions": [0, 1]},
+        {"client_id": "someone-else", "host": "/10.0.0.2", "url": None, "partitions": []}]}
+
+
+def test_group_offsets_pairs_committed_and_end_offsets(monkeypatch: pytest.MonkeyPatch) -> None:
+    import confluent_kafka
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+
+    import lrustream.kernel.kafka
+
+    class Admin:
+        def list_consumer_group_offsets(self, requests: list[Any], request_timeout: float) -> dict[str, _Future]:
+            group = requests[0].group_id
+            return {group: _Future(ConsumerGroupTopicPartitions(group, [
+                TopicPartition("interactions", 0, 40), TopicPartition("interactions", 1, -1001)]))}
+
+    class Consumer:
+        def __init__(self, conf: dict[str, Any]) -> None:
+            assert conf["group.id"].startswith("lrustream-worker-status-")  # never the workers' own group
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(lrustream.kernel.kafka, "admin", lambda cfg: Admin())
+    monkeypatch.setattr(lrustream.kernel.kafka, "high_watermarks", lambda consumer, topic, ps, t: {0: 50, 1: 3})
+    monkeypatch.setattr(confluent_kafka, "Consumer", Consumer)
+    assert cli._group_offsets(load_config(), {"interactions": 2}, 1.0) == {0: [40, 50], 1: [None, 3]}

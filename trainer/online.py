@@ -62,7 +62,7 @@ import torch
 from lrustream.kernel.config import Config, resolve_path
 from lrustream.kernel.http import check_http_exposure
 from models.base import SeqRecModel
-from models.store import LoadedModel, ModelStore, ModelStoreError
+from models.store import POPULAR_NOTE, LoadedModel, ModelStore, ModelStoreError, popular_note
 from models.vocab import Vocabulary
 from stream.examples import BadExample, decode_example
 from stream.versions import VersionLog
@@ -378,7 +378,9 @@ class OnlineLearner:
                 info = (self.publisher or self.store).publish(self.model, self.vocab, parent=serving.info.version,
                                           metrics={f"holdout_{k}": v for k, v in result.candidate.items()},
                                           notes={"source": "online", "trained_events": trainable,
-                                                 "heldout": len(held), "steps": result.steps, "loss": result.loss})
+                                                 "heldout": len(held), "steps": result.steps, "loss": result.loss,
+                                                 POPULAR_NOTE: popular_note(
+                                                     item for w in (*with_new, *others) for item in w)})
                 self.version, result.published = info.version, info.version
                 self.trained_before[info.version] = buffer.trained
                 while len(self.trained_before) > 64:  # only a recent version is ever rolled back

@@ -332,8 +332,6 @@ class Pipeline:
         for p in gone:
             self.last_offsets.pop(p, None)
             self.high_watermarks.pop(p, None)
-            # its lag is now its new owner's to report: a series left here would stay frozen at its last value
-            self.metrics.lag.remove(str(p))
         self.store.mark_stale()
 
 

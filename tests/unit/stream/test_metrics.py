@@ -34,23 +34,3 @@ def test_the_health_gauge_shows_one_state_at_a_time_and_refuses_an_unknown_one()
     with pytest.raises(ValueError, match="unknown health state"):
         m.set_health("fine")
     assert health_of(m)["ok"] == 1, "a refused state changes nothing"
-
-
-def test_a_partition_given_away_leaves_the_lag_gauge() -> None:
-    from types import SimpleNamespace
-
-    from lrustream.kernel.config import load_config
-    from stream.health import Liveness
-    from stream.pipeline import Pipeline
-
-    m = WorkerMetrics()
-    store = SimpleNamespace(mark_stale=lambda: None)
-    pipeline = Pipeline(load_config(), SimpleNamespace(), store, m, Liveness())  # type: ignore[arg-type]
-    pipeline.assignment = [0, 1]
-    for p in (0, 1):
-        m.lag.labels(partition=str(p)).set(100 + p)
-    pipeline._forget([SimpleNamespace(partition=0), SimpleNamespace(partition=5)])  # 5: never owned
-    lags = {s.labels["partition"]: s.value for f in m.registry.collect() if f.name == "lrustream_consumer_lag"
-            for s in f.samples}
-    assert lags == {"1": 101}
-    assert pipeline.assignment == [1]

@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: venv jars kcat prometheus test test-slow demo lint bench clean
+.PHONY: venv jars kcat prometheus chromium test test-slow demo lint bench clean
 
 venv: $(STAMP)
 
@@ -45,10 +45,20 @@ prometheus:
 	else ( mkdir -p $(PROM_DIR)/debs && cd $(PROM_DIR)/debs && apt-get download prometheus >/dev/null 2>&1 && \
 	  for f in prometheus_*.deb; do dpkg -x $$f ..; done ) || echo "prometheus: not installed (apt-get download failed)"; fi
 
+# Debian's Chromium for the trainer's operator page in a headless browser (tests/unit/trainer/test_page.py): the
+# one on PATH; else, as root, `apt-get install`. Chromium's libraries cannot be unpacked without root, so other
+# users get a note, and the test skips, or fails when CI is set.
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then ( apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium ) >/dev/null 2>&1 || \
+	  echo "chromium: not installed (apt-get install chromium failed)"; \
+	else echo "chromium: not installed (install Debian's chromium as root)"; fi
+
 # pytest exits 5 when it collects no tests: a failure like any other (a suite that runs nothing proves nothing).
 # `make test` runs everything, the slow reliability tier included (about 25 minutes on 2 cores); `make test-slow`
 # runs that tier alone.
-test: jars kcat prometheus
+test: jars kcat prometheus chromium
 	$(BIN)/python -m pytest -q --run-slow
 
 test-slow: jars

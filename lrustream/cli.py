@@ -1,7 +1,9 @@
 """The ``lrustream`` command. Thin: parse arguments, load config, call the package that does the work.
 
 Every command takes ``--config FILE`` and trailing ``key=value`` overrides. Errors a user can fix print one
-line on stderr and exit non-zero (2 for bad configuration or arguments, 1 for everything else).
+line on stderr and exit non-zero (2 for bad configuration or arguments, 1 for everything else); ``broker status``
+and ``status`` exit 3 when the broker does not answer, and Ctrl-C exits 130. docs/cli.md lists the commands and
+these codes.
 """
 
 from __future__ import annotations
@@ -155,12 +157,22 @@ def topics_create(config: ConfigOpt = None, overrides: Overrides = None) -> None
 
 
 @topics_app.command("list")
-def topics_list(config: ConfigOpt = None, overrides: Overrides = None) -> None:
-    """Topics on the cluster with their partition counts."""
+def topics_list(config: ConfigOpt = None, overrides: Overrides = None, as_json: JsonOpt = False) -> None:
+    """Topics on the cluster with their partition counts. --json: {"topics": [{"name", "partitions"}]}."""
     from stream.topics import partition_counts
 
-    for name, n in sorted(partition_counts(cfg_of(config, overrides)).items()):
-        echo(f"{name}\t{n}")
+    counts = partition_counts(cfg_of(config, overrides))
+    if as_json:
+        echo_json(topics_document(counts))
+    else:
+        for name, n in sorted(counts.items()):
+            echo(f"{name}\t{n}")
+
+
+def topics_document(counts: dict[str, int]) -> dict[str, Any]:
+    """``topics list --json``: the cluster's topics (Kafka's internal ``__`` ones left out), sorted by name, each
+    with its partition count."""
+    return {"topics": [{"name": name, "partitions": n} for name, n in sorted(counts.items())]}
 
 
 # ----- offline models -------------------------------------------------------------------------------------------
@@ -653,8 +665,11 @@ def state_inspect(
     user: Annotated[str, typer.Argument(help="User id as producers send it.")],
     config: ConfigOpt = None,
     overrides: Overrides = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Print a user's stored record as JSON (read-only; safe while the worker runs)."""
+    """Print a user's stored record as indented JSON (read-only; safe while the worker runs). --json: the same
+    document on one line: {"user_id", "partition", "model_version", "last_applied": {"partition", "offset"},
+    "updated_ms", "state_bytes", "window", "unknown_items"}."""
     import contextlib
 
     from models.store import ModelStore, ModelStoreError
@@ -669,13 +684,17 @@ def state_inspect(
     items: list[str] | None = None
     with contextlib.suppress(ModelStoreError):  # external ids are what operators know
         items = record.external_window(ModelStore(cfg.model_store.dir).vocabulary(record.version).item_of)
-    echo(json.dumps({
+    document = {
         "user_id": user, "partition": partition, "model_version": record.version,
         "last_applied": {"partition": record.partition, "offset": record.offset},
         "updated_ms": record.updated_ms, "state_bytes": len(record.state),
         "window": items if items is not None else [int(i) for i in record.window],
         "unknown_items": record.unknown,
-    }, indent=2))
+    }
+    if as_json:
+        echo(json.dumps(document, separators=(",", ":"), ensure_ascii=False))
+    else:
+        echo(json.dumps(document, indent=2))
 
 
 @app.command("demo")
@@ -736,6 +755,225 @@ def recs_cmd(
             sys.stdout.flush()  # line by line, so `| head` and `| grep` see records as they come
     except BrokenPipeError:
         _quiet_stdout()
+
+
+# ----- at a glance, and one request ----------------------------------------------------------------------------
+STATUS_DOWN = 3
+"""``lrustream status`` exits with this when the broker cannot be reached (as ``broker status`` does: the LSB
+"not running" code); 0 when it answers, whatever the rest says."""
+
+
+@app.command("status")
+def status_cmd(config: ConfigOpt = None, overrides: Overrides = None, as_json: JsonOpt = False) -> None:
+    """The whole system at a glance: the broker, lrustream's topics, the workers of the consumer group, the
+    serving version and the workers' lag. Exit 0 when the broker answers, 3 when it cannot be reached.
+    --json: {"broker", "topics", "workers", "serving", "lag"} (see docs/cli.md)."""
+    cfg = cfg_of(config, overrides)
+    document = status_document(cfg, probe_status(cfg))
+    if as_json:
+        echo_json(document)
+    else:
+        for line in status_lines(document):
+            echo(line)
+    raise typer.Exit(0 if document["broker"]["reachable"] else STATUS_DOWN)
+
+
+def lrustream_topics(cfg: Config) -> dict[str, str]:
+    """The topics lrustream uses: config key under ``topics`` -> topic name."""
+    import dataclasses
+
+    return {f.name: getattr(cfg.topics, f.name) for f in dataclasses.fields(cfg.topics)
+            if isinstance(getattr(cfg.topics, f.name), str)}
+
+
+def probe_status(cfg: Config, timeout_s: float = 5.0) -> dict[str, Any]:
+    """What the cluster says, read once (every Kafka read of ``status`` is here, so that tests stub this one
+    function): ``error`` (why the broker is unreachable, else None), ``partitions`` (topic -> partition count),
+    ``group`` (the worker group's state and members, or an error), ``pointers`` (the model-versions topic's
+    pointer records, or an error) and ``offsets`` (input partition -> [committed, end], or an error). Each part
+    that fails says why and leaves the others standing."""
+    from stream.topics import partition_counts
+
+    try:
+        partitions = partition_counts(cfg, timeout_s)
+    except Exception as exc:  # KafkaException, or a transport error: the broker is what is missing
+        return {"error": _why(exc), "partitions": {}, "group": None, "pointers": None, "offsets": None}
+    probe: dict[str, Any] = {"error": None, "partitions": partitions}
+    for key, read in (("group", _worker_group), ("pointers", _pointer_records), ("offsets", _group_offsets)):
+        try:
+            probe[key] = read(cfg, partitions, timeout_s)
+        except Exception as exc:  # one unreadable part (a missing topic, a slow coordinator) is reported alone
+            probe[key] = {"error": _why(exc)}
+    return probe
+
+
+def _why(exc: Exception) -> str:
+    from lrustream.kernel.kafka import reason
+
+    return reason(exc) if type(exc).__name__ == "KafkaException" else str(exc) or type(exc).__name__
+
+
+def _worker_group(cfg: Config, partitions: dict[str, int], timeout_s: float) -> dict[str, Any]:
+    """The consumer group ``stream.app_id`` as the admin API describes it: its state and each member's client
+    id, host, HTTP address (workers put their advertised URL in their client id) and assigned input
+    partitions."""
+    from lrustream.kernel.kafka import admin
+    from stream.queries import URL_MARK
+
+    group = cfg.stream.app_id
+    description = admin(cfg).describe_consumer_groups([group], request_timeout=timeout_s)[group].result()
+    members = [{"client_id": m.client_id, "host": m.host, "url": m.client_id.partition(URL_MARK)[2] or None,
+                "partitions": sorted(tp.partition for tp in ((m.assignment and m.assignment.topic_partitions) or [])
+                                     if tp.topic == cfg.topics.interactions)}
+               for m in description.members]
+    return {"state": str(description.state.name).lower(), "members": members}
+
+
+def _pointer_records(cfg: Config, partitions: dict[str, int], timeout_s: float) -> dict[str, Any]:
+    """The last record of each pointer (@current, @pin, @shadow) on the model-versions topic, read without
+    installing any version (``models list`` installs them; the pointers are what says which one serves)."""
+    from lrustream.kernel.kafka import MissingTopic, assigned_reader, read_to_end
+    from stream.versions import POINTERS
+
+    topic = cfg.topics.model_versions
+    if topic not in partitions:
+        raise MissingTopic(f"topic {topic} does not exist")
+    consumer, numbers = assigned_reader(cfg, topic, f"{cfg.stream.app_id}-status", from_beginning=True,
+                                        timeout_s=timeout_s)
+    pointers: dict[str, Any] = dict.fromkeys(POINTERS)
+    try:
+        def take(wait_s: float) -> list[Any]:
+            first = consumer.poll(wait_s)
+            return [] if first is None else [first, *consumer.consume(63, 0)]
+
+        for batch in read_to_end(consumer, topic, numbers, take, timeout_s * 6):
+            for message in batch:
+                if message.error() is None and (key := (message.key() or b"").decode()) in POINTERS:
+                    body = json.loads(message.value()) if message.value() is not None else {}
+                    pointers[key] = body.get("version")
+    finally:
+        consumer.close()
+    return pointers
+
+
+def _group_offsets(cfg: Config, partitions: dict[str, int], timeout_s: float) -> dict[int, list[int | None]]:
+    """Each input partition's committed offset in the worker group (None: never committed) and end offset."""
+    import uuid
+
+    from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+
+    from lrustream.kernel.kafka import MissingTopic, admin, high_watermarks, librdkafka_config
+
+    topic = cfg.topics.interactions
+    if topic not in partitions:
+        raise MissingTopic(f"topic {topic} does not exist")
+    numbers = list(range(partitions[topic]))
+    group = cfg.stream.app_id
+    request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in numbers])
+    answer = admin(cfg).list_consumer_group_offsets([request], request_timeout=timeout_s)[group].result()
+    committed = {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in answer.topic_partitions}
+    consumer = Consumer(librdkafka_config(cfg, **{"group.id": f"{group}-status-{uuid.uuid4().hex[:8]}",
+                                                  "enable.auto.commit": False}))
+    try:
+        ends = high_watermarks(consumer, topic, numbers, timeout_s)
+    finally:
+        consumer.close()
+    return {p: [committed.get(p), ends[p]] for p in numbers}
+
+
+def status_document(cfg: Config, probe: dict[str, Any]) -> dict[str, Any]:
+    """``status --json`` from :func:`probe_status`: ``broker`` {bootstrap, reachable, error}; ``topics``, one per
+    topic lrustream uses {key, name, exists, partitions}; ``workers`` {group, state, members: [{client_id, host,
+    url, partitions}], error}; ``serving`` {serving, current, pinned, shadow, error}; ``lag`` {group, topic, total,
+    partitions: [{partition, committed, end, lag}], error}. A part the broker could not give is null with its
+    ``error``; lag counts a partition never committed from offset 0 (a new group reads from the beginning)."""
+    reachable = probe["error"] is None
+    counts = probe["partitions"]
+    topics = [{"key": key, "name": name, "exists": name in counts if reachable else None,
+               "partitions": counts.get(name)} for key, name in lrustream_topics(cfg).items()]
+    group = cfg.stream.app_id
+
+    def failed(part: Any) -> str | None:
+        if not reachable:
+            return "broker unreachable"
+        return part.get("error") if isinstance(part, dict) and "error" in part else None
+
+    workers: dict[str, Any] = {"group": group, "state": None, "members": None, "error": failed(probe["group"])}
+    if workers["error"] is None:
+        workers.update(state=probe["group"]["state"], members=probe["group"]["members"])
+    pointers = probe["pointers"]
+    serving: dict[str, Any] = {"serving": None, "current": None, "pinned": None, "shadow": None,
+                               "error": failed(pointers)}
+    if serving["error"] is None:
+        serving.update(serving=pointers["@pin"] or pointers["@current"], current=pointers["@current"],
+                       pinned=pointers["@pin"], shadow=pointers["@shadow"])
+    offsets = probe["offsets"]
+    lag: dict[str, Any] = {"group": group, "topic": cfg.topics.interactions, "total": None, "partitions": None,
+                           "error": failed(offsets)}
+    if lag["error"] is None:
+        rows = [{"partition": int(p), "committed": committed, "end": end, "lag": max(0, end - (committed or 0))}
+                for p, (committed, end) in sorted(offsets.items(), key=lambda kv: int(kv[0]))]
+        lag.update(partitions=rows, total=sum(r["lag"] for r in rows) if rows else None)
+    return {"broker": {"bootstrap": cfg.kafka.bootstrap_servers, "reachable": reachable, "error": probe["error"]},
+            "topics": topics, "workers": workers, "serving": serving, "lag": lag}
+
+
+def status_lines(document: dict[str, Any]) -> list[str]:
+    """``status`` as text, from :func:`status_document`."""
+    broker = document["broker"]
+    if not broker["reachable"]:
+        return [f"broker   {broker['bootstrap']}: unreachable ({broker['error']})",
+                "topics, workers, serving version and lag need the broker"]
+    lines = [f"broker   {broker['bootstrap']}: reachable"]
+    missing = [t["name"] for t in document["topics"] if not t["exists"]]
+    present = " ".join(f"{t['name']}({t['partitions']})" for t in document["topics"] if t["exists"])
+    lines.append(f"topics   {present or 'none'}" + (f"; missing: {' '.join(missing)} (lrustream topics create)"
+                                                     if missing else ""))
+    workers = document["workers"]
+    if workers["error"]:
+        lines.append(f"workers  group {workers['group']}: {workers['error']}")
+    else:
+        members = workers["members"]
+        lines.append(f"workers  group {workers['group']} {workers['state']}: {len(members)} member(s)")
+        lines += [f"         {m['url'] or m['client_id']} on {m['host']}: partitions "
+                  f"{','.join(map(str, m['partitions'])) or '-'}" for m in members]
+    serving = document["serving"]
+    if serving["error"]:
+        lines.append(f"serving  {serving['error']}")
+    else:
+        extra = "".join(f", {name} {serving[name]}" for name in ("current", "pinned", "shadow") if serving[name])
+        lines.append(f"serving  {serving['serving'] or 'no version yet'}" + (f" ({extra[2:]})" if extra else ""))
+    lag = document["lag"]
+    if lag["error"]:
+        lines.append(f"lag      {lag['error']}")
+    elif lag["total"] is None:
+        lines.append(f"lag      {lag['topic']}: no partitions")
+    else:
+        per = " ".join(f"{r['partition']}:{r['lag']}" for r in lag["partitions"])
+        lines.append(f"lag      {lag['total']} events on {lag['topic']} (per partition {per})")
+    return lines
+
+
+@app.command("recommend")
+def recommend_cmd(
+    user: Annotated[str, typer.Argument(help="User id as producers send it.")],
+    k: Annotated[int | None, typer.Option("-k", "--k", min=1, help="How many items (default: the worker's "
+                                                                   "stream.top_k).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="An item not to recommend; repeatable.")
+                       ] = None,
+    url: Annotated[str | None, typer.Option(help="A worker's HTTP address (default: http://{http.host}:"
+                                                 "{http.port}); it redirects to the user's owner.")] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Ask a worker for a user's recommendations now (GET /recommendations/{user_id}) and print its JSON answer.
+    http.token, when set, is sent as a bearer token."""
+    from lrustream.client import recommend
+
+    cfg = cfg_of(config, overrides)
+    answer = recommend(url or f"http://{cfg.http.host}:{cfg.http.port}", user, k, exclude or [],
+                       token=cfg.http.token, retries=2)
+    echo_json(answer)
 
 
 def _quiet_stdout() -> None:

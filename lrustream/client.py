@@ -72,22 +72,8 @@ class Client:
     def recommend(self, user_id: str | int, k: int | None = None, exclude: Iterable[str] = ()) -> dict[str, Any]:
         """The user's top-``k`` now (GET /recommendations/{user_id}); ``"fallback": "popular"`` in the answer
         when the model cannot rank for the user (stream/README.md, "Requests")."""
-        query = {**({"k": str(k)} if k is not None else {}), **({"exclude": ",".join(exclude)} if exclude else {})}
-        url = f"{self.url}/recommendations/{quote(str(user_id), safe='')}" + (f"?{urlencode(query)}" if query else "")
-        for attempt in range(self.retries + 1):
-            try:
-                with urllib.request.urlopen(url, timeout=self.timeout_s) as resp:  # follows the owner's redirect
-                    return json.loads(resp.read())
-            except urllib.error.HTTPError as exc:
-                why = _error_of(exc)
-                if exc.code != 503 or attempt == self.retries:
-                    raise ClientError(f"GET {url}: {exc.code} {why}") from None
-                time.sleep(float(exc.headers.get("Retry-After", "1")))
-            except OSError as exc:
-                if attempt == self.retries:
-                    raise ClientError(f"GET {url}: {exc}") from None
-                time.sleep(1.0)
-        raise AssertionError("unreachable")
+        return recommend(self.url, user_id, k, exclude, token=self.cfg.http.token, timeout_s=self.timeout_s,
+                         retries=self.retries)
 
     def close(self) -> None:
         """Wait (briefly) for what was sent; events sent and never flushed may be lost."""
@@ -98,6 +84,39 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def recommendations_url(url: str, user_id: str | int, k: int | None = None, exclude: Iterable[str] = ()) -> str:
+    """The GET /recommendations/{user_id} address on the worker at ``url``, with its ``k`` and ``exclude``
+    (comma-separated) query parameters when given."""
+    exclude = list(exclude)
+    query = {**({"k": str(k)} if k is not None else {}), **({"exclude": ",".join(exclude)} if exclude else {})}
+    return (f"{url.rstrip('/')}/recommendations/{quote(str(user_id), safe='')}"
+            + (f"?{urlencode(query)}" if query else ""))
+
+
+def recommend(url: str, user_id: str | int, k: int | None = None, exclude: Iterable[str] = (), *,
+              token: str | None = None, timeout_s: float = 5.0, retries: int = 5) -> dict[str, Any]:
+    """Ask the worker at ``url`` for the user's top-``k`` (the answer's JSON object). A worker that does not own
+    the user answers 307 to the one that does, which urllib follows for a GET, keeping the headers; ``token``
+    goes as ``Authorization: Bearer TOKEN``. 503 (a rebalance) and unreachable workers are tried ``retries``
+    more times; then, or on any other error status, :class:`ClientError` with the worker's why."""
+    address = recommendations_url(url, user_id, k, exclude)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    for attempt in range(retries + 1):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(address, headers=headers), timeout=timeout_s) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            why = _error_of(exc)
+            if exc.code != 503 or attempt == retries:
+                raise ClientError(f"GET {address}: {exc.code} {why}") from None
+            time.sleep(float(exc.headers.get("Retry-After", "1")))
+        except OSError as exc:
+            if attempt == retries:
+                raise ClientError(f"GET {address}: {exc}") from None
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
 def _error_of(exc: urllib.error.HTTPError) -> str:

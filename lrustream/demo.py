@@ -41,6 +41,7 @@ from lrustream.children import (
 )
 from lrustream.kernel.config import Config, resolve_path
 
+TITLE_FILES = (("movies.dat", "::"), ("u.item", "|"))  # MovieLens-1M (id::title::genres), ML-100K (id|title|...)
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DEMO_DATA = "ml-1m-subset-users1-2999"
 
@@ -65,6 +66,32 @@ def pick_data(data: str | None, workdir: Path, log: Callable[[str], None]) -> st
             lines.append(f"{user}\t{pos + 1}\t5\t{ts}")
     path.write_text("\n".join(lines) + "\n")
     return str(path)
+
+
+def load_titles(data: str | Path) -> tuple[dict[str, str], Path | None]:
+    """Item titles by item id from the titles file beside the data (``data`` a folder, or a file in it), and
+    that file: MovieLens-1M's movies.dat or ML-100K's u.item, read as latin-1 (their encoding). Lines that are
+    not ``id<sep>title<sep>...`` are skipped; no such file, or one that cannot be read: no titles."""
+    folder = Path(data) if Path(data).is_dir() else Path(data).parent
+    for name, sep in TITLE_FILES:
+        path = folder / name
+        try:
+            text = path.read_text(encoding="latin-1")
+        except OSError:
+            continue
+        titles = {}
+        for line in text.splitlines():
+            fields = line.split(sep)
+            if len(fields) >= 2 and (item := fields[0].strip()) and (title := fields[1].strip()):
+                titles[item] = title
+        if titles:
+            return titles, path
+    return {}, None
+
+
+def format_items(items: list[str], titles: dict[str, str]) -> str:
+    """Item ids for the screen, each as ``id (title)`` where ``titles`` has one."""
+    return ", ".join(f"{item} ({titles[item]})" if item in titles else item for item in items)
 
 
 def ensure_model(cfg: Config, data: str, train_minutes: float, log: Callable[[str], None]) -> str:
@@ -103,10 +130,12 @@ def start_worker(config: Path | None, overrides: list[str], log_path: Path) -> s
 
 
 def watch(cfg: Config, expect: Callable[[], int], timeout_s: float, log: Callable[[str], None],
-          last_users: list[str] | None = None, on_read: Callable[[int], None] | None = None) -> list[dict[str, int]]:
-    """Read new recommendations until ``expect()`` have arrived (or ``timeout_s``), print a sample line per second,
-    return each one's latency timestamps (:func:`lrustream.children.timestamps`); ``last_users`` ends with the
-    users of the last records read (the latest last); ``on_read`` is given the count read so far after each fetch."""
+          last_users: list[str] | None = None, on_read: Callable[[int], None] | None = None,
+          titles: dict[str, str] | None = None) -> list[dict[str, int]]:
+    """Read new recommendations until ``expect()`` have arrived (or ``timeout_s``), print a sample line per second
+    (its first items, with their ``titles`` where known: three then, five otherwise), return each one's latency
+    timestamps (:func:`lrustream.children.timestamps`); ``last_users`` ends with the users of the last records
+    read (the latest last); ``on_read`` is given the count read so far after each fetch."""
     from confluent_kafka import Consumer, TopicPartition
 
     from lrustream.kernel.kafka import high_watermarks, librdkafka_config, topic_partitions
@@ -119,6 +148,8 @@ def watch(cfg: Config, expect: Callable[[], int], timeout_s: float, log: Callabl
     ends = [TopicPartition(topic, p, end)
             for p, end in high_watermarks(consumer, topic, topic_partitions(consumer, topic)).items()]
     consumer.assign(ends)  # only what this run produces
+    titles = titles or {}
+    shown = 3 if titles else 5  # titles make a line long
     seen: list[dict[str, int]] = []
     t0 = last_print = time.monotonic()
     try:
@@ -134,7 +165,7 @@ def watch(cfg: Config, expect: Callable[[], int], timeout_s: float, log: Callabl
                     last_print = time.monotonic()
                     ms = rec["emitted_ts"] - rec["kafka_ts"] if rec.get("kafka_ts") else 0
                     log(f"  [{len(seen):>7} recs, {ms:6.1f} ms] user {rec['user_id']} "
-                        f"(model {rec['model_version']}) -> {', '.join(rec['items'][:5])}")
+                        f"(model {rec['model_version']}) -> {format_items(rec['items'][:shown], titles)}")
             if on_read is not None:
                 on_read(len(seen))
     finally:
@@ -157,6 +188,9 @@ def run_demo(cfg: Config, config: Path | None, overrides: list[str], data: str |
     create_topics(cfg)
     data = pick_data(data, workdir, log)
     version = ensure_model(cfg, data, train_minutes, log)
+    titles, titles_file = load_titles(data)
+    if titles_file is not None:
+        log(f"titles: {len(titles)} from {titles_file}")
     log_path = workdir / "worker.log"
     proc = start_worker(config, overrides, log_path)
     try:
@@ -179,21 +213,22 @@ def run_demo(cfg: Config, config: Path | None, overrides: list[str], data: str |
         # until the replay ends it may send all of them; then exactly what it sent (the data may hold fewer)
         last_users: list[str] = []
         records = watch(cfg, lambda: sent[0] if sent else total, timeout_s=total / rate + 120, log=log,
-                        last_users=last_users, on_read=mark)
+                        last_users=last_users, on_read=mark, titles=titles)
         producer.join(timeout=5)
         summarise(records, sent[0] if sent else 0, time.monotonic() - started, log, warm_up)
         if in_worker := worker_stages(marks.get("timed", {}), settled_histograms(cfg)):
             log(f"  in the worker, timed events (its histograms from the warm-up's last recommendation on; bucket "
                 f"upper bounds): {format_worker_stages(in_worker)}")
-        ask(cfg, [*last_users[-2:], "a-user-never-seen"], log)
+        ask(cfg, [*last_users[-2:], "a-user-never-seen"], log, titles)
     finally:
         stop([proc])
     log("done. The broker keeps running (lrustream broker stop); re-run `make demo` any time.")
 
 
-def ask(cfg: Config, users: list[str], log: Callable[[str], None]) -> None:
+def ask(cfg: Config, users: list[str], log: Callable[[str], None], titles: dict[str, str] | None = None) -> None:
     """Ask the worker for each user's top-5 now, as an application would (lrustream.client): the demo asks for
-    the users served last and for one it has never seen (the popular fallback)."""
+    the users served last and for one it has never seen (the popular fallback). Items show with their
+    ``titles`` where known."""
     from lrustream.client import Client
 
     with Client(cfg) as client:
@@ -201,8 +236,9 @@ def ask(cfg: Config, users: list[str], log: Callable[[str], None]) -> None:
             started = time.perf_counter()
             answer = client.recommend(user, k=5)
             took_ms = (time.perf_counter() - started) * 1000
-            how = f"popular fallback {answer['items']}" if answer.get("fallback") else (
-                f"{answer['items']} (model {answer['model_version']})")
+            items = format_items(answer["items"], titles or {})
+            how = f"popular fallback: {items}" if answer.get("fallback") else (
+                f"{items} (model {answer['model_version']})")
             log(f"request: GET /recommendations/{user}?k=5 -> {how} in {took_ms:.1f} ms")
 
 

@@ -30,6 +30,11 @@ meta.json's format 2 keeps the model as ``"model": name, "config": {field: value
 config class rebuilds the model (:func:`models.registry.config_from_dict`). Format 1, written before per-model
 configs existed, kept ``"hparams": {"num_items": N, field: value}``; it is still read, into the same fields.
 
+A version's notes may hold ``"popular"``: ``{item: count}``, the most frequent items (external ids) of the
+data it was trained on, at most :data:`POPULAR_SEED_ITEMS` of them (:func:`popular_note`). Workers seed their
+cold-start fallback with it (stream/popular.py); a version without it (or with a malformed one) seeds nothing.
+meta.json has no checksum of its own: the note is checked for shape when read (:func:`popular_seed`).
+
 Version names are ``v`` and six or more digits; any other name (``../x``, an absolute path) is refused before
 it touches the filesystem. Numbers only grow, even after versions are deleted. While PINNED exists a publish
 writes its version but leaves CURRENT alone, so an operator's rollback is not undone by the trainer's next round.
@@ -41,12 +46,14 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +71,32 @@ WEIGHTS, VOCAB, META = "weights.safetensors", "vocab.json", "meta.json"
 COLLECTED = "COLLECTED"  # present in a version folder whose weights ``gc`` removed
 FORMAT = 2
 READABLE_FORMATS = (1, 2)
+
+
+POPULAR_NOTE = "popular"
+POPULAR_SEED_ITEMS = 1000
+"""Items a version's popularity note keeps: the most a request may ask for (stream/worker.py checks ``k``
+against it), so that a cold user's answer can be filled from the seed whatever its ``k``."""
+
+
+def popular_note(items: Iterable[str], n: int = POPULAR_SEED_ITEMS) -> dict[str, int]:
+    """The ``n`` most frequent of ``items`` (external ids, one per interaction) with their counts, most frequent
+    first (ties by first occurrence): the ``"popular"`` note of a version trained on them."""
+    return dict(Counter(items).most_common(n))
+
+
+def popular_seed(info: VersionInfo) -> dict[str, float]:
+    """A version's popularity note as ``{item: count}``; empty when the version has none or it is malformed
+    (then the version seeds nothing, as one published without it)."""
+    note = info.notes.get(POPULAR_NOTE)
+    if not isinstance(note, dict):
+        return {}
+    out = {}
+    for item, count in note.items():
+        if isinstance(item, str) and isinstance(count, int | float) and not isinstance(count, bool) \
+                and math.isfinite(count) and count > 0:
+            out[item] = float(count)
+    return out
 
 
 class ModelStoreError(LrustreamError):

@@ -75,8 +75,9 @@ class WorkerMetrics:
         self.shadow_hit_rate = Gauge("lrustream_shadow_hit_rate", "Prequential HR@K over those events: the share "
                                      "whose item was in the version's top-K after the user's event before",
                                      ["role", "version"], registry=r)
-        self.popular = Gauge("lrustream_popular_item_weight", "The popular fallback's top items (recency-weighted "
-                             "events, stream/popular.py) as this worker counts them", ["item"], registry=r)
+        self.popular = Gauge("lrustream_popular_item_weight", "The popular fallback's top items as this worker "
+                             "ranks them: recency-weighted events seen here plus the serving version's seed "
+                             "(stream/popular.py)", ["item"], registry=r)
         self.health = Gauge("lrustream_health", "1 for the state GET /health reports (ok, starting, waiting, "
                             "degraded), 0 for the others; set whenever /health or /metrics is asked", ["state"],
                             registry=r)

@@ -177,7 +177,10 @@ class Processor:
         self._refused_too_large: list[tuple[Input, str]] = []  # dead letters the DLQ topic refused as too big
         # applied and not committed yet: partition -> (records by user, highest input offset)
         self._pending: dict[int, tuple[dict[str, UserRecord], int]] = {}
-        self.popular = Popularity(stream.popular_half_life_s)  # the cold-start fallback, from the events applied
+        # the cold-start fallback: the events applied, on a seed from the serving version's training data
+        self.popular = Popularity(stream.popular_half_life_s)
+        if serving is not None:
+            self.popular.seed(*serving.popular_ids())
         self.shadow: Shadow | None = None  # a candidate version scored beside the serving one (stream/shadow.py)
         self.blocked: frozenset[str] = frozenset()  # items never to recommend (stream/catalogue.py)
         self._blocked_columns: torch.Tensor | None = None  # their columns in the serving vocabulary
@@ -194,6 +197,7 @@ class Processor:
         self.serving = serving
         self.metrics.set_version(serving.version)
         self._blocked_columns = self._columns(self.blocked)
+        self.popular.seed(*serving.popular_ids())  # a version without a popularity note clears the seed
 
     def set_shadow(self, candidate: Serving | None) -> None:
         """From the next micro-batch on, score every event with ``candidate`` too, off the output path

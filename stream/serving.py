@@ -6,13 +6,13 @@ re-derived from their stored item window (see stream/processor.py), never advanc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from models.base import SeqRecModel
-from models.store import ModelStore
+from models.store import ModelStore, popular_seed
 from models.vocab import Vocabulary
 
 
@@ -21,6 +21,9 @@ class Serving:
     model: SeqRecModel
     vocab: Vocabulary
     version: str
+    popular: dict[str, float] = field(default_factory=dict)
+    """Item counts of the data the version was trained on (its ``"popular"`` note; empty without one): the
+    seed of the worker's popular fallback (stream/popular.py)."""
 
     @classmethod
     def load(cls, store: ModelStore, version: str | None = None) -> Serving:
@@ -29,7 +32,13 @@ class Serving:
         loaded.model.eval()
         for p in loaded.model.parameters():
             p.requires_grad_(False)
-        return cls(loaded.model, loaded.vocab, loaded.info.version)
+        return cls(loaded.model, loaded.vocab, loaded.info.version, popular_seed(loaded.info))
+
+    def popular_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """The popularity seed as (internal ids, counts), items this vocabulary lacks left out."""
+        pairs = [(i, c) for item, c in self.popular.items()
+                 if (i := self.vocab.get(item)) is not None and 0 < i <= self.num_items]
+        return (np.array([i for i, _ in pairs], dtype=np.int64), np.array([c for _, c in pairs], dtype=np.float64))
 
     @property
     def num_items(self) -> int:

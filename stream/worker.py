@@ -53,7 +53,7 @@ STOP_GRACE_S = 2.0  # after a stop signal, how long the last commit may wait for
 VERSIONS_WAIT_S = 60.0  # at start, how long reading the model-versions topic to its end may take
 CATALOGUE_WAIT_S = 30.0  # the first event waits at most this long for the items topic to be read to its end
 CATALOGUE_RETRY_S = 10.0  # an items topic that could not be read is tried again after this long
-MAX_REQUEST_K = 1000  # the most items one request may ask for
+MAX_REQUEST_K = 1000  # the most items one request may ask for (a version seeds its popular fallback with as many)
 POPULAR_SHOWN = 10  # the popular fallback's top items in /metrics
 GIL_SWITCH_S = 0.0001  # see Worker.run
 

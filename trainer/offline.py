@@ -83,7 +83,7 @@ def run_offline(cfg, data_path: str, names: list[str], out_dir: Path, max_minute
 
     Each model's run keeps a checkpoint in ``out_dir``; ``resume`` continues the runs found there."""
     from models import build_model, model_config
-    from models.store import ModelStore
+    from models.store import POPULAR_NOTE, ModelStore, popular_note
     from trainer.data import load_sequences
 
     seqs = load_sequences(data_path)
@@ -97,6 +97,7 @@ def run_offline(cfg, data_path: str, names: list[str], out_dir: Path, max_minute
     log(f"data {seqs.name}: {len(seqs)} users, {len(vocab)} items, {seqs.num_interactions} interactions; "
         f"device {device} ({torch.get_num_threads()} CPU threads)")
     store = ModelStore(cfg.model_store.dir)
+    popular = popular_note(item for seq in seqs.items for item in seq)  # the whole data set: every model's
     results = []
     for name in names:
         torch.manual_seed(cfg.train.seed)
@@ -120,7 +121,8 @@ def run_offline(cfg, data_path: str, names: list[str], out_dir: Path, max_minute
                        **{f"val_{k}": v for k, v in hist.best_val.items()}}
             info = (publisher or store).publish(model.cpu(), vocab, metrics=metrics, notes={
                 "data": seqs.name, "steps": hist.steps_done, "seconds": round(hist.seconds, 1),
-                "device": hist.device, "stopped_because": hist.stopped_because, "curve": str(png)})
+                "device": hist.device, "stopped_because": hist.stopped_because, "curve": str(png),
+                POPULAR_NOTE: popular})  # workers seed their cold-start fallback with it (stream/popular.py)
             version = info.version
             log(f"{name}: published model version {version}"
                 + (f" on {cfg.topics.model_versions}" if publisher else f" to {store.root}"))

@@ -53,6 +53,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,7 +62,7 @@ import torch
 from lrustream.kernel.config import Config, resolve_path
 from lrustream.kernel.http import check_http_exposure
 from models.base import SeqRecModel
-from models.store import LoadedModel, ModelStore, ModelStoreError
+from models.store import POPULAR_NOTE, LoadedModel, ModelStore, ModelStoreError, popular_note
 from models.vocab import Vocabulary
 from stream.examples import BadExample, decode_example
 from stream.versions import VersionLog
@@ -73,6 +74,7 @@ from trainer.loss import sequence_loss
 from trainer.optim import make_optimizer, pick_device, warm_up
 
 log = logging.getLogger("lrustream.trainer")
+ROUNDS_KEPT = 20  # round records the operator page shows (trainer/page.py)
 # the last rounds whose gates (hit rate, seconds per event) and publishes size the next: holdout_size, train_seconds
 OVERHEAD_ROUNDS = 5
 
@@ -377,7 +379,9 @@ class OnlineLearner:
                 info = (self.publisher or self.store).publish(self.model, self.vocab, parent=serving.info.version,
                                           metrics={f"holdout_{k}": v for k, v in result.candidate.items()},
                                           notes={"source": "online", "trained_events": trainable,
-                                                 "heldout": len(held), "steps": result.steps, "loss": result.loss})
+                                                 "heldout": len(held), "steps": result.steps, "loss": result.loss,
+                                                 POPULAR_NOTE: popular_note(
+                                                     item for w in (*with_new, *others) for item in w)})
                 self.version, result.published = info.version, info.version
                 self.trained_before[info.version] = buffer.trained
                 while len(self.trained_before) > 64:  # only a recent version is ever rolled back
@@ -443,9 +447,32 @@ def resume_positions(consumer: Any, topic: str, timeout_s: float = 60.0) -> list
         time.sleep(0.5)
 
 
+def recent_rounds(path: Path, keep: int = ROUNDS_KEPT, tail_bytes: int = 1 << 20) -> deque[dict[str, Any]]:
+    """The last ``keep`` round records of ``rounds.jsonl`` (read from its last ``tail_bytes`` only, so a long
+    history costs nothing at start-up); a missing file or a torn line gives fewer."""
+    out: deque[dict[str, Any]] = deque(maxlen=keep)
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, 2) - tail_bytes))
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for line in reversed(lines):  # newest first, so a torn line (a write in progress, the cut) costs no record
+        if len(out) == keep:
+            break
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.appendleft(record)
+    return out
+
+
 class TrainerLoop:
     """``lrustream trainer``: consume training examples, run a round every N events / T seconds / on request;
-    ``GET /health`` and ``GET /metrics`` on ``http.host:online.http_port`` (trainer/service.py)."""
+    ``GET /health``, ``GET /metrics`` and the operator page ``GET /`` on ``http.host:online.http_port``
+    (trainer/service.py, trainer/page.py)."""
 
     LAG_EVERY_S = 5.0
 
@@ -480,8 +507,9 @@ class TrainerLoop:
         self.last_round = time.monotonic()
         self.seen_at_round = 0  # buffer.seen when the last round ran
         self.requested = False
+        self.recent_rounds = recent_rounds(self.store.root / "rounds.jsonl")  # for the operator page
         self.http = TrainerHttp(cfg.http.host, o.http_port, cfg.http.token, self.health_report,
-                                self.render_metrics).start() if serve_http else None
+                                self.render_metrics, self.render_page).start() if serve_http else None
         if http_warning:
             log.warning(http_warning)
 
@@ -508,6 +536,21 @@ class TrainerLoop:
         self.metrics.set_health(status)
         return health_body(status, reason, serving=self.learner.version, new_events=self.buffer.new_events,
                            buffer_users=len(self.buffer.users), examples_lag=self.lag)
+
+    def page_state(self) -> dict[str, Any]:
+        """What the operator page shows (trainer/page.py): the store's pointers, the last round records, the
+        live tallies, the consumer lag and the health."""
+        body, _ = self.health_report()
+        return {"serving": self.store.pinned() or self.store.current(), "current": self.store.current(),
+                "pinned": self.store.pinned(), "shadow": self.store.shadow(), "rounds": list(self.recent_rounds),
+                "live": {v: {"events": t.events, "hits": t.hits} for v, t in list(self.live.tallies.items())},
+                "lag": self.lag, "health": {k: body[k] for k in ("status", "reason") if k in body},
+                "now": time.time()}
+
+    def render_page(self) -> str:
+        from trainer.page import render_page
+
+        return render_page(self.page_state())
 
     def poll(self, timeout_s: float = 0.5) -> int:
         from confluent_kafka import KafkaException
@@ -585,6 +628,7 @@ class TrainerLoop:
         self.log(result.line())
         record = result.record(self.buffer)
         self.metrics.observe_round(record)
+        self.recent_rounds.append(record)
         with (self.store.root / "rounds.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         return result

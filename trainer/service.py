@@ -7,8 +7,9 @@ topic is failing, the last round raised, or examples are waiting and none has be
 ``stall_after_s`` outside a round. It clears by itself once polls and rounds succeed again.
 
 :class:`TrainerHttp` serves both on a daemon thread (stdlib ``ThreadingHTTPServer``, no extra dependency):
-``GET /health`` (200 ok / 503 degraded, never needs a token: probes), ``GET /metrics`` (needs
-``Authorization: Bearer TOKEN`` when a token is set, 401 otherwise; the worker's check,
+``GET /health`` (200 ok / 503 degraded, never needs a token: probes), ``GET /metrics`` and ``GET /``, the
+operator page of trainer/page.py (both need ``Authorization: Bearer TOKEN`` when a token is set, 401
+otherwise; the worker's check,
 ``lrustream.kernel.http.bearer_authorised``), any other path 404, any other method 405. Note the worker itself leaves
 its read-only ``/metrics`` open and guards only ``POST /refresh``; :attr:`TrainerHttp.GUARDED` is the one place
 to change that choice. Binding beyond loopback without a token is refused or warned about by the caller
@@ -237,12 +238,12 @@ class _Server(ThreadingHTTPServer):
 class TrainerHttp:
     """``/health`` and ``/metrics`` of the trainer on a daemon thread; ``port`` is the bound one after start."""
 
-    GUARDED = frozenset({"/metrics"})  # paths that need the bearer token when one is set
+    GUARDED = frozenset({"/metrics", "/"})  # paths that need the bearer token when one is set
 
     def __init__(self, host: str, port: int, token: str | None, health: Callable[[], tuple[dict[str, Any], int]],
-                 metrics: Callable[[], bytes]) -> None:
+                 metrics: Callable[[], bytes], page: Callable[[], str] | None = None) -> None:
         self.host, self.port, self.token = host, port, token
-        self.health, self.metrics = health, metrics
+        self.health, self.metrics, self.page = health, metrics, page
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -273,6 +274,8 @@ class TrainerHttp:
             return _json(body, status)
         if path == "/metrics":
             return 200, self.metrics(), CONTENT_TYPE_LATEST
+        if path == "/" and self.page is not None:
+            return 200, self.page().encode(), "text/html; charset=utf-8"
         return _json({"error": f"no such endpoint: {path}"}, 404)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:

@@ -336,14 +336,14 @@ class OnlineConfig:
     bootstrap_samples: int = 1000
     """Resamples of the gate's paired bootstrap (more: a steadier interval, a slower gate)."""
     http_port: int = 6067
-    """The trainer's /health and /metrics (on http.host, guarded by http.token like the worker's; 0 = any free
-    port)."""
+    """The trainer's /health, /metrics and operator page / (on http.host, guarded by http.token like the worker's;
+    0 = any free port)."""
 
 
 @dataclass
 class HttpConfig:
-    """The worker's HTTP API (/recommendations, /health, /metrics, /model, /refresh); the trainer's /health and
-    /metrics use the same host and token on ``online.http_port``."""
+    """The worker's HTTP API (/recommendations, /health, /metrics, /model, /refresh); the trainer's /health,
+    /metrics and operator page / use the same host and token on ``online.http_port``."""
 
     host: str = "127.0.0.1"
     """The address the HTTP API listens on (0.0.0.0: every interface, which needs ``token`` or ``allow_open``)."""

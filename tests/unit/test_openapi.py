@@ -314,6 +314,7 @@ def test_a_running_worker_answers_as_documented(tmp_path: Path, monkeypatch: pyt
 
 def test_a_running_trainer_answers_as_documented() -> None:
     from trainer.online import TrainerLoop
+    from trainer.page import render_page
     from trainer.service import TrainerHealth, TrainerHttp, TrainerMetrics
 
     doc = load(TRAINER_DOC)
@@ -321,7 +322,8 @@ def test_a_running_trainer_answers_as_documented() -> None:
                                  learner=types.SimpleNamespace(version="v000004"),
                                  buffer=types.SimpleNamespace(new_events=12, users={"u1": None}))
     health = types.MethodType(TrainerLoop.health_report, loop)
-    http = TrainerHttp("127.0.0.1", 0, TOKEN, health, TrainerMetrics().render).start()
+    http = TrainerHttp("127.0.0.1", 0, TOKEN, health, TrainerMetrics().render,
+                       lambda: render_page({"serving": "v000004", "rounds": []})).start()
 
     def ask(method: str, path: str, token: str | None = None) -> int:
         request = urllib.request.Request(f"http://127.0.0.1:{http.port}{path}", method=method,
@@ -339,6 +341,8 @@ def test_a_running_trainer_answers_as_documented() -> None:
         assert ask("GET", "/health") == 200
         assert ask("GET", "/metrics") == 401
         assert ask("GET", "/metrics", TOKEN) == 200
+        assert ask("GET", "/") == 401
+        assert ask("GET", "/", TOKEN) == 200
         loop.health.round_failed(RuntimeError("boom"))
         assert ask("GET", "/health") == 503
         assert ask("GET", "/elsewhere") == 404  # the document says any other path is 404 ...

@@ -16,7 +16,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models import LinRecConfig, LRURecConfig, SASRecConfig, build_model
-from models.store import META, WEIGHTS, ModelStore, ModelStoreError
+from models.store import (
+    META,
+    POPULAR_NOTE,
+    POPULAR_SEED_ITEMS,
+    WEIGHTS,
+    ModelStore,
+    ModelStoreError,
+    popular_note,
+    popular_seed,
+)
 from models.vocab import Vocabulary
 from tests.conftest import REPO
 
@@ -282,3 +291,25 @@ def test_a_format_1_version_that_cannot_be_rebuilt_is_refused_in_one_line(tmp_pa
     with pytest.raises(ModelStoreError, match=re.escape(message)) as refused:
         ModelStore(tmp_path).load(version)
     assert version in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_published_version_carries_the_item_counts_of_its_training_data(tmp_path: Path) -> None:
+    """The "popular" note: the most frequent items, at most POPULAR_SEED_ITEMS of them, read back by load (a
+    store folder is what a worker installs from the model-versions topic); older versions and a malformed note
+    give no seed."""
+    store = ModelStore(tmp_path / "models")
+    torch.manual_seed(0)
+    model = build_model(LRURecConfig(d_model=16, num_layers=1, max_len=20), 1200)
+    interactions = [str(i) for i in range(1, 1201) for _ in range(1 + (i % 7 == 0))] + ["5"] * 9
+    note = popular_note(interactions)
+    assert len(note) == POPULAR_SEED_ITEMS and next(iter(note.items())) == ("5", 10)
+    info = store.publish(model, Vocabulary.identity(1200), notes={POPULAR_NOTE: note, "data": "synthetic"})
+    loaded = store.load(info.version)
+    seed = popular_seed(loaded.info)
+    assert seed == {item: float(n) for item, n in note.items()}
+    assert all(str(7 * k) in seed for k in range(1, 172)), "every item seen twice is kept"
+    assert popular_seed(store.load(store.publish(model, Vocabulary.identity(1200)).version).info) == {}
+    loaded.info.notes[POPULAR_NOTE] = {"5": "many", "6": 3, "7": float("nan"), "8": True}
+    assert popular_seed(loaded.info) == {"6": 3.0}
+    loaded.info.notes[POPULAR_NOTE] = ["5", "6"]
+    assert popular_seed(loaded.info) == {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream.popular import Popularity
+from stream.popular import SEED_TOP_WEIGHT, Popularity
 
 
 def test_an_event_counts_half_as_much_one_half_life_later_and_ties_go_by_id() -> None:
@@ -32,3 +32,22 @@ def test_weights_are_rescaled_long_after_the_start_without_changing_the_ranking(
     ids, weights = pop.top(2, num_items=5, now=400.0)
     assert ids == [2, 1] and weights == pytest.approx([2.0, 2.0 * 2.0 ** -400], rel=1e-9)
     assert np.isfinite(pop._weights).all()
+
+
+def test_a_seed_fills_the_ranking_beyond_the_items_seen_live_and_never_outranks_a_fresh_event() -> None:
+    pop = Popularity(half_life_s=60.0, now=0.0)
+    pop.seed(np.arange(1, 21), np.arange(20, 0, -1) * 100.0)  # item 1 the most frequent, 20 the least
+    pop.observe(np.array([15, 18]), now=0.0)
+    ids, weights = pop.top(10, num_items=20, now=0.0)
+    assert ids == [15, 18, 1, 2, 3, 4, 5, 6, 7, 8]  # seen live first (seed breaks their tie), then the seed
+    assert weights[2] == pytest.approx(SEED_TOP_WEIGHT)
+    assert pop.top(3, num_items=20, now=600.0)[0] == [1, 2, 3]  # ten half-lives later, quiet: the seed again
+    pop.seed(np.array([], dtype=np.int64), np.array([]))  # a version without the note: live weights alone
+    assert pop.top(10, num_items=20, now=0.0)[0] == [15, 18]
+
+
+def test_a_version_seeds_as_many_items_as_a_request_may_ask_for() -> None:
+    from models.store import POPULAR_SEED_ITEMS
+    from stream.worker import MAX_REQUEST_K
+
+    assert POPULAR_SEED_ITEMS == MAX_REQUEST_K

@@ -9,10 +9,16 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from lrustream.kernel.config import StreamConfig
-from state.store import NotReady
+from lrustream.kernel.config import StreamConfig, load_config
+from models import LRURecConfig, build_model
+from models.store import POPULAR_NOTE, ModelStore, popular_note
+from models.vocab import Vocabulary
+from state.store import NotReady, StateStore
 from stream.processor import Processor
+from stream.serving import Serving
+from tests.streamkit import build_processor
 from tests.unit.stream.test_processor import RecordingProducer, _event, _processor, _sent
 
 
@@ -135,3 +141,24 @@ def test_a_kept_answer_is_what_scoring_the_stored_state_gives_and_is_used_only_w
     scoring.process([_event("u3", "i9", 30)])
     assert keeping._answers[(0, "u3")].offset == 30
     assert _ranked(keeping.recommend(0, "u3", 10)) == _ranked(scoring.recommend(0, "u3", 10))
+
+
+def test_a_worker_seeded_from_its_version_answers_a_cold_user_in_full_after_two_events(tmp_path: Path) -> None:
+    """The serving version's "popular" note seeds the fallback: two events seen, k=10 still gets ten items, the
+    two seen first; a swap to a version without the note leaves the live counts alone."""
+    cfg = load_config(overrides=[f"model_store.dir={tmp_path / 'models'}"])
+    store = ModelStore(cfg.model_store.dir)
+    torch.manual_seed(0)
+    model = build_model(LRURecConfig(d_model=16, num_layers=1, max_len=20), 40)
+    vocab = Vocabulary(f"i{k}" for k in range(1, 41))
+    trained_on = [f"i{k}" for k in range(1, 41) for _ in range(41 - k)] + ["not-in-the-vocabulary"] * 99
+    seeded = store.publish(model, vocab, notes={POPULAR_NOTE: popular_note(trained_on)}).version
+    processor = build_processor(cfg, Serving.load(store, seeded), StateStore(tmp_path / "state"),
+                                RecordingProducer())
+    processor.process([_event("a", "i30", 0), _event("b", "i33", 1)])
+    answer = processor.recommend(0, "stranger", 10)
+    assert answer["fallback"] == "popular"
+    assert answer["items"] == ["i30", "i33", *(f"i{k}" for k in range(1, 9))]
+    assert processor.recommend(0, "stranger", 3, exclude=["i30", "i1"])["items"] == ["i33", "i2", "i3"]
+    processor.swap(Serving.load(store, store.publish(model, vocab).version))
+    assert processor.recommend(0, "stranger", 10)["items"] == ["i30", "i33"]

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from safetensors.torch import safe_open, save_file
 
 from lrustream.kernel.config import load_config
 from models import MODEL_NAMES, LinRecConfig, LRURecConfig, build_model, config_class, model_config
-from models.store import ModelStore
+from models.store import ModelStore, popular_seed
 from trainer.checkpoint import CheckpointError
 from trainer.data import DataError, load_sequences
 from trainer.evaluate import evaluate, metrics_from_ranks, ranks_of
@@ -138,6 +139,8 @@ def test_training_learns_and_publishes_a_version(name: str, tmp_path: Path) -> N
     assert result.curve.is_file() and result.curve.stat().st_size > 1000
     info = ModelStore(tmp_path / "store").info(result.version)
     assert info.model == name and info.metrics["test_Recall@10"] == result.history.test["Recall@10"]
+    counts = Counter(item for seq in seqs.items for item in seq)
+    assert popular_seed(info) == {item: float(n) for item, n in counts.items()}  # under 1000 items: all of them
     evaluated = run_evaluate(cfg, str(data), result.version)
     assert evaluated["test"]["Recall@10"] == pytest.approx(result.history.test["Recall@10"])
     history = json.loads((tmp_path / "runs" / f"{name}-history.json").read_text())

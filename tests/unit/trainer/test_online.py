@@ -14,7 +14,7 @@ import torch
 
 from lrustream.kernel.config import Config, ModelConfig, load_config
 from models import MODEL_NAMES, LRURecConfig, build_model, model_config
-from models.store import ModelStore
+from models.store import ModelStore, popular_seed
 from tests.streamkit import (
     publish_model,
     ring_stream,
@@ -220,6 +220,8 @@ def test_a_round_learns_the_stream_publishes_a_grown_vocabulary_and_the_next_rou
     assert first.gate["diff_low"] > 0 and first.gate["heldout"] == 150 and first.new_items == 1
     info, loaded = store.info(first.published), store.load(first.published)
     assert info.parent == v1 and store.current() == first.published
+    seed = popular_seed(info)  # the counts of the windows it trained on
+    assert "brand-new-item" in seed and set(seed) <= set(loaded.vocab.items()) and min(seed.values()) >= 1
     assert "brand-new-item" in loaded.vocab and loaded.model.num_items == 41
     assert loaded.vocab.items()[:40] == store.load(v1).vocab.items(), "old ids keep their meaning"
     assert buf.trained == 1350 and buf.new_events == 150, "the held-out events are trained next round"

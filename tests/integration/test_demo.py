@@ -39,7 +39,7 @@ def test_demo_trains_serves_a_replay_and_reports_latency(kafka_bootstrap: str, k
     assert any(line.startswith("  warm-up (the first 200 events") for line in out)
     asked = [line for line in out if line.startswith("request: GET /recommendations/")]
     assert len(asked) == 3 and "(model v000001)" in asked[0] and "(model v000001)" in asked[1], asked
-    assert asked[2].startswith("request: GET /recommendations/a-user-never-seen?k=5 -> popular fallback ["), asked
+    assert asked[2].startswith("request: GET /recommendations/a-user-never-seen?k=5 -> popular fallback: "), asked
     cfg = load_config(overrides=overrides)  # what the demo says is checked against the topics themselves
     recs = recommendations(cfg, expect=sent)
     assert len({(r["source"]["partition"], r["source"]["offset"]) for r in recs}) == sent

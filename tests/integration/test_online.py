@@ -1,5 +1,6 @@
 """The online loop on real Kafka: worker -> training examples -> trainer round -> published version -> worker
-swap, /health and /metrics of the trainer, and a restarted trainer resuming where it left off."""
+swap, the trainer's /health, /metrics and operator page (in headless Chromium), and a restarted trainer resuming
+where it left off."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from lrustream.kernel.config import Config, load_config
 from models.store import ModelStore
 from stream.topics import create_topics
 from stream.updates import request_refresh
+from tests import browser
 from tests.streamkit import (
     WorkerProcess,
     produce_events,
@@ -113,6 +115,7 @@ def test_refresh_publishes_a_gated_version_the_running_worker_serves(kafka_cfg: 
         produce_events(cfg, events[:20], ts0=1_900_000_000_000)
         recs = recommendations(cfg, expect=len(events) + 20)
         health, metrics = _get(f"{trainer_url}/health"), _get(f"{trainer_url}/metrics")
+        page, _ = browser.render(f"{trainer_url}/", tmp_path, "operator-page.png")
 
         # a trainer started with a broken learning rate reads the same examples: the gate refuses its candidate
         broken = TrainerLoop(load_config(overrides=[*overrides, "online.lr=10",
@@ -146,6 +149,9 @@ def test_refresh_publishes_a_gated_version_the_running_worker_serves(kafka_cfg: 
     assert "lrustream_trainer_published_total 1.0" in metrics[1]
     assert f'lrustream_trainer_serving_info{{version="{result.published}"}} 1.0' in metrics[1]
     assert "lrustream_trainer_buffer_events 600.0" in metrics[1]
+    # the operator page, as a browser shows it, against this worker and trainer: the serving version, the round
+    assert f'<td class="l" id="version-serving"><code>{result.published}</code></td>' in page
+    assert f"published {result.published}" in page and f"<td>{records[0]['gate']['heldout']}</td>" in page
 
 
 

@@ -19,9 +19,12 @@ The contract of one round (``OnlineLearner.round``):
    cross-entropy at every position. A batch mixes users with new events with a replay of other users (recent
    ones and a reservoir of evicted ones), so the model follows the stream without forgetting. The time
    training takes is at least ``max_train_seconds`` and at least what the round spends outside training
-   (loading and growing the vocabulary, measured before training; the gate on its held-out events and publishing,
-   predicted from the last few rounds' rates), so training is at least half of every round however large the
-   catalogue; it takes ``min_steps`` to ``max_steps`` steps within that time. The
+   (loading, growing the vocabulary and the serving model's half of the gate, measured before training; the
+   candidate's half, as long as the serving model's took, and publishing, predicted from the last few rounds),
+   so training is at least half of every round however large the catalogue; it takes ``min_steps`` to
+   ``max_steps`` steps within that time. The learning rate follows the gate: ``online.lr`` at first, then 1.25
+   times higher after a candidate that beat the serving model on its held-out events, half after one that did
+   not (:meth:`OnlineLearner.next_lr`). The
    learner starts from the serving weights (warm start), fine-tunes with ``online.dropout`` and keeps its
    AdamW moments from round to round, resized when the vocabulary grows; it starts afresh only when the
    serving version is not the one it last published (a rollback, a version from elsewhere). A fresh optimiser
@@ -75,6 +78,11 @@ from trainer.optim import make_optimizer, pick_device, warm_up
 
 log = logging.getLogger("lrustream.trainer")
 ROUNDS_KEPT = 20  # round records the operator page shows (trainer/page.py)
+# The learning rate follows the gate (bold driver): up by LR_GROW after a candidate that beat the serving model on
+# its held-out events, down by LR_SHRINK otherwise, within [online.lr / LR_RANGE, online.lr * LR_CEILING]. A
+# coin-flip gate (a model fine-tuning no longer improves) drives it down, 0.5 * log(1.25 * 0.5) < 0 per round.
+LR_GROW, LR_SHRINK = 1.25, 0.5
+LR_RANGE, LR_CEILING = 100.0, 4.0
 # the last rounds whose gates (hit rate, seconds per event) and publishes size the next: holdout_size, train_seconds
 OVERHEAD_ROUNDS = 5
 
@@ -97,6 +105,7 @@ class RoundResult:
     vocabulary: int = 0  # items the learner's vocabulary holds after the round
     seconds: float = 0.0
     train_seconds: float = 0.0
+    lr: float = 0.0  # the learning rate the round trained at
     parts: dict[str, float] = field(default_factory=dict)  # seconds per part: load, grow, train, gate, publish
 
     def refuse(self, code: str, reason: str) -> RoundResult:
@@ -125,7 +134,7 @@ class RoundResult:
                 "new_events": self.new_events, "trained_events": self.trained_events, "steps": self.steps,
                 "loss": self.loss, "new_items": self.new_items, "unknown_items": self.unknown_items,
                 "vocabulary": self.vocabulary, "seconds": round(self.seconds, 3),
-                "train_seconds": round(self.train_seconds, 3),
+                "train_seconds": round(self.train_seconds, 3), "lr": self.lr,
                 "parts": {k: round(v, 3) for k, v in self.parts.items()}, "buffer_users": len(buffer.users),
                 "buffer_events": buffer.seen}
 
@@ -216,6 +225,7 @@ class OnlineLearner:
         self.opt: torch.optim.Optimizer | None = None
         self.rng = torch.Generator().manual_seed(cfg.train.seed)
         self.warm_starts = 0
+        self.lr = cfg.online.lr  # the next round's, adapted by the gate (next_lr)
         self.context = cfg.online.train_len or cfg.model.max_len
         # the serving model's held-out hit rate at the last few gates (holdout_size)
         self.hit_rates: deque[float] = deque(maxlen=OVERHEAD_ROUNDS)
@@ -224,9 +234,11 @@ class OnlineLearner:
         # and the event number its training data ended at (later rounds hold out only events from there on)
         self.base: tuple[dict[str, torch.Tensor], dict[str, Any], int] | None = None
         self.continued_to = 0
-        # what the last rounds' gates took per held-out event and their publishing took (train_seconds)
+        # what the last rounds' candidates took to score a held-out event and be judged, and their publishing took
+        # (train_seconds)
         self.gate_rates: deque[float] = deque(maxlen=OVERHEAD_ROUNDS)
         self.publish_seconds: deque[float] = deque(maxlen=OVERHEAD_ROUNDS)
+        self.slowest_load = 0.0  # seconds, of any round's loading of the serving version
 
     def _sync(self, serving: LoadedModel) -> None:
         """Warm start from the serving weights unless this learner already stands for the serving version."""
@@ -300,7 +312,7 @@ class OnlineLearner:
         for groups in batches:
             if steps and time.monotonic() > deadline:
                 break
-            warm_up(self.opt, self.o.lr, self.o.warmup_steps)
+            warm_up(self.opt, self.lr, self.o.warmup_steps)
             self.opt.zero_grad(set_to_none=True)
             loss = backward_groups(self.model, groups, self.device)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
@@ -309,13 +321,23 @@ class OnlineLearner:
         self.model.eval()
         return steps, loss
 
-    def train_seconds(self, spent: float, held: int) -> float:
+    def next_lr(self, diff: float) -> float:
+        """The learning rate after a round whose candidate's mean held-out NDCG@10 was ``diff`` above the serving
+        model's (NaN: weights not finite). A fine-tuning step that helps is worth taking bigger; one that does not
+        is moving a model the stream does not ask to move: smaller steps stay nearer it."""
+        moved = self.lr * (LR_GROW if diff > 0 else LR_SHRINK)
+        return min(self.o.lr * LR_CEILING, max(self.o.lr / LR_RANGE, moved))
+
+    def train_seconds(self, spent: float, scoring: float, held: int) -> float:
         """A round's training time: ``max_train_seconds``, or the time the round spends outside training when that
         is longer, so that training is at least half of every round however large the catalogue. That time is
-        ``spent`` (loading and growing, already measured) plus what the gate will take on ``held`` events at the
-        slowest rate per event of the last few gates plus the slowest of the last few publishes."""
-        gate = held * max(self.gate_rates, default=0.0)
-        return max(self.o.max_train_seconds, spent + gate + max(self.publish_seconds, default=0.0))
+        ``spent`` (loading, growing and the serving model's ``scoring`` of the ``held`` events, measured), the
+        candidate's scoring of them (as long as the serving model's took, or the slowest rate per event of the
+        last few gates when that is slower) and publishing (the slowest of the last few publishes; before any,
+        the slowest load of the serving version, which moves the same weights through the store)."""
+        candidate = max(scoring, held * max(self.gate_rates, default=0.0))
+        publish = max(self.publish_seconds, default=self.slowest_load)
+        return max(self.o.max_train_seconds, spent + candidate + publish)
 
     def holdout_size(self, new_events: int) -> int:
         """Held-out events a round with ``new_events`` wants: enough to hold :func:`~trainer.gate.needed_hits` at
@@ -352,12 +374,17 @@ class OnlineLearner:
         result.new_items, result.unknown_items = self._grow([*with_new, *[h.prefix for h in held]])
         result.vocabulary = len(self.vocab)
         result.trained_events = trainable
+        t_grow = time.monotonic()
+        result.parts["grow"] = t_grow - t_load
+        # the serving model's half of the gate first: its time on these very events predicts the candidate's
+        serv = event_metrics(serving.model, serving.vocab, held, self.context)
         t1 = time.monotonic()
-        result.parts["grow"] = t1 - t_load
+        self.slowest_load = max(self.slowest_load, result.parts["load"])
         raised = ""
+        result.lr = self.lr
         try:
             result.steps, result.loss = self._train(self._batches(with_new, others, self.o.max_steps),
-                                                    self.train_seconds(t1 - t0, len(held)))
+                                                    self.train_seconds(t1 - t0, t1 - t_grow, len(held)))
         except (RuntimeError, FloatingPointError) as exc:  # divergence can overflow inside the optimiser
             log.warning("fine-tuning diverged: %s", exc)
             raised = f" (fine-tuning raised {type(exc).__name__}: {exc})"
@@ -366,20 +393,22 @@ class OnlineLearner:
         if not (math.isfinite(result.loss) and all(torch.isfinite(p).all() for p in self.model.parameters())):
             result.refuse("non-finite",
                           f"loss {result.loss} or weights not finite after {result.steps} steps{raised}")
+            self.lr = self.next_lr(math.nan)
         else:
             t_gate = time.monotonic()
             cand = event_metrics(self.model, self.vocab, held, self.context)
-            serv = event_metrics(serving.model, serving.vocab, held, self.context)
             verdict = judge(cand, serv, o)
             self.hit_rates.append(verdict.serving["HR@10"])
+            self.lr = self.next_lr(verdict.numbers["diff"])
             t_publish = time.monotonic()
-            result.parts["gate"] = t_publish - t_gate
-            self.gate_rates.append(result.parts["gate"] / len(held))
+            self.gate_rates.append((t_publish - t_gate) / len(held))
+            result.parts["gate"] = (t1 - t_grow) + (t_publish - t_gate)
             if result.judged(verdict):
                 info = (self.publisher or self.store).publish(self.model, self.vocab, parent=serving.info.version,
                                           metrics={f"holdout_{k}": v for k, v in result.candidate.items()},
                                           notes={"source": "online", "trained_events": trainable,
                                                  "heldout": len(held), "steps": result.steps, "loss": result.loss,
+                                                 "lr": result.lr,
                                                  POPULAR_NOTE: popular_note(
                                                      item for w in (*with_new, *others) for item in w)})
                 self.version, result.published = info.version, info.version
@@ -497,6 +526,7 @@ class TrainerLoop:
         self.versions.catch_up()
         self.learner = OnlineLearner(cfg, self.store, self.versions)
         self.metrics, self.health = TrainerMetrics(), TrainerHealth(stall_after_s=cfg.stream.stall_after_s)
+        self.metrics.learning_rate.set(self.learner.lr)
         self._seed_last_published()
         self.lag: int | None = None
         self._lag_at = 0.0
@@ -628,6 +658,7 @@ class TrainerLoop:
         self.log(result.line())
         record = result.record(self.buffer)
         self.metrics.observe_round(record)
+        self.metrics.learning_rate.set(self.learner.lr)
         self.recent_rounds.append(record)
         with (self.store.root / "rounds.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -4,6 +4,7 @@ moments carried and resized), the gate (paired bootstrap; refusals with numbers)
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,16 @@ from tests.streamkit import (
 from trainer.buffer import EventBuffer, HeldEvent
 from trainer.evaluate import left_pad
 from trainer.gate import Verdict, event_metrics, judge, needed_heldout, needed_hits, paired_bootstrap
-from trainer.online import OnlineLearner, backward_groups, covering_draws, length_groups
+from trainer.online import (
+    LR_CEILING,
+    LR_GROW,
+    LR_RANGE,
+    LR_SHRINK,
+    OnlineLearner,
+    backward_groups,
+    covering_draws,
+    length_groups,
+)
 from trainer.optim import make_optimizer, warm_up
 
 
@@ -297,17 +307,40 @@ def test_a_fresh_optimiser_warms_up_once_and_the_ramp_survives_rounds_and_refusa
     s = Setting.make(tmp_path, ring_stream(30, 1500), "online.min_steps=5", "online.max_steps=5",
                      "online.warmup_steps=10", "online.max_train_seconds=1000")
     learner = OnlineLearner(s.cfg, s.store)
-    assert learner.round(s.buf).published, "first round"
-    lr = s.cfg.online.lr
-    assert learner.opt.param_groups[0]["lr"] == pytest.approx(lr * 5 / 10), "5 of the 10 warm-up steps"
+    first = learner.round(s.buf)
+    assert first.published and first.lr == s.cfg.online.lr, "first round"
+    assert learner.opt.param_groups[0]["lr"] == pytest.approx(first.lr * 5 / 10), "5 of the 10 warm-up steps"
     fill(s.buf, ring_stream(30, 600, seed=1), s.history)
-    assert learner.round(s.buf).published, "second round"
-    assert learner.opt.param_groups[0]["lr"] == pytest.approx(lr), "the ramp went on from step 6, not from 1"
+    second = learner.round(s.buf)
+    assert second.published, "second round"
+    assert learner.opt.param_groups[0]["lr"] == pytest.approx(second.lr), "the ramp went on from step 6, not from 1"
     s.store.set_current(s.v1)  # an operator rolls back
     fill(s.buf, ring_stream(30, 600, seed=2), s.history)
-    assert learner.round(s.buf).published, "round after the rollback"
-    assert learner.warm_starts == 2 and learner.opt.param_groups[0]["lr"] == pytest.approx(lr * 5 / 10), \
+    third = learner.round(s.buf)
+    assert third.published, "round after the rollback"
+    assert learner.warm_starts == 2 and learner.opt.param_groups[0]["lr"] == pytest.approx(third.lr * 5 / 10), \
         "a rollback means a fresh optimiser, so a fresh ramp"
+
+
+def test_the_learning_rate_follows_the_gate(tmp_path: Path) -> None:
+    s = Setting.make(tmp_path, ring_stream(30, 1500))
+    lr = s.cfg.online.lr
+    learner = OnlineLearner(s.cfg, s.store)
+    first = learner.round(s.buf)
+    assert first.published and first.gate["diff"] > 0 and first.lr == lr
+    assert learner.lr == pytest.approx(lr * LR_GROW), "a candidate that beat serving: bigger steps next"
+    assert s.store.info(first.published).notes["lr"] == lr, "the version notes the rate it was trained at"
+
+    harmful = OnlineLearner(_cfg(tmp_path, "online.lr=1"), s.store)
+    fill(s.buf, ring_stream(30, 600, seed=2), s.history)
+    refused = harmful.round(s.buf)
+    assert refused.refused == "gate" and refused.gate["diff"] < 0, refused.line()
+    assert harmful.lr == pytest.approx(refused.lr * LR_SHRINK), "a candidate that did not beat serving: smaller"
+    assert harmful.next_lr(math.nan) == pytest.approx(harmful.lr * LR_SHRINK), "so do weights not finite"
+    harmful.lr = 1e-9
+    assert harmful.next_lr(-1.0) == pytest.approx(1 / LR_RANGE), "never below online.lr / LR_RANGE"
+    harmful.lr = 1e9
+    assert harmful.next_lr(1.0) == pytest.approx(1 * LR_CEILING), "never above online.lr * LR_CEILING"
 
 
 @pytest.mark.parametrize(("broken", "refused"), [(["online.lr=10", "online.warmup_steps=0"], "non-finite"),
@@ -494,11 +527,11 @@ def test_a_round_trains_at_least_as_long_as_the_rest_of_it_takes(tmp_path: Path)
     learner = OnlineLearner(s.cfg, s.store)
     first = learner.round(s.buf)
     assert first.train_seconds < 0.3 and first.published, first.line()
-    assert list(learner.gate_rates) == [pytest.approx(first.parts["gate"] / first.gate["heldout"])]
+    assert len(learner.gate_rates) == 1 and 0 < learner.gate_rates[0] < first.parts["gate"] / first.gate["heldout"]
     assert list(learner.publish_seconds) == [pytest.approx(first.parts["publish"])]
     fill(s.buf, ring_stream(30, 400, seed=1), s.history)
     held = learner.holdout_size(s.buf.new_events)
-    learner.gate_rates.append(0.4 / held)  # as if a recent gate had taken 0.4 s on this many events
+    learner.gate_rates.append(0.4 / held)  # as if a recent candidate had taken 0.4 s to score this many events
     learner.publish_seconds.append(0.2)  # and a recent publish 0.2 s
     second = learner.round(s.buf)
     assert second.gate["heldout"] == held

@@ -94,8 +94,9 @@ class TrainerMetrics:
                                     "was published: by a round of this trainer, else when the version serving at "
                                     "start-up was created; 0 while no version exists", registry=r)
         self.learning_rate = Gauge(PREFIX + "learning_rate", "The learning rate the next round fine-tunes at: "
-                                   "online.lr at first, then raised after a candidate that beat the serving model "
-                                   "on its held-out events and lowered after one that did not", registry=r)
+                                   "online.lr at first, halved after a candidate that did not beat the serving "
+                                   "model on its held-out events, raised again (up to online.lr) after one that "
+                                   "did", registry=r)
         self.health = Gauge(PREFIX + "health", "1 for the state GET /health reports (ok, degraded), 0 for the "
                             "other; set whenever /health or /metrics is asked", ["state"], registry=r)
         self.set_health("ok")

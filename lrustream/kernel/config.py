@@ -304,10 +304,10 @@ class OnlineConfig:
     full stay unknown to the model (an unknown-item token as input, no training target; the worker serves them
     by ``stream.unknown_items``) and are counted in ``lrustream_trainer_unknown_items``."""
     lr: float = 2e-3
-    """AdamW learning rate of the first round; the moments carry over from round to round. Each round the gate
-    judges then sets the next one's: times 1.25 after a candidate whose mean held-out NDCG@10 beat the serving
-    model's, times 0.5 after one that did not, kept within [lr / 100, lr * 4] (trainer/online.py). A restarted
-    trainer begins again at ``lr``."""
+    """AdamW learning rate of the first round, and the highest any round uses; the moments carry over from round
+    to round. Each round the gate judges sets the next one's: times 0.5 after a candidate whose mean held-out
+    NDCG@10 did not beat the serving model's, times 1.25 (up to ``lr``) after one that did, never below
+    ``lr / 100`` (trainer/online.py). A restarted trainer begins again at ``lr``."""
     warmup_steps: int = 30
     """A fresh optimiser (the learner's first round, or after a rollback) raises the learning rate linearly over
     this many steps: Adam's first updates move every weight by about ``lr`` whatever its gradient (0 = none)."""

@@ -1,7 +1,8 @@
 """Requests on real Kafka: two workers share 4 partitions; a GET to either one answers any user with
 the top-K of the user's stored state scored directly, which is the top-K the stream last emitted for that user
-(the owner answers, the other redirects); an unknown user gets the popular fallback; a blocked item leaves the
-answers within seconds and comes back after unblock; lrustream.client sends the events and asks."""
+(the owner answers, the other redirects); an unknown user gets the popular fallback, in full from a worker that
+has seen two events when the version seeds it; a blocked item leaves the answers within seconds and comes back
+after unblock; lrustream.client sends the events and asks."""
 
 from __future__ import annotations
 
@@ -19,13 +20,21 @@ from typer.testing import CliRunner
 
 from lrustream.cli import app
 from lrustream.client import Client, ClientError
-from lrustream.kernel.config import load_config
-from models.store import ModelStore
+from lrustream.kernel.config import Config, load_config
+from models.store import POPULAR_NOTE, ModelStore, popular_note
 from state.record import UserRecord
 from state.store import find_user
 from stream.serving import Serving
 from stream.topics import create_topics
-from tests.streamkit import WorkerProcess, publish_model, recommendations, synthetic_events
+from stream.versions import publish_version
+from tests.streamkit import (
+    WorkerProcess,
+    produce_events,
+    publish_model,
+    recommendations,
+    small_model,
+    synthetic_events,
+)
 
 APPLIED_WITHIN_S = 5.0  # the bound the contract states, from the control record to the answers
 
@@ -151,3 +160,26 @@ def test_either_worker_answers_any_user_with_the_top_k_last_emitted_for_that_use
         client.close()
         for w in workers:
             w.stop()
+
+
+@pytest.mark.kafka
+def test_a_worker_that_has_seen_two_events_answers_a_cold_user_with_ten_items(kafka_cfg: Config,
+                                                                             kafka_overrides: list[str],
+                                                                             tmp_path: Path) -> None:
+    """The serving version's training data seeds the popular fallback (its "popular" note, as `lrustream train`
+    writes it): a worker fresh on the broker, two events seen, answers a user it never saw with k=10 items, the
+    two it saw first."""
+    model, vocab = small_model(kafka_cfg)
+    trained_on = [f"i{k}" for k in range(1, 41) for _ in range(41 - k)]  # i1 most frequent, then i2, ...
+    create_topics(kafka_cfg)
+    publish_version(kafka_cfg, model, vocab, who="test", notes={POPULAR_NOTE: popular_note(trained_on)})
+    worker = WorkerProcess(kafka_overrides, tmp_path / "worker.log").start()
+    try:
+        worker.wait_healthy()
+        produce_events(kafka_cfg, [("a", "i30"), ("b", "i33")])
+        recommendations(kafka_cfg, expect=2)
+        stranger = _answer(worker, "never-seen", "?k=10")
+    finally:
+        worker.stop()
+    assert stranger["fallback"] == "popular"
+    assert stranger["items"] == ["i30", "i33", *(f"i{k}" for k in range(1, 9))], stranger

@@ -24,7 +24,6 @@ from trainer.buffer import EventBuffer, HeldEvent
 from trainer.evaluate import left_pad
 from trainer.gate import Verdict, event_metrics, judge, needed_heldout, needed_hits, paired_bootstrap
 from trainer.online import (
-    LR_CEILING,
     LR_GROW,
     LR_RANGE,
     LR_SHRINK,
@@ -328,7 +327,7 @@ def test_the_learning_rate_follows_the_gate(tmp_path: Path) -> None:
     learner = OnlineLearner(s.cfg, s.store)
     first = learner.round(s.buf)
     assert first.published and first.gate["diff"] > 0 and first.lr == lr
-    assert learner.lr == pytest.approx(lr * LR_GROW), "a candidate that beat serving: bigger steps next"
+    assert learner.lr == lr, "a candidate that beat serving: the full rate, never more"
     assert s.store.info(first.published).notes["lr"] == lr, "the version notes the rate it was trained at"
 
     harmful = OnlineLearner(_cfg(tmp_path, "online.lr=1"), s.store)
@@ -339,8 +338,10 @@ def test_the_learning_rate_follows_the_gate(tmp_path: Path) -> None:
     assert harmful.next_lr(math.nan) == pytest.approx(harmful.lr * LR_SHRINK), "so do weights not finite"
     harmful.lr = 1e-9
     assert harmful.next_lr(-1.0) == pytest.approx(1 / LR_RANGE), "never below online.lr / LR_RANGE"
-    harmful.lr = 1e9
-    assert harmful.next_lr(1.0) == pytest.approx(1 * LR_CEILING), "never above online.lr * LR_CEILING"
+    harmful.lr = 0.1
+    assert harmful.next_lr(1.0) == pytest.approx(0.1 * LR_GROW), "one that beat serving: back up"
+    harmful.lr = 0.9
+    assert harmful.next_lr(1.0) == 1, "never above online.lr"
 
 
 @pytest.mark.parametrize(("broken", "refused"), [(["online.lr=10", "online.warmup_steps=0"], "non-finite"),
@@ -527,11 +528,11 @@ def test_a_round_trains_at_least_as_long_as_the_rest_of_it_takes(tmp_path: Path)
     learner = OnlineLearner(s.cfg, s.store)
     first = learner.round(s.buf)
     assert first.train_seconds < 0.3 and first.published, first.line()
-    assert len(learner.gate_rates) == 1 and 0 < learner.gate_rates[0] < first.parts["gate"] / first.gate["heldout"]
+    assert list(learner.gate_rates) == [pytest.approx(first.parts["gate"] / first.gate["heldout"])]
     assert list(learner.publish_seconds) == [pytest.approx(first.parts["publish"])]
     fill(s.buf, ring_stream(30, 400, seed=1), s.history)
     held = learner.holdout_size(s.buf.new_events)
-    learner.gate_rates.append(0.4 / held)  # as if a recent candidate had taken 0.4 s to score this many events
+    learner.gate_rates.append(0.4 / held)  # as if a recent gate had taken 0.4 s on this many events
     learner.publish_seconds.append(0.2)  # and a recent publish 0.2 s
     second = learner.round(s.buf)
     assert second.gate["heldout"] == held

@@ -9,6 +9,7 @@ import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -114,7 +115,7 @@ def test_topics_list_json(monkeypatch: pytest.MonkeyPatch) -> None:
     assert topics_document({}) == {"topics": []}
 
 
-def test_state_inspect_json_is_one_line_of_the_same_document(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_state_inspect_json_is_one_line_of_the_same_document(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import state.store
 
     class Record:
@@ -124,8 +125,9 @@ def test_state_inspect_json_is_one_line_of_the_same_document(monkeypatch: pytest
             raise AssertionError("no vocabulary is stored")
 
     monkeypatch.setattr(state.store, "find_user", lambda root, user: (1, Record()))
-    pretty = CliRunner().invoke(app, ["state", "inspect", "42"])
-    compact = CliRunner().invoke(app, ["state", "inspect", "42", "--json"])
+    empty_store = f"model_store.dir={tmp_path / 'models'}"  # no vocabulary: the window shows internal ids
+    pretty = CliRunner().invoke(app, ["state", "inspect", "42", empty_store])
+    compact = CliRunner().invoke(app, ["state", "inspect", "42", "--json", empty_store])
     assert pretty.exit_code == compact.exit_code == 0, pretty.output + compact.output
     assert len(compact.output.splitlines()) == 1
     assert json.loads(compact.output) == json.loads(pretty.output) == {

@@ -20,12 +20,12 @@ The contract of one round (``OnlineLearner.round``):
    ones and a reservoir of evicted ones), so the model follows the stream without forgetting. The time
    training takes is at least ``max_train_seconds`` and at least what the round spends outside training
    (loading and growing the vocabulary, measured before training; the gate on its held-out events and publishing,
-   predicted from the last few rounds' rates), so training is at least half of every round however large the
-   catalogue; it takes ``min_steps`` to ``max_steps`` steps within that time. The learning rate follows the
+   predicted from the last few rounds' rates), so that training is about half of a round or more however large
+   the catalogue (less when the gate or publishing is slower than predicted: a first round has nothing to
+   predict them from); it takes ``min_steps`` to ``max_steps`` steps within that time. The learning rate follows the
    gate: ``online.lr`` at first, then half after a candidate that did not beat the serving model on its
    held-out events, 1.25 times higher (up to ``online.lr``) after one that did (:meth:`OnlineLearner.next_lr`).
-   The
-   learner starts from the serving weights (warm start), fine-tunes with ``online.dropout`` and keeps its
+   The learner starts from the serving weights (warm start), fine-tunes with ``online.dropout`` and keeps its
    AdamW moments from round to round, resized when the vocabulary grows; it starts afresh only when the
    serving version is not the one it last published (a rollback, a version from elsewhere). A fresh optimiser
    ramps its learning rate up over ``warmup_steps`` (Adam's first updates are full-size in every weight, which
@@ -331,7 +331,7 @@ class OnlineLearner:
 
     def train_seconds(self, spent: float, held: int) -> float:
         """A round's training time: ``max_train_seconds``, or the time the round spends outside training when that
-        is longer, so that training is at least half of every round however large the catalogue. That time is
+        is longer, so that training is about half of every round or more however large the catalogue. That time is
         ``spent`` (loading and growing, already measured) plus what the gate will take on ``held`` events at the
         slowest rate per event of the last few gates plus the slowest of the last few publishes."""
         gate = held * max(self.gate_rates, default=0.0)

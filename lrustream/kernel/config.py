@@ -293,8 +293,9 @@ class OnlineConfig:
     max_train_seconds: float = 4.0
     """A round trains for this long, or for as long as the round spends outside training (loading and growing the
     vocabulary, measured; the gate and publishing, predicted from the last few rounds) when that is longer, so
-    that training is at least half of every round. Short rounds serve fresher versions on a machine the trainer
-    shares with the worker and the broker."""
+    that training is about half of every round or more (less when the gate or publishing takes longer than
+    predicted). Short rounds serve fresher versions on a machine the trainer shares with the worker and the
+    broker."""
     num_threads: int = 0
     """torch CPU threads of the trainer (0 = torch's default, every core). Where it shares the cores with a
     worker and a broker, 1 avoids threads waiting on each other."""

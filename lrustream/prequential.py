@@ -438,17 +438,9 @@ def longest_without_new_version(starts: list[int], replayed: int) -> int:
 
 def read_rounds(path: Path) -> list[dict[str, Any]]:
     """The trainer's round records (one JSON object a line); a line cut short by the stop is skipped."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    from trainer.online import json_records
+
+    return list(json_records(path.read_text().splitlines())) if path.exists() else []
 
 
 def run_mode(mode: str, plan: Replay) -> ModeRun:

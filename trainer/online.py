@@ -481,16 +481,24 @@ def recent_rounds(path: Path, keep: int = ROUNDS_KEPT, tail_bytes: int = 1 << 20
             lines = f.read().splitlines()
     except OSError:
         return out
-    for line in reversed(lines):  # newest first, so a torn line (a write in progress, the cut) costs no record
+    # newest first, so a torn line (a write in progress, the cut) costs no record
+    for record in json_records(reversed(lines)):
         if len(out) == keep:
             break
+        out.appendleft(record)
+    return out
+
+
+def json_records(lines: Iterable[bytes | str]) -> Iterator[dict[str, Any]]:
+    """The JSON objects among ``lines`` (round records, one a line), lazily; a line that is not one (cut short by
+    a stop or a write in progress) is skipped."""
+    for line in lines:
         try:
             record = json.loads(line)
         except ValueError:
             continue
         if isinstance(record, dict):
-            out.appendleft(record)
-    return out
+            yield record
 
 
 class TrainerLoop:

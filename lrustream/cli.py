@@ -538,6 +538,38 @@ def bench_stream(
     run(overrides or [], data, events, Path(".lrustream/bench"), plan, log=echo)
 
 
+@bench_app.command("catalogue")
+def bench_catalogue(
+    items: Annotated[str, typer.Option(help="Catalogue sizes, comma-separated (the data set's own items at least).")
+                     ] = "3615,100000,1000000",
+    data: Annotated[str, typer.Option(help="Data set whose events, users and items make the stream.")] = (
+        "../shared/data/ml-1m-subset-users1-2999"),
+    events: Annotated[int, typer.Option(help="Events pre-loaded and drained by each size's worker.")] = 30_000,
+    rate: Annotated[float, typer.Option(help="Steady rate (events/s) of the latency phase.")] = 2_000.0,
+    request_rate: Annotated[float, typer.Option(help="GET /recommendations per second of owned users.")] = 200.0,
+    seconds: Annotated[float, typer.Option(help="Seconds of the latency phase and of the request phase.")] = 10.0,
+    start_model: Annotated[Path | None, typer.Option(
+        help="Model store holding a version trained on --data: its rows are kept, added ones drawn like them "
+             "(without: an untrained model, for cost only).")] = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Per catalogue size, in one run: the approximate index's recall@10 on real states and its cost against
+    exact ranking, the worker's drain, p50/p99 at --rate and owned-user request p99, a 32 x 200 training step
+    (time, peak memory) and publish -> every worker serving; then ratios to the smallest size."""
+    from lrustream.bench.catalogue import run
+
+    try:
+        sizes = sorted({int(x) for x in items.split(",") if x.strip()})
+    except ValueError:
+        raise UsageError("--items takes comma-separated integers") from None
+    if not sizes or sizes[0] < 1 or events < 1 or rate <= 0 or request_rate <= 0 or seconds <= 0:
+        raise UsageError("--items, --events, --rate, --request-rate and --seconds must be positive")
+    model_cfg_of(config, overrides)  # validate before starting anything
+    run(overrides or [], data, sizes, events, rate, request_rate, seconds, start_model, Path(".lrustream/bench"),
+        log=echo)
+
+
 @bench_app.command("versions")
 def bench_versions(
     workers: Annotated[int, typer.Option(help="Worker processes, each with its own dirs and port.")] = 2,

@@ -62,12 +62,20 @@ class Vocabulary:
 
     @classmethod
     def from_json(cls, data: list[str]) -> Vocabulary:
-        vocab = cls(data)
-        if len(vocab) != len(data):
+        """The vocabulary ``to_json`` wrote: distinct items in model-id order (ValueError on a duplicate). The
+        list's strings become the vocabulary's, not copies of them."""
+        if not isinstance(data, list):
+            raise TypeError(f"a vocabulary is a JSON list of item ids, not {type(data).__name__}")
+        if set(map(type, data)) - {str}:  # ids written as numbers
+            data = [str(item) for item in data]
+        vocab = cls()
+        vocab._ids = dict(zip(data, range(1, len(data) + 1), strict=True))  # built in C, no Python call per item
+        if len(vocab._ids) != len(data):
             raise ValueError("vocabulary has duplicate item ids")
+        vocab._items = ["", *data]
         return vocab
 
     @classmethod
     def identity(cls, num_items: int) -> Vocabulary:
         """External id == model id, for data sets already numbered 1..N (LRURec's preprocessed files)."""
-        return cls(str(i) for i in range(1, num_items + 1))
+        return cls.from_json([str(i) for i in range(1, num_items + 1)])

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
+    from stream.retrieval import ItemIndex
     from stream.shadow import Tally
 
 # fine where the real-time path lives (a few ms: the per-stage split of `make demo` and `lrustream bench stream`
@@ -64,6 +65,11 @@ class WorkerMetrics:
         self.blocked_items = Gauge("lrustream_blocked_items", "Items the items topic blocks, as this worker read it",
                                    registry=r)
         self.model_version = Gauge("lrustream_model_info", "Serving model version", ["version"], registry=r)
+        self.index_recall = Gauge("lrustream_worker_index_recall", "recall@K of the serving version's approximate "
+                                  "index against exact ranking, measured when it was built (stream/retrieval.py); "
+                                  "absent while ranking is exact", ["version"], registry=r)
+        self.index_clusters = Gauge("lrustream_worker_index_scanned_clusters", "Item clusters the approximate index "
+                                    "scans per query, of all it has", ["version", "of"], registry=r)
         self.requests = Counter("lrustream_requests", "GET /recommendations requests, by answer: model, popular "
                                 "(fallback), redirect (another worker owns the user), unavailable, bad (request), "
                                 "failed (the stored record)", ["answer"], registry=r)
@@ -94,9 +100,14 @@ class WorkerMetrics:
         span = max(now - self._window[0][0], 1.0)
         self.events_per_s.set(self._window_events / span)
 
-    def set_version(self, version: str) -> None:
+    def set_version(self, version: str, index: ItemIndex | None = None) -> None:
         self.model_version.clear()
         self.model_version.labels(version=version).set(1)
+        self.index_recall.clear()
+        self.index_clusters.clear()
+        if index is not None:
+            self.index_recall.labels(version=version).set(index.recall)
+            self.index_clusters.labels(version=version, of=str(index.nlist)).set(index.nprobe)
 
     def set_health(self, state: str) -> None:
         """The state /health reports; one outside :data:`HEALTH_STATES` is a bug, refused."""

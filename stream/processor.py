@@ -171,7 +171,7 @@ class Processor:
         self.metrics = metrics or WorkerMetrics()
         self.vocab_of = vocab_of  # a version's vocabulary: ids in windows stored under it mean its items
         if serving is not None:
-            self.metrics.set_version(serving.version)
+            self.metrics.set_version(serving.version, serving.index)
         self.stopping = threading.Event()  # set from another thread: abandon the batch in hand (see Stopping)
         self._errors: list[str] = []  # delivery failures of outputs produced since the last commit
         self._refused_too_large: list[tuple[Input, str]] = []  # dead letters the DLQ topic refused as too big
@@ -195,7 +195,7 @@ class Processor:
     def swap(self, serving: Serving) -> None:
         """Serve another version from the next micro-batch on (states are re-derived lazily, per user)."""
         self.serving = serving
-        self.metrics.set_version(serving.version)
+        self.metrics.set_version(serving.version, serving.index)
         self._blocked_columns = self._columns(self.blocked)
         self.popular.seed(*serving.popular_ids())  # a version without a popularity note clears the seed
 

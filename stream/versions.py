@@ -20,7 +20,10 @@ Contract (also in stream/README.md, "Model versions"):
   acknowledged: a reader (:class:`VersionLog`) writes chunks into a scratch folder of its own model store and, at
   ``done``, checks every file's size and sha256 and the checksum of the whole before installing the version
   (models/store.py ``install``). A version that fails is refused (logged; workers list it in ``/model``) and never
-  visible; so is a second upload under a number another upload completed first.
+  visible; so is a second upload under a number another upload completed first. Chunks that arrive in the order
+  the publisher sends them (files in the ``done`` record's order, each by offset) are hashed as they are written,
+  so a version of hundreds of MB is not read back for the check; chunks in any other order are accepted too, and
+  their files are then read back and hashed at ``done``.
 - Serving: ``@pin`` when set, else ``@current``. Every reader mirrors that, and ``@shadow``, into its store's
   CURRENT, PINNED and SHADOW once the version named is installed there; workers hot-swap to CURRENT as before
   (stream/worker.py). Publishing writes ``@current``, so while an operator pins serving a new version is stored
@@ -44,13 +47,22 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lrustream.kernel.config import Config
 from lrustream.kernel.errors import LrustreamError
-from lrustream.kernel.kafka import assigned_reader, produce_all, producer_config, quiet_logger, read_to_end
+from lrustream.kernel.kafka import (
+    Deliveries,
+    assigned_reader,
+    await_deliveries,
+    produce,
+    producer_config,
+    quiet_logger,
+    read_to_end,
+)
 from models.base import SeqRecModel
 from models.store import META, VOCAB, WEIGHTS, ModelStore, ModelStoreError, VersionInfo, check_version_name
 from models.vocab import Vocabulary
@@ -64,10 +76,54 @@ PUBLISH_TRIES = 3  # numbers tried when other publishers keep taking the one cho
 SCRATCH = ".incoming-"
 STRAY_AGE_S = 600.0  # an upload silent this long, below a complete number, is a dead publish (gc removes it)
 CONSUME_AT_ONCE = 64  # records per consume call: at most 32 MiB of chunks in memory
+# One partition holds every chunk, and librdkafka fetches at most 1 MiB of a partition per request by default: a
+# version of hundreds of MB would take as many round trips. A fetch may exceed the broker's record limit (it
+# carries many records); librdkafka prefetches at most queued.max.messages.kbytes (64 MiB) ahead of the reader.
+READER_SETTINGS = {"max.partition.fetch.bytes": 16 * 1024 * 1024, "fetch.max.bytes": 64 * 1024 * 1024}
+HASH_BLOCK = 1 << 20  # bytes read at a time when a file is checked from disk
+PRODUCER_QUEUE_KB = 64 * 1024  # chunks a publisher holds unacknowledged at most (librdkafka's default: 1 GiB)
+WHOLE = ""  # the key of the whole version's checksum among a file's checksums (no file has an empty name)
 
 
 class VersionConflict(LrustreamError):
     """Another upload completed the version number first; the publisher tries the next number."""
+
+
+@dataclass
+class Digests:
+    """Checksums of an upload's files, computed as its chunks are written in the order the publisher sends them
+    (file after file, offset after offset), so that the check at ``done`` reads nothing again. A file one of
+    whose chunks came out of that order (or twice: a retried produce) has no checksum here and is read again from
+    disk; so does the whole version once any chunk broke the order."""
+
+    files: dict[str, Any] = field(default_factory=dict)  # name -> running sha256, None once out of order
+    sizes: dict[str, int] = field(default_factory=dict)  # name -> bytes hashed
+    whole: Any = field(default_factory=hashlib.sha256)  # None once out of order
+    order: list[str] = field(default_factory=list)  # files in the order their first chunk came
+
+    def add(self, name: str, offset: int, data: bytes) -> None:
+        if name not in self.files:
+            self.files[name], self.sizes[name] = (hashlib.sha256() if offset == 0 else None), 0
+            self.order.append(name)
+        in_order = self.files[name] is not None and offset == self.sizes[name]
+        if not in_order:
+            self.files[name] = None
+        if not in_order or self.order[-1] != name:
+            self.whole = None
+        if self.files[name] is not None:
+            self.files[name].update(data)
+            self.sizes[name] += len(data)
+        if self.whole is not None:
+            self.whole.update(data)
+
+    def known(self, done: Done) -> dict[str, str]:
+        """The sha256 of each file hashed whole and in order, by name, and (key :data:`WHOLE`) of the whole
+        version when every file of ``done`` was, in its order."""
+        out = {f["name"]: h.hexdigest() for f in done.files
+               if (h := self.files.get(f["name"])) is not None and self.sizes[f["name"]] == f["size"]}
+        if self.whole is not None and self.order == [f["name"] for f in done.files] and len(out) == len(done.files):
+            out[WHOLE] = self.whole.hexdigest()
+        return out
 
 
 @dataclass
@@ -77,6 +133,8 @@ class Upload:
     folder: Path
     own: bool = False
     done: Done | None = None  # its done record, kept while the version waits for a "collected" record
+    digests: Digests = field(default_factory=Digests)
+    sent: dict[str, str] = field(default_factory=dict)  # our own publish: the checksums it sent (Digests.known)
 
 
 @dataclass
@@ -138,7 +196,7 @@ class VersionLog:
         self.cfg, self.store, self.who = cfg, store, who
         self.topic = cfg.topics.model_versions
         self.consumer, self.partitions = assigned_reader(cfg, self.topic, f"{cfg.stream.app_id}-versions",
-                                                         from_beginning=True)
+                                                         from_beginning=True, **READER_SETTINGS)
         self.seen = TopicView()
         self.uploads: dict[tuple[str, str], Upload] = {}
         self.strays: dict[tuple[str, str], Strays] = {}  # chunks of uploads no done record completed
@@ -223,10 +281,12 @@ class VersionLog:
         if (version, upload) not in self.uploads:
             self.uploads[version, upload] = Upload(self.scratch / f"{version}-{upload}")
             self.uploads[version, upload].folder.mkdir(parents=True)
-        path = self.uploads[version, upload].folder / name
+        held = self.uploads[version, upload]
+        path = held.folder / name
         with open(path, "r+b" if path.exists() else "wb") as f:
             f.seek(offset)
             f.write(data)
+        held.digests.add(name, offset, data)
 
     def _complete(self, done: Done) -> None:
         version = done.version
@@ -239,7 +299,7 @@ class VersionLog:
         try:
             if (self.store.versions_dir / version).is_dir():  # already here (our own push, a restart)
                 try:
-                    _check_files(self.store.files(version), done, version)
+                    _check_files(self.store.files(version), done, version, upload.sent if upload else None)
                 except ModelStoreError:
                     raise ModelStoreError(f"model version {version}: this host's store holds another {version} "
                                           f"(published here alone?); move {self.store.versions_dir / version} "
@@ -249,8 +309,9 @@ class VersionLog:
                                       "never written)")
             else:
                 collected = len(done.files) == 2
-                _check_files([upload.folder / f["name"] for f in done.files], done, version)
-                self.store.install(upload.folder, version, collected=collected)
+                known = upload.sent if upload.own else upload.digests.known(done)
+                checked = _check_files([upload.folder / f["name"] for f in done.files], done, version, known)
+                self.store.install(upload.folder, version, collected=collected, verified=checked)
         except ModelStoreError as exc:
             if upload is not None and not (upload.folder / WEIGHTS).exists():  # gc'd and compacted: "collected"
                 self.seen.refused[version] = str(exc)                         # follows; said if a pointer names it
@@ -417,32 +478,26 @@ class VersionLog:
         completed ``version`` first."""
         upload = uuid.uuid4().hex[:12]
         whole = hashlib.sha256()
-        files = []
+        files, written = [], []
         for path in paths:
             digest = hashlib.sha256()
-            records = []
-            with open(path, "rb") as f:
-                offset = 0
-                while block := f.read(CHUNK_BYTES):
-                    records.append((f"{version}/{upload}/{path.name}/{offset}".encode(), block))
-                    digest.update(block)
-                    whole.update(block)
-                    offset += len(block)
-                if offset == 0:
-                    records.append((f"{version}/{upload}/{path.name}/0".encode(), b""))
-            self._send(records)
-            files.append({"name": path.name, "size": offset, "sha256": digest.hexdigest()})
-        if own is not None:
-            self.uploads[version, upload] = Upload(own, own=True)
+            written += self._send(_chunks(path, f"{version}/{upload}/{path.name}", digest, whole))
+            files.append({"name": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()})
+        sent = {**{f["name"]: f["sha256"] for f in files}, WHOLE: whole.hexdigest()}
+        self.uploads[version, upload] = Upload(own or self.store.versions_dir / version, own=True, sent=sent)
         done = {"version": version, "upload": upload, "chunk_bytes": CHUNK_BYTES, "files": files,
                 "sha256": whole.hexdigest(), "ts": int(time.time() * 1000), "by": self.who}
+        self._skip_own(written)
         self._send([(f"{version}/{upload}/done".encode(), json.dumps(done).encode())])
         self.catch_up()
         if (winner := self.seen.done.get(version)) is None or winner.upload != upload:
             why = self.seen.refused.get(version, "another upload completed it first")
             raise VersionConflict(f"model version {version} was not taken: {why}")
 
-    def _send(self, records: list[tuple[bytes, bytes | None]]) -> None:
+    def _send(self, records: Iterable[tuple[bytes, bytes | None]]) -> list[tuple[int, int]]:
+        """Produce ``records`` and wait until each is acknowledged; returns where they were written, as
+        (partition, offset), in acknowledgement order. At most PRODUCER_QUEUE_KB of them wait in the producer at
+        a time, so a version of any size is sent with bounded memory."""
         from confluent_kafka import Producer
 
         if self._producer is None:
@@ -450,8 +505,30 @@ class VersionLog:
             # (an idempotent producer's first flush waited ~0.5 s for its producer id)
             self._producer = Producer(producer_config(self.cfg, **{
                 "acks": "all", "enable.idempotence": False, "compression.type": "none",
-                "logger": quiet_logger("lrustream.versions")}))
-        produce_all(self._producer, self.topic, records, timeout_s=60.0)
+                "queue.buffering.max.kbytes": PRODUCER_QUEUE_KB, "logger": quiet_logger("lrustream.versions")}))
+        deliveries, sent = _Written(), 0
+        for key, value in records:
+            produce(self._producer, self.topic, value, key, on_delivery=deliveries)
+            sent += 1
+        await_deliveries(self._producer, deliveries, f"{sent} records to {self.topic}", timeout_s=60.0)
+        return deliveries.at
+
+    def _skip_own(self, written: list[tuple[int, int]]) -> None:
+        """Move the reader past the chunks it just wrote when they are the only records between its position and
+        their end: this store holds those files already, and reading hundreds of MB back would delay ``done``'s
+        catch-up, and so ``@current``. Records of anyone else in between: nothing is skipped."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        partitions = {p for p, _ in written}
+        offsets = sorted(o for _, o in written)
+        if len(partitions) != 1 or not offsets or offsets[-1] - offsets[0] + 1 != len(offsets):
+            return
+        tp = TopicPartition(self.topic, partitions.pop())
+        try:
+            if self.consumer.position([tp])[0].offset == offsets[0]:
+                self.consumer.seek(TopicPartition(tp.topic, tp.partition, offsets[-1] + 1))
+        except KafkaException as exc:  # reading them back is merely slower
+            log.debug("reading our own chunks back: %s", exc)
 
     def __enter__(self) -> VersionLog:
         return self
@@ -466,21 +543,68 @@ class VersionLog:
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def _check_files(paths: list[Path], done: Done, version: str) -> None:
+def _check_files(paths: list[Path], done: Done, version: str, known: dict[str, str] | None = None) -> dict[str, str]:
     """Every file has the size and sha256 the ``done`` record names, and the whole its checksum (``paths`` may
-    lack the weights: a version collected here)."""
-    whole = hashlib.sha256()
+    lack the weights: a version collected here); returns the checksums checked, by file name. ``known``: the
+    sha256 of files (and, under :data:`WHOLE`, of the whole) computed from the very bytes written to them, as
+    they were written (:class:`Digests`); every other file is read from disk."""
+    known = known or {}
+    entire = len(paths) == len(done.files)
+    whole = hashlib.sha256() if done.sha256 and entire and WHOLE not in known else None
+    checked = {}
     for path, expected in zip(paths, done.files[:len(paths)], strict=True):
+        name = expected["name"]
         try:
-            data = path.read_bytes()
+            size = path.stat().st_size
+            digest = known.get(name) if whole is None else None
+            digest = digest or _file_sha256(path, whole)
         except OSError:
-            raise ModelStoreError(f"model version {version}: {expected['name']} is missing") from None
-        whole.update(data)
-        if len(data) != expected["size"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
-            raise ModelStoreError(f"model version {version}: {expected['name']} is incomplete or corrupt "
-                                  f"({len(data)} of {expected['size']} bytes, checksum mismatch)")
-    if done.sha256 and len(paths) == len(done.files) and whole.hexdigest() != done.sha256:
+            raise ModelStoreError(f"model version {version}: {name} is missing") from None
+        if size != expected["size"] or digest != expected["sha256"]:
+            raise ModelStoreError(f"model version {version}: {name} is incomplete or corrupt "
+                                  f"({size} of {expected['size']} bytes, checksum mismatch)")
+        checked[name] = digest
+    if done.sha256 and entire and (known.get(WHOLE) if whole is None else whole.hexdigest()) != done.sha256:
         raise ModelStoreError(f"model version {version}: the checksum of the whole version does not match")
+    return checked
+
+
+def _chunks(path: Path, prefix: str, *digests: Any) -> Iterator[tuple[bytes, bytes]]:
+    """One file's chunk records, read as they are sent: ``prefix/offset`` -> at most CHUNK_BYTES of the file from
+    ``offset`` on (one empty chunk for an empty file); every block also goes into each of ``digests``."""
+    offset = 0
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            for digest in digests:
+                digest.update(block)
+            yield f"{prefix}/{offset}".encode(), block
+            offset += len(block)
+    if offset == 0:
+        yield f"{prefix}/0".encode(), b""
+
+
+def _file_sha256(path: Path, whole: Any = None) -> str:
+    """A file's sha256, read a block at a time; each block also goes into ``whole`` when given."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+            if whole is not None:
+                whole.update(block)
+    return digest.hexdigest()
+
+
+class _Written(Deliveries):
+    """Deliveries, and the (partition, offset) each acknowledged record was written at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at: list[tuple[int, int]] = []
+
+    def __call__(self, err: Any, msg: Any) -> None:
+        super().__call__(err, msg)
+        if err is None:
+            self.at.append((msg.partition(), msg.offset()))
 
 
 def _remove_dead_scratch(root: Path) -> None:

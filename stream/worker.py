@@ -40,9 +40,11 @@ from stream.metrics import WorkerMetrics
 from stream.pipeline import Pipeline
 from stream.processor import Fetch, GapFillError, Input, Processor
 from stream.queries import Owners, worker_client_id
+from stream.retrieval import ANY_ROWS, IndexSettings
 from stream.serving import Serving
 from stream.topics import create_topics, topic_id
 from stream.versions import VersionLog
+from stream.vocabularies import OlderVocabularies
 
 log = logging.getLogger("lrustream.worker")
 
@@ -111,6 +113,9 @@ class Worker:
         create_topics(cfg)
         self.versions = VersionLog(cfg, self.model_store, who=f"worker {worker_client_id(cfg)}")
         self.swaps: list[dict[str, Any]] = []  # what happened to each version named (served / refused why)
+        self.index_settings = IndexSettings(cfg.stream.approximate_above_items, cfg.stream.approximate_recall,
+                                            cfg.stream.top_k)
+        self._indexing: asyncio.Future[None] | None = None  # the index build in flight (_index_what_is_served)
         self.serving = serving or self._first_serving()
         self.model_ready = asyncio.Event()  # set once a version is served: the input loop waits for it
         self.metrics = WorkerMetrics()
@@ -119,9 +124,10 @@ class Worker:
         self.store = StateStore(state_dir(cfg), changelog,
                                 input_identity=functools.partial(topic_id, cfg, cfg.topics.interactions))
         self.producer = Producer(producer_config(cfg, **{"linger.ms": 2, "acks": "all"}))
+        self.vocabularies = OlderVocabularies(self.model_store, lambda: self.processor.serving)
         self.processor = Processor(self.serving, self.store, self.producer, stream=cfg.stream, topics=cfg.topics,
                                    state_dtype=cfg.state.dtype, fetch=fetch_range(cfg), metrics=self.metrics,
-                                   vocab_of=functools.lru_cache(maxsize=8)(self.model_store.vocabulary))
+                                   vocab_of=self.vocabularies)
         self.started = time.time()
         self.liveness = Liveness(cfg.stream.stall_after_s)
         self.pipeline = Pipeline(cfg, self.processor, self.store, self.metrics, self.liveness)
@@ -214,6 +220,40 @@ class Worker:
             if version and version != getattr(self.processor.serving, "version", None) and await self.swap_to(version):
                 self.model_ready.set()
             await self._follow_shadow()
+            self._index_what_is_served()
+
+    def _index_what_is_served(self) -> None:
+        """Build the approximate index (stream/retrieval.py) of the serving, then the shadow, version when it
+        wants one, one build at a time, off the serving path: a version is served exactly from its swap until its
+        index is attached, so a large catalogue's index never delays a swap."""
+        if self._indexing is not None and not self._indexing.done():
+            return
+        shadow = self.processor.shadow
+        for serving in (self.processor.serving, shadow.candidate if shadow is not None else None):
+            if serving is not None and not serving.index_tried:
+                self._indexing = asyncio.ensure_future(self._attach_index(serving))
+                return
+
+    async def _attach_index(self, serving: Serving) -> None:
+        try:
+            index = await asyncio.to_thread(serving.attach_index, self.index_settings)
+        except Exception:  # a failed build leaves the version ranked exactly
+            log.exception("the approximate index of version %s could not be built; ranking it exactly",
+                          serving.version)
+            return
+        if index is None:
+            return
+        if not index.max_rows:
+            log.warning("version %s stays ranked exactly: its approximate index (recall@%d %.4f, %d of %d clusters "
+                        "scanned, built in %.1f s) was slower than exact ranking", serving.version,
+                        self.index_settings.k, index.recall, index.nprobe, index.nlist, index.build_seconds)
+            return
+        log.warning("version %s ranks through an approximate index from now on: recall@%d %.4f, %d of %d clusters "
+                    "scanned, for calls of %s (built in %.1f s)", serving.version, self.index_settings.k,
+                    index.recall, index.nprobe, index.nlist,
+                    "any size" if index.max_rows >= ANY_ROWS else f"up to {index.max_rows} rows", index.build_seconds)
+        if serving is self.processor.serving:
+            self.metrics.set_version(serving.version, index)
 
     def _report_refusals(self) -> None:
         """Versions the topic held that could not be installed, into what /model shows."""
@@ -271,6 +311,7 @@ class Worker:
                       f"; retrying in {RETRY_LOAD_AFTER_S:.0f} s" if retry else "")
             return False
         old = getattr(self.processor.serving, "version", None)
+        await asyncio.to_thread(self.vocabularies.swapped, self.processor.serving, serving)
         await self._between_batches(self.processor.swap, serving)
         took = time.monotonic() - t0
         log.warning("now serving model version %s (was %s); swap took %.3f s", version, old, took)

@@ -36,7 +36,7 @@ from lrustream.kernel.config import OnlineConfig
 from models.base import SeqRecModel
 from models.vocab import Vocabulary
 from trainer.buffer import HeldEvent
-from trainer.evaluate import left_pad, ranks_of
+from trainer.evaluate import left_pad, score_ranks
 
 
 def _rows_of_runs(held: list[HeldEvent], per_row: int) -> list[list[int]]:
@@ -82,7 +82,8 @@ def event_metrics(model: SeqRecModel, vocab: Vocabulary, held: list[HeldEvent], 
 
     ONE forward pass over the window that ends before the last event of a run of a user's held-out events
     gives the hidden state before each event of the run, so a few thousand held-out events cost a few hundred
-    rows. Runs are at most ``context // 2`` long, so every event is read with at least half the context."""
+    rows. Runs are at most ``context // 2`` long, so every event is read with at least half the context. Every
+    event is ranked over the whole catalogue, a few events at a time (trainer/evaluate.py ``score_ranks``)."""
     oov = model.oov_index
     ids = [np.array([vocab.get(x) or oov for x in [*h.prefix[-context:], h.target]]) for h in held]
     rows = _rows_of_runs(held, max(1, context // 2))
@@ -91,7 +92,7 @@ def event_metrics(model: SeqRecModel, vocab: Vocabulary, held: list[HeldEvent], 
         h = _hidden_before(model, [ids[row[-1]][:-1] for row in rows], rows, len(held), batch_size)
         inputs = left_pad([i[:-1] for i in ids], context)
         targets = torch.tensor([vocab.get(x.target) or 0 for x in held])
-        r = ranks_of(model.score(h).float(), inputs, targets.clamp(min=1))
+        r = score_ranks(model, h, inputs, targets.clamp(min=1))
         r = torch.where(targets > 0, r, model.num_items + 1).double().numpy()
     hit = r <= 10
     return hit.astype(float), np.where(hit, 1.0 / np.log2(r + 1), 0.0)

@@ -1,7 +1,8 @@
 """The offline training loop: steps to early stop, validation, checkpoints, Ctrl-C.
 
 ``train`` takes a model, a leave-one-out split (trainer/samples.py) and ``train.*`` settings: AdamW
-(trainer/optim.py) on the sequence loss (trainer/loss.py), gradients clipped at ``grad_clip``, the mean loss
+(trainer/optim.py) on the sequence loss (trainer/loss.py: the full softmax, or the sampled one above
+``train.sampled_softmax_above`` items), gradients clipped at ``grad_clip``, the mean loss
 logged every ``LOG_EVERY`` steps, validation every ``val_every`` steps and at ``max_steps``, an early stop after
 ``patience`` validations without a better validation Recall@10. It returns the run's :class:`History` and
 leaves the best-validation weights in the model; the test metrics are those of those weights.
@@ -33,7 +34,7 @@ from lrustream.kernel.config import TrainConfig
 from models import SeqRecModel
 from trainer.checkpoint import LoopState, load_checkpoint, save_checkpoint
 from trainer.evaluate import evaluate
-from trainer.loss import sequence_loss
+from trainer.loss import Sampling, sequence_loss
 from trainer.optim import clipped_step, make_optimizer
 from trainer.samples import Split, batches
 
@@ -93,15 +94,19 @@ def _deferred_signals() -> Iterator[list[int]]:
 
 
 def run_setup(model: SeqRecModel, split: Split, cfg: TrainConfig) -> dict:
-    """What a checkpoint must agree with to be resumed: same model, data and optimisation."""
+    """What a checkpoint must agree with to be resumed: same model, data and optimisation (and, when the loss is
+    the sampled softmax, the same number of draws)."""
     digest = hashlib.sha1()
     for seq in split.train:
         digest.update(np.ascontiguousarray(seq, dtype=np.int64).tobytes())
         digest.update(b"|")
-    return {"model": model.name, "hparams": model.hparams(), "num_items": model.num_items,
-            "train_data_sha1": digest.hexdigest(), "batch_size": cfg.batch_size, "seed": cfg.seed,
-            "lr": cfg.lr, "weight_decay": cfg.weight_decay, "adam_eps": cfg.adam_eps, "grad_clip": cfg.grad_clip,
-            "val_every": cfg.val_every}
+    setup = {"model": model.name, "hparams": model.hparams(), "num_items": model.num_items,
+             "train_data_sha1": digest.hexdigest(), "batch_size": cfg.batch_size, "seed": cfg.seed,
+             "lr": cfg.lr, "weight_decay": cfg.weight_decay, "adam_eps": cfg.adam_eps, "grad_clip": cfg.grad_clip,
+             "val_every": cfg.val_every}
+    if Sampling.of(cfg).applies(model.num_items):
+        setup["sampled_softmax_negatives"] = cfg.negatives
+    return setup
 
 
 class _Run:
@@ -111,6 +116,7 @@ class _Run:
                  checkpoint: Path | None, resume: bool) -> None:
         self.model, self.split, self.cfg, self.device, self.checkpoint = model, split, cfg, device, checkpoint
         self.opt = make_optimizer(model, cfg)
+        self.sampling = Sampling.of(cfg)
         self.setup = run_setup(model, split, cfg)
         self.hist = History(model=model.name, device=str(device))
         self.best_state = copy.deepcopy(model.state_dict())
@@ -152,7 +158,7 @@ class _Run:
     def optimise(self, tokens: torch.Tensor, labels: torch.Tensor) -> None:
         """One optimiser step on one batch; its loss is summed on the device (no host sync)."""
         loss = sequence_loss(self.model, tokens.to(self.device, non_blocking=True),
-                             labels.to(self.device, non_blocking=True))
+                             labels.to(self.device, non_blocking=True), self.sampling)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.dropped += clipped_step(self.model, self.opt, self.cfg.grad_clip)

@@ -15,9 +15,11 @@ The contract of one round (``OnlineLearner.round``):
    leave fewer than ``min_holdout`` events to train on waits for more (code ``holdout``). Training
    sees each user's window cut before that user's first held-out event, so no held-out target, nor anything
    after it, is trained on. Held-out events are trained on by the next round.
-3. **Training.** Whole user windows (the last ``train_len`` items) through the parallel scan, full-softmax
-   cross-entropy at every position. A batch mixes users with new events with a replay of other users (recent
-   ones and a reservoir of evicted ones), so the model follows the stream without forgetting. The time
+3. **Training.** Whole user windows (the last ``train_len`` items) through the parallel scan, softmax
+   cross-entropy at every position: over the whole vocabulary, or sampled once it holds more than
+   ``train.sampled_softmax_above`` items (trainer/loss.py), so a step's cost does not grow with the vocabulary.
+   A batch mixes users with new events with a replay of other users (recent ones and a reservoir of evicted
+   ones), so the model follows the stream without forgetting. The time
    training takes is at least ``max_train_seconds`` and at least what the round spends outside training
    (loading and growing the vocabulary, measured before training; the gate on its held-out events and publishing,
    predicted from the last few rounds' rates), so that training is about half of a round or more however large
@@ -73,8 +75,8 @@ from trainer.buffer import EventBuffer
 from trainer.evaluate import left_pad
 from trainer.gate import Verdict, event_metrics, judge, needed_heldout
 from trainer.live import Judgement, LiveWatch
-from trainer.loss import sequence_loss
-from trainer.optim import make_optimizer, pick_device, warm_up
+from trainer.loss import Sampling, sequence_loss
+from trainer.optim import clip_gradients, make_optimizer, optimizer_step, pick_device, warm_up
 
 log = logging.getLogger("lrustream.trainer")
 ROUNDS_KEPT = 20  # round records the operator page shows (trainer/page.py)
@@ -176,16 +178,18 @@ def covering_draws(n: int, k: int, rng: torch.Generator) -> Iterator[list[int]]:
         del order[:k]
 
 
-def backward_groups(model: SeqRecModel, groups: list[Batch], device: torch.device) -> float:
+def backward_groups(model: SeqRecModel, groups: list[Batch], device: torch.device,
+                    sampling: Sampling | None = None) -> float:
     """Back-propagate one batch given as length groups: each group's loss weighted by its share of the batch's
     labelled positions, so the gradients add up to those of the mean over every labelled position. Returns that
-    mean loss."""
+    mean loss. With ``sampling`` applying to the catalogue, each group's loss is the sampled softmax over its own
+    targets and draws (trainer/loss.py)."""
     counts = [int((labels > 0).sum()) for _, labels in groups]
     total, loss = sum(counts), 0.0
     for (tokens, labels), n in zip(groups, counts, strict=True):
         if n == 0:  # nothing to learn from (every target unknown): no loss, no gradient
             continue
-        part = sequence_loss(model, tokens.to(device), labels.to(device)) * (n / total)
+        part = sequence_loss(model, tokens.to(device), labels.to(device), sampling) * (n / total)
         part.backward()
         loss += float(part.detach())
     return loss
@@ -227,6 +231,7 @@ class OnlineLearner:
         self.vocab = Vocabulary()
         self.opt: torch.optim.Optimizer | None = None
         self.rng = torch.Generator().manual_seed(cfg.train.seed)
+        self.sampling = Sampling.of(cfg.train)  # the sampled softmax above train.sampled_softmax_above items
         self.warm_starts = 0
         self.lr = cfg.online.lr  # the next round's, adapted by the gate (next_lr)
         self.context = cfg.online.train_len or cfg.model.max_len
@@ -315,9 +320,9 @@ class OnlineLearner:
                 break
             warm_up(self.opt, self.lr, self.o.warmup_steps)
             self.opt.zero_grad(set_to_none=True)
-            loss = backward_groups(self.model, groups, self.device)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-            self.opt.step()  # not clipped_step: a round that diverges is refused whole ("non-finite") and undone
+            loss = backward_groups(self.model, groups, self.device, self.sampling)
+            clip_gradients(self.model, self.cfg.train.grad_clip)
+            optimizer_step(self.opt)  # not clipped_step: a round that diverges is refused whole ("non-finite")
             steps += 1
         self.model.eval()
         return steps, loss

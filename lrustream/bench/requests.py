@@ -31,7 +31,7 @@ from urllib.parse import quote
 from lrustream.bench.stream import Output, drop_topics, publish_random_model, topic_overrides
 from lrustream.broker import free_port
 from lrustream.children import QUANTILES, format_ms, percentile, spawn_cli, stop
-from lrustream.kernel.config import load_config
+from lrustream.kernel.config import Config, load_config
 
 Log = Callable[[str], None]
 WARM_UP_S = 2.0  # of requests before the measured phases, reported on a line of their own
@@ -41,16 +41,9 @@ def run(base: list[str], data: str, events: int, rate: float, seconds: float, st
         log: Log = print) -> dict[str, float]:
     """The whole benchmark (module docstring); returns every figure it printed, by name."""
     from lrustream.replay import replay
-    from stream.topics import create_topics
     from trainer.data import load_sequences
 
-    tag = f"requests-{uuid.uuid4().hex[:6]}"
-    tmp = workdir.resolve() / tag
-    tmp.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    overrides = [*topic_overrides(base, tag, tmp), f"http.port={port}"]
-    cfg = load_config(overrides=overrides)
-    create_topics(cfg)
+    cfg, overrides, tmp, port = served_topics(base, f"requests-{uuid.uuid4().hex[:6]}", workdir)
     sent = replay(cfg, data, None, events, False)
     known = sorted({str(user) for user, _, _ in islice(load_sequences(data).events(), events)})
     publish_random_model(cfg, data)
@@ -85,6 +78,20 @@ def run(base: list[str], data: str, events: int, rate: float, seconds: float, st
         stop([proc])
         drop_topics(cfg, log)
     return results
+
+
+def served_topics(base: list[str], tag: str, workdir: Path) -> tuple[Config, list[str], Path, int]:
+    """A run's own topics (created), dirs and HTTP port: (its config, the overrides naming them, its folder, the
+    port)."""
+    from stream.topics import create_topics
+
+    tmp = workdir.resolve() / tag
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    overrides = [*topic_overrides(base, tag, tmp), f"http.port={port}"]
+    cfg = load_config(overrides=overrides)
+    create_topics(cfg)
+    return cfg, overrides, tmp, port
 
 
 class Client:

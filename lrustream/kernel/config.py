@@ -208,6 +208,18 @@ class TrainConfig:
     num_threads: int = 0
     """torch CPU threads of offline training (0 = torch's default, every core). Runs sharing a host each want
     their share of the cores."""
+    sampled_softmax_above: int = 20_000
+    """Catalogues of more items than this are trained, offline and online, with a sampled softmax (the batch's own
+    targets and ``negatives`` uniform draws, logQ-corrected: trainer/loss.py) instead of the full one, and the item
+    table's AdamW update touches the rows a step used only, so a step's cost no longer grows with the catalogue.
+    The sampled loss is an estimate of the full one, so it is used only where it saves about half of a step:
+    measured on 2 CPU cores with a default LRURec on 32 x 200 windows of random items
+    (lrustream/bench/training.py), the full-softmax step took 0.8 times the sampled one at 5,000 items, about the
+    same at 10,000, 1.9 times at 20,000 and 2.4 times at 40,000. Evaluation and the online gate always rank the
+    whole catalogue."""
+    negatives: int = 2048
+    """Items drawn uniformly per batch (with replacement) as the sampled softmax's shared negatives, besides the
+    batch's own targets; each group of an online step draws its own."""
 
 
 @dataclass
@@ -257,6 +269,18 @@ class StreamConfig:
     """torch CPU threads of a worker (0 = torch's default, every core). A worker's steps are small (a batch of
     events, one user per request), so a second thread gains little and waits for work on a core that the broker
     and the worker's own Kafka clients need, which adds to the latency of every event."""
+    approximate_above_items: int = 100_000
+    """Catalogues of more items than this are ranked through an approximate index built when a version loads
+    (stream/retrieval.py: candidates from clustered items, then exact exclusions and exact scores); smaller ones by
+    one product with the whole item table. -1: always exact. The build also times both ways and keeps the index
+    only for the call sizes it is faster for. The default is about where that starts to happen on a 2-core
+    machine for item embeddings as evenly spread as a trained LRURec's (at 100,000 items both cost about 15 ms for
+    16 rows at recall 0.99; ``lrustream bench catalogue`` prints both): below it, building the index would only
+    delay each version's swap."""
+    approximate_recall: float = 0.99
+    """The recall@``top_k`` the index must reach against exact ranking: measured when it is built, on the model's
+    outputs for sampled histories; it scans as few item clusters as reach it. Shown as
+    ``lrustream_worker_index_recall``."""
 
 
 @dataclass
@@ -300,8 +324,13 @@ class OnlineConfig:
     """torch CPU threads of the trainer (0 = torch's default, every core). Where it shares the cores with a
     worker and a broker, 1 avoids threads waiting on each other."""
     max_items: int = 500_000
-    """Items the online vocabulary may hold. Each costs an embedding row in every worker and, in the trainer, the
-    row, its gradient and two AdamW moments (d_model=64: about 1 KiB); items first seen after the vocabulary is
+    """Items the online vocabulary may hold (up to 10,000,000 and more, memory allowing). Each item costs, at
+    d_model=64: 260 bytes of table row (embedding and bias) in every version's weights, on the model-versions
+    topic and in every host's model store; in every worker that row and about 130 bytes of vocabulary (ids of up
+    to 7 characters), twice while a swap loads the next version; in the trainer the row, its gradient and two
+    AdamW moments (about 1 KiB) and the vocabulary. So 1,000,000 items make versions of 270 MB and cost each
+    worker about 400 MB; 10,000,000 make versions of 2.7 GB and cost each worker about 4 GB (8 GB during a swap)
+    and the trainer about 12 GB (docs/operations.md, "Large catalogues"). Items first seen after the vocabulary is
     full stay unknown to the model (an unknown-item token as input, no training target; the worker serves them
     by ``stream.unknown_items``) and are counted in ``lrustream_trainer_unknown_items``."""
     lr: float = 2e-3
@@ -486,6 +515,8 @@ RULES: dict[str, Rule] = {
     "train.patience": _at_least(1),
     "train.device": _one_of("auto", "cpu", "cuda"),
     "train.num_threads": _at_least(0),
+    "train.sampled_softmax_above": _at_least(0),
+    "train.negatives": _at_least(1),
     "stream.batch_size": _at_least(1),
     "stream.commit_interval_ms": _at_least(1),
     "stream.top_k": _at_least(1),
@@ -498,6 +529,8 @@ RULES: dict[str, Rule] = {
     "stream.session_timeout_s": _within(6, 1800),  # the broker's default group.{min,max}.session.timeout.ms
     "stream.popular_half_life_s": _above(0),
     "stream.answer_cache_users": _at_least(0),
+    "stream.approximate_above_items": _at_least(-1),
+    "stream.approximate_recall": _within(0.5, 1.0),
     "online.every_events": _at_least(1),
     "online.max_items": _at_least(1),
     "online.every_seconds": _at_least(0),

@@ -211,16 +211,17 @@ def admin(cfg: Config) -> Any:
 
 
 def assigned_reader(cfg: Config, topic: str, group_prefix: str, from_beginning: bool,
-                    timeout_s: float = 30.0) -> tuple[Any, list[int]]:
+                    timeout_s: float = 30.0, **extra: Any) -> tuple[Any, list[int]]:
     """A consumer that reads every partition of ``topic`` by assignment, from its beginning or its end, and its
     partitions: no group to join or rebalance, nothing committed (the group id, ``group_prefix`` plus a random
-    tail, only names it). :class:`MissingTopic` when the topic is not there."""
+    tail, only names it). ``extra``: further librdkafka settings (fetch sizes). :class:`MissingTopic` when the
+    topic is not there."""
     import uuid
 
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
 
     consumer = Consumer(librdkafka_config(cfg, **{"group.id": f"{group_prefix}-{uuid.uuid4().hex[:8]}",
-                                                  "enable.auto.commit": False}))
+                                                  "enable.auto.commit": False, **extra}))
     try:
         partitions = topic_partitions(consumer, topic, timeout_s)
     except LrustreamError:

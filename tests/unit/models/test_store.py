@@ -313,3 +313,28 @@ def test_a_published_version_carries_the_item_counts_of_its_training_data(tmp_pa
     assert popular_seed(loaded.info) == {"6": 3.0}
     loaded.info.notes[POPULAR_NOTE] = ["5", "6"]
     assert popular_seed(loaded.info) == {}
+
+
+def test_install_reads_a_file_again_unless_the_caller_verified_the_checksum_meta_json_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.store
+
+    store = ModelStore(tmp_path / "models")
+    torch.manual_seed(0)
+    model = build_model(LRURecConfig(d_model=8, num_layers=1, max_len=10), 20)
+    hashed: list[str] = []
+    real = models.store._sha256
+    monkeypatch.setattr(models.store, "_sha256", lambda path: hashed.append(path.name) or real(path))
+    folder, info = store.prepare(model, Vocabulary.identity(20), "v000003")
+    hashed.clear()
+    store.install(folder, "v000003", verified={WEIGHTS: info.files[WEIGHTS]})
+    assert hashed == ["vocab.json"], "the weights the caller verified are not read again"
+    assert store.load("v000003").info.version == "v000003"
+
+    folder, info = store.prepare(model, Vocabulary.identity(20), "v000004")
+    flipped = bytearray((folder / WEIGHTS).read_bytes())
+    flipped[-5] ^= 0xFF
+    (folder / WEIGHTS).write_bytes(bytes(flipped))
+    with pytest.raises(ModelStoreError, match=r"weights\.safetensors checksum mismatch"):
+        store.install(folder, "v000004", verified={WEIGHTS: hashlib.sha256(bytes(flipped)).hexdigest()})
+    assert store.versions() == ["v000003"]

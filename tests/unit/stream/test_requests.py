@@ -162,3 +162,30 @@ def test_a_worker_seeded_from_its_version_answers_a_cold_user_in_full_after_two_
     assert processor.recommend(0, "stranger", 3, exclude=["i30", "i1"])["items"] == ["i33", "i2", "i3"]
     processor.swap(Serving.load(store, store.publish(model, vocab).version))
     assert processor.recommend(0, "stranger", 10)["items"] == ["i30", "i33"]
+
+
+def test_events_and_requests_ranked_through_an_index_get_the_exact_answers_without_any_excluded_item(
+        tmp_path: Path) -> None:
+    """The processor's two ranking calls (a micro-batch's events, a request) through the approximate index of
+    stream/retrieval.py. At 40 items the index is one cluster, scanned whole: its answers must be the exact
+    ones, item for item and score for score."""
+    from stream.retrieval import ANY_ROWS, IndexSettings, ItemIndex
+
+    exact, topics = _processor(tmp_path, RecordingProducer(), "exact")
+    cfg = load_config(overrides=[f"model_store.dir={tmp_path / 'models'}"])
+    serving = Serving.load(ModelStore(cfg.model_store.dir))
+    serving.index = ItemIndex.build(serving.model, IndexSettings(above_items=0, recall=0.99))
+    serving.index.max_rows = ANY_ROWS  # at 40 items exact ranking is faster: the index is forced, to be tested
+    indexed = build_processor(cfg, serving, StateStore(tmp_path / "indexed"), RecordingProducer(), None)
+    events = [_event(f"u{k % 5}", f"i{k % 40 + 1}", k) for k in range(60)]
+    for processor in (exact, indexed):
+        processor.process(events)
+        processor.block(frozenset({"i3"}))
+    want, got = (_last_emitted(p, topics.recommendations) for p in (exact, indexed))
+    for user in want:
+        assert got[user]["items"] == want[user]["items"]
+        assert got[user]["scores"] == pytest.approx(want[user]["scores"], abs=1e-5)
+        window = {f"i{k % 40 + 1}" for k in range(60) if f"u{k % 5}" == user}
+        answer = indexed.recommend(0, user, 10, exclude=[want[user]["items"][0]])
+        assert answer["items"] == exact.recommend(0, user, 10, exclude=[want[user]["items"][0]])["items"]
+        assert not set(answer["items"]) & (window | {"i3", want[user]["items"][0]})

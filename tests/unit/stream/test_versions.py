@@ -16,7 +16,7 @@ import torch
 from models import LRURecConfig, build_model
 from models.store import META, VOCAB, WEIGHTS, ModelStore, ModelStoreError
 from models.vocab import Vocabulary
-from stream.versions import SCRATCH, Done, _check_files, _remove_dead_scratch
+from stream.versions import SCRATCH, WHOLE, Digests, Done, _check_files, _remove_dead_scratch
 
 
 def _prepared(tmp_path: Path, version: str = "v000003") -> tuple[ModelStore, Path]:
@@ -66,6 +66,58 @@ def test_received_files_that_differ_from_the_done_record_are_refused(tmp_path: P
         weights.unlink()
     with pytest.raises(ModelStoreError, match=r"incomplete or corrupt|missing"):
         _check_files(paths, done, "v000003")
+
+
+def _chunks(folder: Path, size: int = 1024) -> list[tuple[str, int, bytes]]:
+    """The version's chunks in the order a publisher sends them."""
+    out = []
+    for name in (META, VOCAB, WEIGHTS):
+        data = (folder / name).read_bytes()
+        out += [(name, offset, data[offset:offset + size]) for offset in range(0, len(data), size)]
+    return out
+
+
+def test_checksums_taken_as_chunks_arrive_in_order_spare_reading_the_files_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stream.versions
+
+    _, folder = _prepared(tmp_path)
+    done = _done_for(folder)
+    digests = Digests()
+    for name, offset, data in _chunks(folder):
+        digests.add(name, offset, data)
+    known = digests.known(done)
+    assert known == {**{f["name"]: f["sha256"] for f in done.files}, WHOLE: done.sha256}
+    monkeypatch.setattr(stream.versions, "_file_sha256", lambda *a: pytest.fail("a file was read again"))
+    paths = [folder / n for n in (META, VOCAB, WEIGHTS)]
+    assert _check_files(paths, done, "v000003", known) == {f["name"]: f["sha256"] for f in done.files}
+    with pytest.raises(ModelStoreError, match="whole version does not match"):
+        _check_files(paths, done, "v000003", {**known, WHOLE: "0" * 64})
+    with pytest.raises(ModelStoreError, match=r"weights\.safetensors is incomplete or corrupt"):
+        _check_files(paths, done, "v000003", {**known, WEIGHTS: "0" * 64})
+
+
+@pytest.mark.parametrize("disorder", ["swapped", "repeated", "interleaved"])
+def test_chunks_out_of_order_leave_their_file_and_the_whole_to_be_read_again(tmp_path: Path, disorder: str) -> None:
+    _, folder = _prepared(tmp_path)
+    done = _done_for(folder)
+    chunks = _chunks(folder, size=256)
+    weights = [i for i, c in enumerate(chunks) if c[0] == WEIGHTS]
+    if disorder == "swapped":
+        chunks[weights[1]], chunks[weights[2]] = chunks[weights[2]], chunks[weights[1]]
+    elif disorder == "repeated":  # a retried produce: the same key and bytes again, later
+        chunks.append(chunks[weights[0]])
+    else:  # the vocabulary's last chunk after the weights' first
+        vocab_last = max(i for i, c in enumerate(chunks) if c[0] == VOCAB)
+        chunks.insert(weights[0] + 1, chunks.pop(vocab_last))
+    digests = Digests()
+    for name, offset, data in chunks:
+        digests.add(name, offset, data)
+    known = digests.known(done)
+    assert WHOLE not in known and known.get(META) == done.files[0]["sha256"]
+    assert (WEIGHTS in known) == (disorder == "interleaved")
+    paths = [folder / n for n in (META, VOCAB, WEIGHTS)]
+    assert _check_files(paths, done, "v000003", known)[WEIGHTS] == done.files[2]["sha256"], "read again: accepted"
 
 
 def test_install_refuses_files_that_describe_another_version_and_keeps_a_version_already_there(

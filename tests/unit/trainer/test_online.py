@@ -252,6 +252,18 @@ def test_a_round_learns_the_stream_publishes_a_grown_vocabulary_and_the_next_rou
             "old rows keep their (updated) second moments"
 
 
+def test_a_round_above_the_sampled_softmax_threshold_learns_with_sparse_updates_and_grows(tmp_path: Path) -> None:
+    events = ring_stream(30, 1500)
+    events[-200] = (events[-200][0], "brand-new-item")
+    s = Setting.make(tmp_path, events, "train.sampled_softmax_above=10", "train.negatives=8")
+    learner = OnlineLearner(s.cfg, s.store)
+    result = learner.round(s.buf)
+    assert learner.sampling.applies(result.vocabulary) and result.new_items == 1
+    assert result.published is not None and result.candidate["HR@10"] > result.serving["HR@10"], result.line()
+    table = learner.model.item_table()[0]
+    assert learner.opt.state[table]["exp_avg"].shape == table.shape  # AdamW's own moments, grown with the table
+
+
 def test_a_full_vocabulary_leaves_new_items_unknown_and_still_learns(tmp_path: Path) -> None:
     """online.max_items bounds the vocabulary: items past it read as the unknown-item token
     and are no target; the rest of the stream is still learnt and published."""

@@ -28,7 +28,9 @@ The contract of :meth:`ItemIndex.top`, which serving relies on:
   stores the vectors, not codes): the model's score up to float rounding, whichever way it was found.
 * **Never too few.** A row left with fewer than ``k`` candidates (many exclusions, a sparse cluster) is scored
   exactly over the whole catalogue, so it gets what the exact path gives.
-* **Row by row.** A row's answer depends on its own query only, not on which rows share the call.
+* **Row by row.** A row's answer depends on its own query only, not on which rows share the call. (Which path
+  a call takes does depend on its size when ``max_rows`` is finite: an index that serves small calls only ranks
+  a request through the index and a large micro-batch exactly.)
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ about ``sqrt(N)`` clusters, trained on a sample); a query ranks the cluster cent
 the ``nprobe`` best clusters only. More clusters scanned is more recall and more time.
 
 How much to scan, and whether to use the index at all, is measured, not configured. When the index is built
-(by each worker, off the serving path, when it loads a version: nothing about it travels through the topic),
+(by each worker, beside serving, once it has swapped to a version: nothing about it travels through the topic),
 the model's own outputs for sampled item windows (drawn by popularity when the version carries its popularity
 note, else uniformly) are ranked exactly and through the index; ``nprobe`` is (to within 25 %) the smallest
 whose recall@k over those queries reaches ``stream.approximate_recall``. The recall reached is kept

@@ -270,13 +270,14 @@ class StreamConfig:
     events, one user per request), so a second thread gains little and waits for work on a core that the broker
     and the worker's own Kafka clients need, which adds to the latency of every event."""
     approximate_above_items: int = 100_000
-    """Catalogues of more items than this are ranked through an approximate index built when a version loads
-    (stream/retrieval.py: candidates from clustered items, then exact exclusions and exact scores); smaller ones by
-    one product with the whole item table. -1: always exact. The build also times both ways and keeps the index
+    """Catalogues of more items than this are ranked through an approximate index that a worker builds beside
+    serving once it has swapped to a version, ranking it exactly until then (stream/retrieval.py: candidates from
+    clustered items, then exact exclusions and exact scores); smaller ones by one product with the whole item
+    table. -1: always exact. The build also times both ways and keeps the index
     only for the call sizes it is faster for. The default is about where that starts to happen on a 2-core
     machine for item embeddings as evenly spread as a trained LRURec's (at 100,000 items both cost about 15 ms for
-    16 rows at recall 0.99; ``lrustream bench catalogue`` prints both): below it, building the index would only
-    delay each version's swap."""
+    16 rows at recall 0.99; ``lrustream bench catalogue`` prints both): below it, each version's build would
+    take CPU from serving for nothing."""
     approximate_recall: float = 0.99
     """The recall@``top_k`` the index must reach against exact ranking: measured when it is built, on the model's
     outputs for sampled histories; it scans as few item clusters as reach it. Shown as

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from lrustream.broker import BrokerStatus, LocalBroker, ensure_env_java_home
+from lrustream.broker import BrokerStatus, LocalCluster, ensure_env_java_home
 from lrustream.kernel.config import Config, load_config, to_yaml
 from lrustream.kernel.errors import LrustreamError, UsageError
 
@@ -92,45 +92,100 @@ def echo(msg: str) -> None:
 
 
 # ----- broker ------------------------------------------------------------------------------------------------
+NodesOpt = Annotated[int | None, typer.Option("--nodes", help="nodes of the local cluster (default broker.nodes)",
+                                            show_default=False)]
+NodeOpt = Annotated[int | None, typer.Option("--node", help="only this node of the cluster (1 to --nodes)",
+                                           show_default=False)]
+
+
+def local_kafka(cfg: Any, nodes: int | None) -> LocalCluster:
+    """The local broker or cluster this configuration (and ``--nodes``) describes."""
+    return LocalCluster.from_config(cfg, nodes)
+
+
 @broker_app.command("start")
-def broker_start(config: ConfigOpt = None, overrides: Overrides = None) -> None:
-    """Format storage if needed, start the broker, return when it answers. Safe to run twice."""
-    broker = LocalBroker.from_config(cfg_of(config, overrides))
-    already = broker.status().running
-    status = broker.start()
-    echo(("already running: " if already else "started: ") + status.line())
+def broker_start(config: ConfigOpt = None, overrides: Overrides = None, nodes: NodesOpt = None,
+                 node: NodeOpt = None) -> None:
+    """Format storage if needed, start the broker (every node of the cluster, or one), return when each answers.
+    Safe to run twice."""
+    cluster = local_kafka(cfg_of(config, overrides), nodes)
+    chosen = [cluster.node(node)] if node else cluster.nodes
+    already = {n.node_id for n in chosen if n.status(1.0).running}
+    cluster.start(node)
+    for n in chosen:
+        status = n.status()
+        echo(_node_prefix(cluster, n.node_id) + ("already running: " if n.node_id in already else "started: ")
+             + status.line())
+    if len(cluster.nodes) > 1 and not node:
+        echo(f"bootstrap: {cluster.bootstrap}")
+
+
+def _node_prefix(cluster: LocalCluster, node_id: int) -> str:
+    return f"node {node_id}: " if len(cluster.nodes) > 1 else ""
 
 
 @broker_app.command("stop")
-def broker_stop(config: ConfigOpt = None, overrides: Overrides = None) -> None:
-    """Stop the broker this data dir's pid file names (never another process)."""
-    broker = LocalBroker.from_config(cfg_of(config, overrides))
-    echo("stopped" if broker.stop() else "broker was not running")
+def broker_stop(config: ConfigOpt = None, overrides: Overrides = None, nodes: NodesOpt = None,
+                node: NodeOpt = None) -> None:
+    """Stop the broker (every node, or one) the data dir's pid files name (never another process)."""
+    cluster = local_kafka(cfg_of(config, overrides), nodes)
+    chosen = [cluster.node(node)] if node else list(reversed(cluster.nodes))
+    for n in chosen:
+        echo(_node_prefix(cluster, n.node_id) + ("stopped" if n.stop() else "broker was not running"))
 
 
 @broker_app.command("status")
-def broker_status(config: ConfigOpt = None, overrides: Overrides = None, as_json: JsonOpt = False) -> None:
-    """Exit 0 when our broker runs and answers, 3 otherwise (LSB convention). --json: {"running", "answering",
-    "pid", "bootstrap"}."""
-    status = LocalBroker.from_config(cfg_of(config, overrides)).status()
+def broker_status(config: ConfigOpt = None, overrides: Overrides = None, as_json: JsonOpt = False,
+                  nodes: NodesOpt = None) -> None:
+    """Exit 0 when our broker (every node of the cluster) runs and answers, 3 otherwise (LSB convention).
+    --json: {"running", "answering", "pid", "bootstrap"}; on a cluster also "nodes", one such object per node."""
+    cluster = local_kafka(cfg_of(config, overrides), nodes)
+    statuses = cluster.status()
     if as_json:
-        echo_json(broker_document(status))
+        echo_json(broker_document(statuses))
     else:
-        echo(status.line())
-    raise typer.Exit(0 if status.running and status.answering else 3)
+        for status in statuses:
+            echo(_node_prefix(cluster, status.node_id) + status.line())
+    raise typer.Exit(0 if all(s.running and s.answering for s in statuses) else 3)
 
 
-def broker_document(status: BrokerStatus) -> dict[str, Any]:
+def broker_document(statuses: list[BrokerStatus]) -> dict[str, Any]:
     """``broker status --json``: whether the broker process runs (its pid file names a live process), whether it
-    answers metadata requests, its pid (null when not running) and its bootstrap address."""
-    return {"running": status.running, "answering": status.answering, "pid": status.pid,
-            "bootstrap": status.bootstrap}
+    answers metadata requests, its pid (null when not running) and its bootstrap address. On a cluster: running
+    and answering when every node does, pid null, the bootstrap list, and ``nodes``, one such object per node
+    with its ``node`` id."""
+    def one(status: BrokerStatus) -> dict[str, Any]:
+        return {"running": status.running, "answering": status.answering, "pid": status.pid,
+                "bootstrap": status.bootstrap}
+
+    if len(statuses) == 1:
+        return one(statuses[0])
+    return {"running": all(s.running for s in statuses), "answering": all(s.answering for s in statuses),
+            "pid": None, "bootstrap": ",".join(s.bootstrap for s in statuses),
+            "nodes": [{"node": s.node_id, **one(s)} for s in statuses]}
+
+
+@broker_app.command("logs")
+def broker_logs(config: ConfigOpt = None, overrides: Overrides = None, nodes: NodesOpt = None,
+                node: NodeOpt = None,
+                lines: Annotated[int, typer.Option("--lines", "-n", help="last lines of each log")] = 40) -> None:
+    """The last lines of the broker's log (each node's, or one node's)."""
+    cluster = local_kafka(cfg_of(config, overrides), nodes)
+    for n in [cluster.node(node)] if node else cluster.nodes:
+        try:
+            tail = n.log_file.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            tail = ["(no log yet)"]
+        if len(cluster.nodes) > 1:
+            echo(f"==> node {n.node_id}: {n.log_file} <==")
+        for line in tail:
+            echo(line)
 
 
 @broker_app.command("fetch")
 def broker_fetch(config: ConfigOpt = None, overrides: Overrides = None) -> None:
     """Resolve the Kafka jars from Maven Central into broker.jars_dir (cached; offline afterwards)."""
-    jars = LocalBroker.from_config(cfg_of(config, overrides)).fetch_jars()
+    jars = LocalCluster.from_config(cfg_of(config, overrides)).nodes[0].fetch_jars()
     echo(f"kafka jars ready in {jars}")
 
 
@@ -568,6 +623,29 @@ def bench_catalogue(
     model_cfg_of(config, overrides)  # validate before starting anything
     run(overrides or [], data, sizes, events, rate, request_rate, seconds, start_model, Path(".lrustream/bench"),
         log=echo)
+
+
+@bench_app.command("failover")
+def bench_failover(
+    data: Annotated[str, typer.Option(help="Data set replayed, in a loop, for the whole run.")] = (
+        "../shared/data/ml-1m-subset-users1-2999"),
+    rate: Annotated[float, typer.Option(help="Steady input rate (events/s).")] = 2_000.0,
+    rounds: Annotated[int, typer.Option(help="Kills of each fault kind.")] = 3,
+    down: Annotated[float, typer.Option(help="Seconds a killed node stays down.")] = 5.0,
+    settle: Annotated[float, typer.Option(help="Seconds of steady serving before the first fault and after "
+                                                "each one (once the replicas are in sync again).")] = 20.0,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """A three-node cluster of its own, one worker and a steady replay; brokers killed (SIGKILL) and started again
+    in a loop: per fault kind (input partition leader, transaction coordinator, active controller), the time from
+    the kill until recommendations flow again and until their p99 is under 50 ms, and the events delayed."""
+    from lrustream.bench.failover import run
+
+    if rate <= 0 or rounds < 1 or down < 0 or settle <= 0:
+        raise UsageError("--rate, --rounds and --settle must be positive, --down at least 0")
+    model_cfg_of(config, overrides)  # validate before starting anything
+    run(overrides or [], data, rate, rounds, down, settle, Path(".lrustream/bench"), log=echo)
 
 
 @bench_app.command("versions")

@@ -177,14 +177,15 @@ def run_demo(cfg: Config, config: Path | None, overrides: list[str], data: str |
              train_minutes: float, log: Callable[[str], None] = print, warm_up_s: float = 5.0) -> None:
     """Replay ``rate * warm_up_s`` warm-up events, then ``events`` timed ones, at ``rate`` in one paced stream;
     the warm-up events are served like the rest, and the summary reports them on a line of their own."""
-    from lrustream.broker import LocalBroker
+    from lrustream.broker import LocalCluster
     from lrustream.replay import replay
     from stream.topics import create_topics
 
     workdir = resolve_path(".lrustream/demo")
     workdir.mkdir(parents=True, exist_ok=True)
     if not os.environ.get("LRUSTREAM_KAFKA_BOOTSTRAP"):
-        log("broker: " + LocalBroker.from_config(cfg).start().line())
+        for status in LocalCluster.from_config(cfg).start():
+            log("broker: " + status.line())
     create_topics(cfg)
     data = pick_data(data, workdir, log)
     version = ensure_model(cfg, data, train_minutes, log)

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from rocksdict import AccessType, Options, Rdict, WriteBatch
+from rocksdict import AccessType, DbClosedError, Options, Rdict, WriteBatch
 
 from lrustream.kernel.errors import LrustreamError
 from lrustream.kernel.kafka import flush, produce
@@ -32,7 +32,15 @@ _I64 = struct.Struct("<q")
 
 
 class StateError(LrustreamError):
-    """The store cannot make a batch durable (changelog unreachable, disk error). Nothing was acknowledged."""
+    """The store cannot make a batch durable (changelog unreachable, disk error), or cannot read it (disk error).
+    Nothing was acknowledged."""
+
+
+class StoreIOError(StateError):
+    """The local RocksDB failed a read or a write (an I/O error, a corrupt file, a lock held elsewhere, the
+    database closed): a fault of the store, never of the event being applied. rocksdict raises these as a bare
+    ``Exception`` ("IO error: ...", "Corruption: ...") or ``DbClosedError``, which a caller cannot tell from a
+    bug; :class:`PartitionStore` raises this instead, around each rocksdict call and only there."""
 
 
 class Fenced(StateError):
@@ -44,6 +52,29 @@ def user_key(user: str) -> bytes:
     return USER_PREFIX + user.encode()
 
 
+class _RocksDB:
+    """``with`` around a rocksdict call: what rocksdict raises for RocksDB's own failures (a bare ``Exception``,
+    ``DbClosedError``) leaves as :class:`StoreIOError`; anything else (a ``KeyError`` for a key of the wrong type,
+    an error of the caller's) leaves as it came. One instance per store and action: nothing is allocated per call."""
+
+    __slots__ = ("action", "path")
+
+    def __init__(self, path: Path, action: str) -> None:
+        self.path, self.action = path, action
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:
+            self.check(exc)
+
+    def check(self, exc: BaseException) -> None:
+        """Raise StoreIOError if ``exc`` is rocksdict's own failure; return otherwise (the caller re-raises)."""
+        if type(exc) is Exception or isinstance(exc, DbClosedError):
+            raise StoreIOError(f"state store {self.path}: {self.action} failed: {exc}") from exc
+
+
 class PartitionStore:
     """The local RocksDB of one input partition."""
 
@@ -51,14 +82,21 @@ class PartitionStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         access = AccessType.read_only() if read_only else AccessType.read_write()
         self.path = path
-        self.db = Rdict(str(path), Options(raw_mode=True), access_type=access)
+        self._reading, self._writing = _RocksDB(path, "read"), _RocksDB(path, "write")
+        with _RocksDB(path, "open"):
+            self.db = Rdict(str(path), Options(raw_mode=True), access_type=access)
 
     def get(self, user: str) -> UserRecord | None:
-        blob = self.db.get(user_key(user))
+        try:  # the hottest read: a ``try`` costs nothing until it raises, a ``with`` ~0.2 us a call
+            blob = self.db.get(user_key(user))
+        except Exception as exc:
+            self._reading.check(exc)
+            raise
         return None if blob is None else UserRecord.decode(blob)
 
     def _meta(self, key: bytes) -> int:
-        blob = self.db.get(key)
+        with self._reading:
+            blob = self.db.get(key)
         return -1 if blob is None else _I64.unpack_from(blob)[0]
 
     @property
@@ -68,7 +106,8 @@ class PartitionStore:
     @property
     def applied_identity(self) -> bytes | None:
         """The input topic identity the applied marker was written for (None: not recorded)."""
-        blob = self.db.get(APPLIED_KEY)
+        with self._reading:
+            blob = self.db.get(APPLIED_KEY)
         return None if blob is None or len(blob) <= _I64.size else blob[_I64.size:]
 
     @property
@@ -85,20 +124,36 @@ class PartitionStore:
             else:
                 batch.put(key, value)
         batch.put(CHANGELOG_KEY, _I64.pack(changelog_offset))
-        self.db.write(batch)
+        with self._writing:
+            self.db.write(batch)
 
     def users(self) -> Iterator[tuple[str, UserRecord]]:
-        for key, value in self.db.items(from_key=USER_PREFIX):
-            if not key.startswith(USER_PREFIX):
-                break
+        for key, value in self.scan():
             yield key[len(USER_PREFIX):].decode(), UserRecord.decode(value)
+
+    def scan(self, start: bytes = USER_PREFIX) -> Iterator[tuple[bytes, bytes]]:
+        """Raw (key, value) of the user records in key order, from ``start`` (a user key, or the first)."""
+        with self._reading:
+            items = iter(self.db.items(from_key=start))
+        while True:
+            with self._reading:
+                entry = next(items, None)
+            if entry is None or not entry[0].startswith(USER_PREFIX):
+                return
+            yield entry
+
+    def user_keys(self) -> list[bytes]:
+        """The keys of every user record."""
+        with self._reading:
+            return [key for key in self.db.keys(from_key=USER_PREFIX) if key.startswith(USER_PREFIX)]
 
     def count(self) -> int:
         """User records, from RocksDB's key estimate (constant time: /metrics calls it on the event loop, and a
         scan of every key would stall the worker on a large store); the applied and changelog markers are
         subtracted once written."""
-        keys = self.db.property_int_value("rocksdb.estimate-num-keys") or 0
-        markers = sum(self.db.get(k) is not None for k in (APPLIED_KEY, CHANGELOG_KEY))
+        with self._reading:
+            keys = self.db.property_int_value("rocksdb.estimate-num-keys") or 0
+            markers = sum(self.db.get(k) is not None for k in (APPLIED_KEY, CHANGELOG_KEY))
         return max(0, keys - markers)
 
     def close(self) -> None:
@@ -323,9 +378,7 @@ class StateStore:
 
     def reset(self, p: int) -> None:
         """Delete every state of partition ``p`` and its applied marker, in the changelog (tombstones) first."""
-        part = self.partition(p)
-        keys = [key for key in part.db.keys(from_key=USER_PREFIX) if key.startswith(USER_PREFIX)]
-        self._delete(p, [*keys, APPLIED_KEY])
+        self._delete(p, [*self.partition(p).user_keys(), APPLIED_KEY])
 
     def expire(self, p: int, updated_before_ms: int, max_scan: int = 10_000) -> int:
         """Delete the states of partition ``p`` last updated before ``updated_before_ms`` (changelog tombstones
@@ -334,9 +387,7 @@ class StateStore:
         start = self._expiry_cursor.get(p, USER_PREFIX)
         expired: list[bytes] = []
         cursor = USER_PREFIX
-        for scanned, (key, value) in enumerate(part.db.items(from_key=start), start=1):
-            if not key.startswith(USER_PREFIX):
-                break
+        for scanned, (key, value) in enumerate(part.scan(start), start=1):
             if updated_ms_of(value) < updated_before_ms:
                 expired.append(key)
             if scanned >= max_scan:

@@ -29,7 +29,8 @@ class WorkerMetrics:
         self.recommendations = Counter("lrustream_recommendations", "Recommendation records emitted", registry=r)
         self.dlq = Counter("lrustream_dlq", "Events sent to the dead-letter topic", ["reason"], registry=r)
         self.batch_retries = Counter("lrustream_batch_retries",
-                                     "Micro-batches retried after an infrastructure fault (broker, disk)", registry=r)
+                                     "Micro-batches retried after an infrastructure fault (broker, disk) or a "
+                                     "fenced commit", registry=r)
         self.fenced = Counter("lrustream_fenced_batches",
                               "Micro-batches refused by the changelog because another worker had claimed a "
                               "partition of theirs (a rebalance moved it while the batch was in flight)", registry=r)

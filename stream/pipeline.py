@@ -22,9 +22,12 @@ The loop, one turn at a time:
 
 So every guarantee of stream/processor.py's contract holds for the events since the last commit as a whole: a
 crash before the commit redelivers them all, and their recommendations may be emitted again. A failure of
-apply or commit (an infrastructure fault, or ``Fenced``) discards what is pending and retries all the events
-since the last commit as one batch, with jittered, bounded back-off (``/health`` degraded meanwhile), from the
-committed states; a worker that is stopping gives up instead.
+apply or commit (an infrastructure fault, or ``Fenced``: a rebalance moved a partition while the batch was in
+flight) discards what is pending and retries all the events since the last commit as one batch, from the
+committed states, after a back-off of 0.2 s doubling up to ``MAX_BACKOFF_S``, jittered (x0.5..1.5) below that
+bound; each retry, a fenced one included, counts in ``lrustream_batch_retries_total`` (a fence also in
+``lrustream_fenced_batches_total``, by the processor) and leaves ``/health`` degraded with the failure until the
+batch commits. A worker that is stopping gives up instead.
 
 Rebalances run inside ``poll``/``consume`` on this thread (librdkafka's callbacks): partitions about to be
 revoked are committed first, if that still succeeds (else their events go to the next owner, uncommitted); a
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import random
 import threading
 import time
@@ -55,7 +59,8 @@ log = logging.getLogger("lrustream.worker")
 
 IDLE_POLL_S = 0.1  # how long an idle loop waits for a record before it looks at its jobs (a hot swap) and the stop flag
 # again: a swap on an idle worker waited up to 0.5 s at 0.5 (lrustream bench versions); ten polls a second cost nothing
-MAX_BACKOFF_S = 5.0
+MAX_BACKOFF_S = 5.0  # no retry waits longer, jitter included (backoff_s)
+HOLD_COMMIT_ENV = "LRUSTREAM_TEST_HOLD_COMMIT_WHILE"  # a test fault-injection point, off unless set: _hold_commit
 
 
 class Pipeline:
@@ -83,6 +88,8 @@ class Pipeline:
         self._jobs_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._consumer: Any = None
+        self.sleep: Callable[[float], None] = time.sleep  # the retries' back-off wait (tests record it instead)
+        self._hold_commit_while = os.environ.get(HOLD_COMMIT_ENV) or None  # tests only: see _hold_commit
 
     # ----- other threads ----------------------------------------------------------------------------------------
     def between_batches(self, job: Callable[[], Any]) -> Future[Any]:
@@ -190,6 +197,8 @@ class Pipeline:
 
     def _commit(self) -> None:
         """Step 3: the states, then the input offsets."""
+        if self._hold_commit_while:
+            self._hold_commit(self._hold_commit_while)
         started = time.perf_counter()
         try:
             committed = self.processor.commit()
@@ -198,6 +207,17 @@ class Pipeline:
             return
         self.metrics.commit_latency.observe(time.perf_counter() - started)
         self._commit_offsets(committed)
+
+    def _hold_commit(self, path: str) -> None:
+        """A test fault-injection point, off (one attribute test per commit) unless the environment variable
+        ``LRUSTREAM_TEST_HOLD_COMMIT_WHILE`` names a file: while that file exists, the commit step waits, the batch
+        applied and not committed (a test freezes the worker there, the group hands its partitions to another,
+        and the frozen one resumes as a former owner: tests/integration/test_fencing.py). Never set in service."""
+        if not os.path.exists(path):
+            return
+        log.warning("test fault injection: the commit waits while %s exists", path)
+        while os.path.exists(path) and not self.stop_requested.is_set():
+            time.sleep(0.05)
 
     def _commit_offsets(self, committed: dict[int, int], asynchronous: bool = True) -> None:
         from confluent_kafka import KafkaException, TopicPartition
@@ -224,7 +244,7 @@ class Pipeline:
                 self._uncommitted = []
                 return
             self._report(exc, len(batch), delay)
-            time.sleep(delay * random.uniform(0.5, 1.5))
+            self.sleep(backoff_s(delay))
             delay = min(delay * 2, MAX_BACKOFF_S)
             try:
                 self.processor.process(batch)
@@ -237,11 +257,15 @@ class Pipeline:
             return
 
     def _report(self, exc: Exception, events: int, delay: float) -> None:
-        if isinstance(exc, Fenced):  # counted and logged by the processor
-            log.warning("retrying %d events after claiming and restoring their partitions again", events)
-            return
+        """Every retry is counted and leaves /health degraded until the batch commits (``_end_unit``), a fenced
+        one too: expected during a rebalance, so logged as a warning without a traceback (the processor counts
+        it in ``lrustream_fenced_batches_total`` and logs the refusal)."""
         self.liveness.failed(exc)
         self.metrics.batch_retries.inc()
+        if isinstance(exc, Fenced):
+            log.warning("retrying %d events in %.1f s, after claiming and restoring their partitions again",
+                        events, delay)
+            return
         log.error("applying %d events failed (%s); retrying in %.1f s", events, exc, delay, exc_info=delay == 0.2)
 
     @staticmethod
@@ -333,6 +357,12 @@ class Pipeline:
             self.last_offsets.pop(p, None)
             self.high_watermarks.pop(p, None)
         self.store.mark_stale()
+
+
+def backoff_s(delay_s: float) -> float:
+    """The wait before a retry: ``delay_s`` (already capped at MAX_BACKOFF_S) jittered x0.5..1.5, the upper end
+    cut at the bound, so that no wait ever exceeds MAX_BACKOFF_S (at the bound the waits spread over 2.5..5 s)."""
+    return random.uniform(0.5 * delay_s, min(1.5 * delay_s, MAX_BACKOFF_S))
 
 
 def _run_job(job: Callable[[], Any], future: Future[Any]) -> None:

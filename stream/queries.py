@@ -12,15 +12,40 @@ when it names no owner, or names this worker for a partition it does not hold (a
 
 from __future__ import annotations
 
+import re
 import socket
 import time
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote, unquote_to_bytes, urlencode
 
 from lrustream.kernel.config import Config
 from lrustream.kernel.kafka import admin, partition_of, topic_partitions
 
 OWNERS_TTL_S = 2.0  # how long a group description answers "who owns partition p"
 URL_MARK = " url="  # in a worker's client.id, what precedes its advertised HTTP address
+_BAD_ESCAPE = re.compile("%(?![0-9A-Fa-f]{2})")  # a "%" that does not start a percent-escape (RFC 3986)
+
+
+def user_in_path(raw: str) -> str:
+    """The user id that the last segment of a request's path carries as sent (``raw``: still percent-encoded),
+    decoded as UTF-8. ValueError (one line) when the segment is not percent-encoded UTF-8: a ``%`` that starts no
+    escape (``%zz``), or bytes that are not UTF-8 (``%FF``). aiohttp passes such a segment on undecoded, so
+    ``/recommendations/%FF`` was answered for the user named ``%FF`` (whose own address is ``%25FF``)."""
+    if (bad := _BAD_ESCAPE.search(raw)) is not None:
+        raise ValueError(f"invalid user_id: '%' at {bad.start()} of the path segment starts no percent-escape")
+    try:
+        return unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeError as exc:
+        raise ValueError(f"invalid user_id: not percent-encoded UTF-8 ({exc.reason})") from None
+
+
+def redirect_location(owner: str, user: str, query: Mapping[str, str]) -> str:
+    """Where a request for ``user`` goes on the worker at ``owner``: GET /recommendations/{user_id} with the id
+    percent-encoded as UTF-8, every reserved character included (``/``, ``%``, ``?``, ``+``), so that it stays one
+    path segment and the owner decodes the same id; the query as received, re-encoded (none: no ``?``)."""
+    path = f"{owner}/recommendations/{quote(user, safe='', encoding='utf-8')}"
+    return f"{path}?{urlencode(query)}" if query else path
 
 
 def advertised_url(cfg: Config) -> str:

@@ -1,14 +1,24 @@
-"""Topic layout: every topic lrustream reads or writes, created idempotently with the right settings."""
+"""Topic layout: every topic lrustream reads or writes, created idempotently with the right settings.
+
+Replication follows the cluster: with ``topics.replication_factor`` 0 each topic gets as many replicas as the
+cluster has brokers, at most 3, and ``min.insync.replicas`` 2 from three replicas on (``topics.min_insync_replicas``
+0), so that one broker may be lost without refusing or losing an acknowledged write. A topic that exists is left as
+it is, but :func:`create_topics` says when it has fewer replicas than wanted or a partition whose replicas are
+not all in sync (a broker down or catching up).
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException, TopicCollection
-from confluent_kafka.admin import NewTopic
+from confluent_kafka.admin import NewTopic, TopicMetadata
 
 from lrustream.kernel.config import Config
-from lrustream.kernel.kafka import admin
+from lrustream.kernel.kafka import admin, min_insync_for, replicas_for
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,17 +45,32 @@ def topic_specs(cfg: Config) -> list[TopicSpec]:
     ]
 
 
+def replication(cfg: Config, brokers: int) -> tuple[int, dict[str, str]]:
+    """The replication factor of topics created on a cluster of ``brokers``, and the topic settings it implies
+    (``min.insync.replicas``); -1 leaves both to the brokers' defaults."""
+    t = cfg.topics
+    factor = replicas_for(brokers) if t.replication_factor == 0 else t.replication_factor
+    if factor == -1 and not t.min_insync_replicas:
+        return factor, {}
+    return factor, {"min.insync.replicas": str(t.min_insync_replicas or min_insync_for(factor))}
+
+
 def create_topics(cfg: Config, timeout_s: float = 30.0) -> dict[str, str]:
-    """Create missing topics; returns name -> 'created' | 'exists'. Raises on any other failure."""
+    """Create missing topics; returns name -> 'created' | 'exists' | 'exists, <what is wrong with its
+    replication>' (:func:`replication_shortfall`). Raises on any other failure."""
     client = admin(cfg)
-    existing = set(client.list_topics(timeout=timeout_s).topics)
+    metadata = client.list_topics(timeout=timeout_s)
+    factor, settings = replication(cfg, len(metadata.brokers))
     result = {}
     wanted = []
     for spec in topic_specs(cfg):
-        if spec.name in existing:
-            result[spec.name] = "exists"
+        if spec.name in metadata.topics:
+            shortfall = replication_shortfall(metadata.topics[spec.name], factor)
+            result[spec.name] = f"exists, {shortfall}" if shortfall else "exists"
+            if shortfall:
+                log.warning("topic %s: %s", spec.name, shortfall)
         else:
-            wanted.append(NewTopic(spec.name, spec.partitions, cfg.topics.replication_factor, config=spec.config))
+            wanted.append(NewTopic(spec.name, spec.partitions, factor, config={**settings, **spec.config}))
     if wanted:
         for name, future in client.create_topics(wanted, operation_timeout=timeout_s).items():
             try:
@@ -57,6 +82,21 @@ def create_topics(cfg: Config, timeout_s: float = 30.0) -> dict[str, str]:
                 else:
                     raise
     return result
+
+
+def replication_shortfall(topic: TopicMetadata, factor: int) -> str:
+    """What is wrong with ``topic``'s replication ("" when nothing): fewer replicas than ``factor`` (-1: not
+    checked), or partitions with replicas out of sync."""
+    partitions = topic.partitions.values()
+    fewest = min((len(p.replicas) for p in partitions), default=0)
+    lagging = sorted(p.id for p in partitions if len(p.isrs) < len(p.replicas))
+    problems = []
+    if factor > 0 and fewest < factor:
+        problems.append(f"{fewest} replica{'s' if fewest != 1 else ''} where {factor} are wanted")
+    if lagging:
+        problems.append(f"under-replicated: partition{'s' if len(lagging) > 1 else ''} "
+                        f"{', '.join(map(str, lagging))} with replicas out of sync")
+    return "; ".join(problems)
 
 
 def partition_counts(cfg: Config, timeout_s: float = 10.0) -> dict[str, int]:

@@ -15,15 +15,21 @@ Contract (also in stream/README.md, "Model versions"):
   ``@current`` ``@pin`` ``@shadow``     JSON ``{"version", "reason", "by", "ts"}``; a null value clears ``@pin``
                                         and ``@shadow``
 
-  ``<upload>`` is a random id per publishing attempt: the chunks of a publish that died never mix with another's.
+  ``<upload>`` is a random id per publishing attempt (letters, digits, ``_`` and ``-``, at most 64): the chunks of
+  a publish that died never mix with another's. ``<offset>`` is a decimal number below :data:`MAX_OFFSET`.
+- A record that breaks this contract (a malformed key, a chunk a reader cannot write, a value that does not
+  parse) costs only itself: readers log it ("ignoring record at ..."), count it (``VersionLog.bad_records``) and
+  go on with the records after it, in the same batch too; gc tombstones records whose key is malformed.
 - A version becomes visible only at its ``done`` record, which its publisher produces after every chunk was
   acknowledged: a reader (:class:`VersionLog`) writes chunks into a scratch folder of its own model store and, at
   ``done``, checks every file's size and sha256 and the checksum of the whole before installing the version
   (models/store.py ``install``). A version that fails is refused (logged; workers list it in ``/model``) and never
-  visible; so is a second upload under a number another upload completed first. Chunks that arrive in the order
-  the publisher sends them (files in the ``done`` record's order, each by offset) are hashed as they are written,
-  so a version of hundreds of MB is not read back for the check; chunks in any other order are accepted too, and
-  their files are then read back and hashed at ``done``.
+  visible; so is a second upload under a number another upload completed first: the first ``done`` record of a
+  number in the topic's order claims it on every host, even on a host that refused to install it (its store holds
+  another version under that number), so no host ever takes the second upload's bytes for that number. Chunks
+  that arrive in the order the publisher sends them (files in the ``done`` record's order, each by offset) are
+  hashed as they are written, so a version of hundreds of MB is not read back for the check; chunks in any other
+  order are accepted too, and their files are then read back and hashed at ``done``.
 - Serving: ``@pin`` when set, else ``@current``. Every reader mirrors that, and ``@shadow``, into its store's
   CURRENT, PINNED and SHADOW once the version named is installed there; workers hot-swap to CURRENT as before
   (stream/worker.py). Publishing writes ``@current``, so while an operator pins serving a new version is stored
@@ -31,7 +37,8 @@ Contract (also in stream/README.md, "Model versions"):
   clears ``@pin``: serving stays until the next publish.
 - Numbers only grow: a publisher reads the topic to its end first and numbers its version above every number
   the topic holds, chunks of dead publishes included. Two publishers racing for a number: the first complete
-  upload wins and the other publishes again under the next number.
+  upload wins everywhere and the other publishes again under the next number; a ``push`` (which keeps its
+  store's number) that loses is refused with VersionConflict, its version never visible.
 
 Every record is produced with acks=all, and each step waits for the acknowledgement of the one before: chunks,
 then ``done``, then ``@current``. A SIGKILL at any point leaves only complete versions visible
@@ -44,6 +51,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -83,6 +91,35 @@ READER_SETTINGS = {"max.partition.fetch.bytes": 16 * 1024 * 1024, "fetch.max.byt
 HASH_BLOCK = 1 << 20  # bytes read at a time when a file is checked from disk
 PRODUCER_QUEUE_KB = 64 * 1024  # chunks a publisher holds unacknowledged at most (librdkafka's default: 1 GiB)
 WHOLE = ""  # the key of the whole version's checksum among a file's checksums (no file has an empty name)
+UPLOAD_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # what a key's <upload> may be: never a path, never too long
+MAX_OFFSET = 1 << 40  # a chunk offset past this (1 TiB into a file) is a malformed key
+OFFSET = re.compile(r"0|[1-9][0-9]{0,12}")  # a chunk's offset as written: decimal, no sign, no leading zero
+
+
+class MalformedKey(ValueError):
+    """A record whose key is no model-versions key (gc tombstones it)."""
+
+
+def parse_key(key: str) -> tuple[str, str, list[str]]:
+    """``version/upload/rest...`` of a key other than a pointer's: (version, upload, rest), checked so that no
+    part can name a path outside a reader's scratch folder, a name too long for it or an offset no file has;
+    MalformedKey otherwise."""
+    if key.count("/") < 2:
+        raise MalformedKey("not a model-versions key")
+    version, upload, *rest = key.split("/")
+    try:
+        check_version_name(version)
+    except ModelStoreError as exc:
+        raise MalformedKey(str(exc)) from None
+    if not UPLOAD_ID.fullmatch(upload):
+        raise MalformedKey(f"invalid upload id {upload[:80]!r}")
+    if rest in (["done"], ["collected"]):
+        return version, upload, rest
+    if len(rest) != 2 or rest[0] not in FILES:
+        raise MalformedKey("not a model-versions key")
+    if not OFFSET.fullmatch(rest[1]) or int(rest[1]) >= MAX_OFFSET:
+        raise MalformedKey(f"invalid chunk offset {rest[1][:40]!r}")
+    return version, upload, rest
 
 
 class VersionConflict(LrustreamError):
@@ -163,6 +200,8 @@ class Done:
             raise ValueError(f"unexpected file list {[f['name'] for f in files]}")
         if body["version"] != version or body["upload"] != upload:
             raise ValueError("its version or upload differs from its key")
+        if int(body["chunk_bytes"]) < 1 or not all(0 <= f["size"] < MAX_OFFSET for f in files):
+            raise ValueError("its chunk size or a file size is out of range")
         return cls(version, upload, int(body["chunk_bytes"]), files, str(body["sha256"]))
 
     def weights_chunks(self) -> list[int]:
@@ -176,6 +215,8 @@ class TopicView:
     """What the topic said so far."""
 
     done: dict[str, Done] = field(default_factory=dict)  # installed versions: the upload that completed each
+    first: dict[str, str] = field(default_factory=dict)  # version -> the upload of its first done record (the
+    #                                                      number's owner everywhere, installed here or not)
     collected: set[str] = field(default_factory=set)
     refused: dict[str, str] = field(default_factory=dict)  # version -> why it is not installed
     pointers: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(POINTERS))
@@ -200,7 +241,9 @@ class VersionLog:
         self.seen = TopicView()
         self.uploads: dict[tuple[str, str], Upload] = {}
         self.strays: dict[tuple[str, str], Strays] = {}  # chunks of uploads no done record completed
-        self.strays_removed = 0  # chunks the last gc tombstoned
+        self.strays_removed = 0  # chunks (and malformed records) the last gc tombstoned
+        self.bad_records = 0  # records ignored because they break the topic's contract (logged each)
+        self.malformed: set[bytes] = set()  # keys of records whose key is malformed, not tombstoned yet
         self.scratch = store.root / f"{SCRATCH}{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.new_refusals: list[tuple[str, str]] = []  # (version, why) not yet reported to the caller
         self._unserved: str | None = None  # a version a pointer names that is not installed here: logged once
@@ -234,34 +277,49 @@ class VersionLog:
         return [self.store.info(v) for v in sorted(self.seen.done)]
 
     def _apply(self, messages: list[Any]) -> None:
+        """Each record in turn; one that raises is counted and logged and costs only itself, never the records
+        after it (a poisoned record must not hide a ``done`` or ``@current`` behind it)."""
         for msg in messages:
             if msg.error():
                 continue
             try:
-                self._apply_one(msg.key().decode() if msg.key() else "", msg.value(), msg.timestamp()[1])
-            except (ValueError, KeyError, TypeError, ModelStoreError) as exc:
-                log.warning("ignoring record at %s@%d of %s: %s", self.topic, msg.offset(), msg.key(), exc)
+                self._apply_one(msg.key() or b"", msg.value(), msg.timestamp()[1])
+            except Exception as exc:  # whatever one record breaks, the others still apply
+                self._bad(msg, exc)
 
-    def _apply_one(self, key: str, value: bytes | None, ts_ms: int) -> None:
+    def _bad(self, msg: Any, exc: Exception) -> None:
+        self.bad_records += 1
+        if isinstance(exc, MalformedKey) and msg.value() is not None:
+            self.malformed.add(msg.key() or b"")
+        log.warning("ignoring record at %s@%d of %.120r: %s", self.topic, msg.offset(), msg.key(), exc)
+
+    def _apply_one(self, raw_key: bytes, value: bytes | None, ts_ms: int) -> None:
+        try:
+            key = raw_key.decode()
+        except UnicodeDecodeError:
+            raise MalformedKey("its key is not UTF-8") from None
         if key in POINTERS:
             body = json.loads(value) if value is not None else {}
             version = body.get("version")
             self.seen.pointers[key] = check_version_name(version) if version is not None else None
             self.seen.why[key] = body
             return
-        version, upload, *rest = key.split("/")
-        check_version_name(version)
+        try:
+            version, upload, rest = parse_key(key)
+        except MalformedKey:
+            if value is None:  # a tombstone: gc's for a malformed record, or one of a key never used
+                self.malformed.discard(raw_key)
+                return
+            raise
         self.seen.highest = max(self.seen.highest, int(version[1:]))
         if rest == ["done"] and value is not None:
             self._complete(Done.parse(version, upload, value))
         elif rest == ["collected"]:
             self._collected(version, upload)
-        elif len(rest) == 2 and rest[0] in FILES:
+        elif len(rest) == 2:
             self._track_chunk(version, upload, key, value is None, ts_ms)
             if value is not None:
                 self._chunk(version, upload, rest[0], int(rest[1]), value)
-        elif value is not None:
-            raise ValueError("not a model-versions key")
 
     def _track_chunk(self, version: str, upload: str, key: str, tombstone: bool, ts_ms: int) -> None:
         """The chunk keys of each upload no ``done`` record completed yet (what gc removes of dead publishes)."""
@@ -290,10 +348,10 @@ class VersionLog:
 
     def _complete(self, done: Done) -> None:
         version = done.version
+        if self.seen.first.setdefault(version, done.upload) != done.upload:
+            self._second_upload(done)
+            return
         if version in self.seen.done:
-            if self.seen.done[version].upload != done.upload:
-                log.warning("model version %s was uploaded twice; the first complete upload is kept", version)
-                self.strays.setdefault((version, done.upload), Strays()).keys.add(f"{version}/{done.upload}/done")
             return
         upload = self.uploads.pop((version, done.upload), None)
         try:
@@ -326,6 +384,17 @@ class VersionLog:
         self.seen.done[version] = done
         self.strays.pop((version, done.upload), None)
         self.seen.refused.pop(version, None)
+
+    def _second_upload(self, done: Done) -> None:
+        """A ``done`` record under a number another upload's ``done`` claimed first: never installed, here or
+        anywhere (every reader sees the same first), its chunks dropped here and left for gc."""
+        version = done.version
+        log.warning("model version %s was uploaded twice; the first complete upload (%s) is kept, upload %s is "
+                    "ignored", version, self.seen.first[version], done.upload)
+        self.strays.setdefault((version, done.upload), Strays()).keys.add(f"{version}/{done.upload}/done")
+        held = self.uploads.pop((version, done.upload), None)
+        if held is not None and not held.own:
+            shutil.rmtree(held.folder, ignore_errors=True)
 
     def _collected(self, version: str, upload: str) -> None:
         self.seen.collected.add(version)
@@ -395,7 +464,12 @@ class VersionLog:
         if version not in self.seen.done:
             if self.seen.highest >= int(version[1:]):
                 raise ModelStoreError(f"the topic already uses number {version}; publish the model as a new version")
-            self._upload(version, self.store.files(version), None)
+            try:
+                self._upload(version, self.store.files(version), None)
+            except VersionConflict as exc:
+                raise VersionConflict(f"{exc}: this store's {version} is not the topic's and is not served; move "
+                                      f"{self.store.versions_dir / version} aside and publish it as a new version"
+                                      ) from None
         self._point("@current", version, reason)
         return info
 
@@ -428,7 +502,8 @@ class VersionLog:
     def gc(self, keep: int) -> list[str]:
         """Remove the weights of every version but the newest ``keep`` and the serving, pinned and shadow ones,
         on every host: their chunks are tombstoned and a ``collected`` record tells readers. Returns them. The
-        chunks of dead uploads go too (:meth:`_dead`; counted in ``strays_removed``)."""
+        chunks of dead uploads and records with a malformed key go too (:meth:`_dead`; counted in
+        ``strays_removed``)."""
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.catch_up()
@@ -440,22 +515,22 @@ class VersionLog:
             tombstones: list[tuple[bytes, bytes | None]] = [
                 (f"{version}/{done.upload}/{WEIGHTS}/{offset}".encode(), None) for offset in done.weights_chunks()]
             self._send([*tombstones, (f"{version}/{done.upload}/collected".encode(), b"{}")])
-        dead = [key for (version, upload), strays in self.strays.items() if self._dead(version, upload, strays)
-                for key in sorted(strays.keys)]
+        dead = [key.encode() for (version, upload), strays in self.strays.items()
+                if self._dead(version, upload, strays) for key in sorted(strays.keys)] + sorted(self.malformed)
         if dead:
-            self._send([(key.encode(), None) for key in dead])
+            self._send([(key, None) for key in dead])
         self.strays_removed = len(dead)
         if gone or dead:
             self.catch_up()
         return gone
 
     def _dead(self, version: str, upload: str, strays: Strays) -> bool:
-        """An upload that will never complete: another upload completed its number, or it wrote nothing for
+        """An upload that will never complete: another upload completed its number first, or it wrote nothing for
         STRAY_AGE_S while a higher number completed (a publisher numbers above what it read, so it died)."""
         if not strays.keys:
             return False
-        if version in self.seen.done:
-            return True
+        if version in self.seen.first:  # the first upload is never dead, even where it was refused (this store
+            return upload != self.seen.first[version]  # holds another version under its number)
         newest = max((int(v[1:]) for v in self.seen.done), default=0)
         return int(version[1:]) < newest and time.time() * 1000 - strays.last_ms > STRAY_AGE_S * 1000
 
@@ -490,9 +565,12 @@ class VersionLog:
         self._skip_own(written)
         self._send([(f"{version}/{upload}/done".encode(), json.dumps(done).encode())])
         self.catch_up()
-        if (winner := self.seen.done.get(version)) is None or winner.upload != upload:
-            why = self.seen.refused.get(version, "another upload completed it first")
-            raise VersionConflict(f"model version {version} was not taken: {why}")
+        if (first := self.seen.first.get(version)) != upload:
+            self.uploads.pop((version, upload), None)
+            raise VersionConflict(f"model version {version} was not taken: another upload ({first or 'unknown'}) "
+                                  "completed it first")
+        if version not in self.seen.done:
+            raise VersionConflict(f"model version {version} was not taken: {self.seen.refused.get(version)}")
 
     def _send(self, records: Iterable[tuple[bytes, bytes | None]]) -> list[tuple[int, int]]:
         """Produce ``records`` and wait until each is acknowledged; returns where they were written, as

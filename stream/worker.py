@@ -16,13 +16,13 @@ import asyncio
 import functools
 import logging
 import os
+import re
 import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
 
 import faust
 import orjson
@@ -39,7 +39,7 @@ from stream.health import Liveness
 from stream.metrics import WorkerMetrics
 from stream.pipeline import Pipeline
 from stream.processor import Fetch, GapFillError, Input, Processor
-from stream.queries import Owners, worker_client_id
+from stream.queries import Owners, redirect_location, user_in_path, worker_client_id
 from stream.retrieval import ANY_ROWS, IndexSettings
 from stream.serving import Serving
 from stream.topics import create_topics, topic_id
@@ -56,6 +56,7 @@ VERSIONS_WAIT_S = 60.0  # at start, how long reading the model-versions topic to
 CATALOGUE_WAIT_S = 30.0  # the first event waits at most this long for the items topic to be read to its end
 CATALOGUE_RETRY_S = 10.0  # an items topic that could not be read is tried again after this long
 MAX_REQUEST_K = 1000  # the most items one request may ask for (a version seeds its popular fallback with as many)
+_K_DIGITS = re.compile("[0-9]{1,9}")  # what a request's k may be: ASCII digits (int() takes " 5", "1_0", "٣" too)
 POPULAR_SHOWN = 10  # the popular fallback's top items in /metrics
 GIL_SWITCH_S = 0.0001  # see Worker.run
 
@@ -428,8 +429,11 @@ class Worker:
     # ----- requests -----------------------------------------------------------------------------------------------
     async def answer(self, user_id: str, query: Mapping[str, str]) -> tuple[dict[str, Any], int, dict[str, str]]:
         """GET /recommendations/{user_id}?k=N&exclude=a,b (stream/README.md, "Requests"): (body, status,
-        headers). Answered here from the user's state when this worker owns the user's partition, else a
-        redirect to the owner (stream/queries.py); 503 with Retry-After while no worker can answer."""
+        headers), ``user_id`` as the path carries it (percent-encoded UTF-8). Answered here from the user's state
+        when this worker owns the user's partition, else a redirect to the owner (stream/queries.py); 503 with
+        Retry-After while no worker can answer; 400 with a one-line reason for an id that is not percent-encoded
+        UTF-8 or that no event could carry (stream/events.py's ``check_id``: 1 to MAX_ID_CHARS characters, no
+        control characters), or a ``k`` that is not 1 to MAX_REQUEST_K."""
         from state.store import NotReady
         from stream.events import BadEvent, check_id
 
@@ -437,10 +441,8 @@ class Worker:
         if self.processor.serving is None:
             return self._unavailable("no model version is served yet")
         try:
-            user = check_id(user_id, "user_id")
-            k = int(query.get("k", self.cfg.stream.top_k))
-            if not 1 <= k <= MAX_REQUEST_K:
-                raise ValueError(f"k must be 1 to {MAX_REQUEST_K}")
+            user = check_id(user_in_path(user_id), "user_id")
+            k = request_k(query.get("k"), self.cfg.stream.top_k)
             exclude = [x for x in query.get("exclude", "").split(",") if x]
         except (BadEvent, ValueError) as exc:
             self.metrics.requests.labels(answer="bad").inc()
@@ -469,7 +471,7 @@ class Worker:
         if owner is None or owner == self.owners.me:
             return self._unavailable(f"no worker owns partition {partition} now (a rebalance is under way)")
         self.metrics.requests.labels(answer="redirect").inc()
-        location = f"{owner}/recommendations/{quote(user, safe='')}?{urlencode(query)}".rstrip("?")
+        location = redirect_location(owner, user, query)
         return {"owner": owner, "partition": partition}, 307, {"Location": location}
 
     def _unavailable(self, why: str) -> tuple[dict[str, Any], int, dict[str, str]]:
@@ -498,7 +500,8 @@ class Worker:
 
         class Recommendations(View):
             async def get(self, request: Request, user_id: str) -> Response:
-                body, status, headers = await worker.answer(user_id, dict(request.query))
+                raw_id = request.rel_url.raw_path.rpartition("/")[2]  # user_id, as sent (aiohttp leaves %FF as is)
+                body, status, headers = await worker.answer(raw_id, dict(request.query))
                 return self.bytes(orjson.dumps(body), content_type="application/json", status=status,
                                   headers=headers)
 
@@ -594,6 +597,17 @@ class _StopSignalWorker(faust.Worker):
     def _schedule_shutdown(self, signal: Any) -> None:
         self._on_stop_signal()
         super()._schedule_shutdown(signal)
+
+
+def request_k(text: str | None, default: int) -> int:
+    """A request's ``k``: ``default`` when the query has none, else ASCII digits naming 1 to MAX_REQUEST_K;
+    otherwise ValueError with a one-line reason that names ``k`` and its range (``int()`` would accept ``" 5"``
+    and ``"1_0"``, and its own messages name Python's limits, not the parameter)."""
+    if text is None:
+        return default
+    if _K_DIGITS.fullmatch(text) is None or not 1 <= int(text) <= MAX_REQUEST_K:
+        raise ValueError(f"k must be 1 to {MAX_REQUEST_K}, not {text[:20]!r}")
+    return int(text)
 
 
 def _exit_now(why: str) -> None:

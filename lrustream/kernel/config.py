@@ -97,14 +97,22 @@ class TopicsConfig:
     partitions: int = 4
     """Partitions of the interactions, recommendations, training-examples and state changelog topics, which must
     be equal: a user lives on the same partition number in each. The most workers that can share the load."""
-    replication_factor: int = 1
-    """Replicas of each topic created (-1: the broker's ``default.replication.factor``)."""
+    replication_factor: int = 0
+    """Replicas of each topic created: 0 = as many as the cluster has brokers, at most 3; -1 = the brokers'
+    ``default.replication.factor``; or a number."""
+    min_insync_replicas: int = 0
+    """``min.insync.replicas`` of each topic created: the replicas that must have a write before it is
+    acknowledged (every producer of lrustream uses ``acks=all``). 0 = 2 on topics of 3 replicas or more, else 1."""
 
 
 @dataclass
 class BrokerConfig:
-    """The embedded single-node KRaft broker started by ``lrustream broker start``."""
+    """The embedded KRaft broker, or cluster of brokers, started by ``lrustream broker start``."""
 
+    nodes: int = 1
+    """Nodes (each a broker and a controller): 1, or 3 and more for a cluster that outlives a node (every topic
+    then has 3 replicas and ``min.insync.replicas`` 2). Node ``i`` listens on ``port + 2(i-1)`` and the port
+    after it, with its own folder ``node-<i>`` under ``data_dir``."""
     data_dir: str = ".lrustream/broker"
     """Its storage, properties, pid file and log (formatted once; relative to the working directory)."""
     jars_dir: str = ".lrustream/kafka-jars"
@@ -430,6 +438,16 @@ def _one_line(exc: OmegaConfBaseException) -> str:
     return f"{first} (key: {key})" if key and str(key) not in first else first
 
 
+def local_bootstrap(host: str, port: int, nodes: int) -> str:
+    """The bootstrap list of the embedded broker or cluster: ``host:port`` of each of its ``nodes`` nodes, which
+    listen on every other port from ``port`` on (lrustream/broker). The default config file's
+    ``kafka.bootstrap_servers`` is this, as ``${lrustream_bootstrap:${broker.host},${broker.port},${broker.nodes}}``."""
+    return ",".join(f"{host}:{port + 2 * i}" for i in range(nodes))
+
+
+OmegaConf.register_resolver("lrustream_bootstrap", local_bootstrap, replace=True)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Schema <- file <- overrides, validated; interpolations (``${oc.env:...}``) resolved eagerly."""
     schema = OmegaConf.structured(Config)
@@ -492,7 +510,10 @@ RULES: dict[str, Rule] = {
     "kafka.security.protocol": _one_of(*SECURITY_PROTOCOLS),
     "kafka.security.sasl_mechanism": _one_of(*SASL_MECHANISMS),
     "topics.partitions": _at_least(1),
-    "topics.replication_factor": Rule(lambda v: v >= 1 or v == -1, "must be >= 1 (or -1: the broker's default)"),
+    "topics.replication_factor": Rule(lambda v: v >= -1, "must be >= 1 (or 0: min(3, brokers); -1: the brokers' "
+                                                         "default)"),
+    "topics.min_insync_replicas": _at_least(0),
+    "broker.nodes": _at_least(1),
     "broker.port": PORT,
     "broker.controller_port": PORT_OR_0,
     "broker.start_timeout_s": _above(0),

@@ -65,6 +65,21 @@ def murmur2(data: bytes) -> int:
     return h - (1 << 32) if h & 0x80000000 else h
 
 
+def replicas_for(nodes: int) -> int:
+    """Replicas of every topic on a cluster of ``nodes`` brokers: three where there are three, else all."""
+    return max(1, min(3, nodes))
+
+
+def min_insync_for(replicas: int) -> int:
+    """``min.insync.replicas`` for topics of ``replicas`` replicas: 2 from three replicas on (one broker may be
+    lost without refusing writes, and an acknowledged write is on two), else 1."""
+    return 2 if replicas >= 3 else 1
+
+
+RECONNECT_BACKOFF_MAX_MS = 1000
+"""The longest a client waits before trying a broker it lost again (librdkafka's default: 10 s)."""
+
+
 def librdkafka_config(cfg: Config, **extra: Any) -> dict[str, Any]:
     """Settings for confluent-kafka Producer/Consumer/AdminClient."""
     sec = cfg.kafka.security
@@ -72,6 +87,9 @@ def librdkafka_config(cfg: Config, **extra: Any) -> dict[str, Any]:
         "bootstrap.servers": cfg.kafka.bootstrap_servers,
         "client.id": cfg.kafka.client_id,
         "security.protocol": sec.protocol,
+        # librdkafka backs off reconnecting to a broker that refused it, doubling up to 10 s by default: a broker
+        # that restarts after a few seconds down would then be reached only seconds after it answers again
+        "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
     }
     if mechanism := sasl_mechanism(cfg):  # the one Faust gets too; never librdkafka's own default (GSSAPI)
         conf.update({"sasl.mechanism": mechanism, "sasl.username": sec.sasl_username,

@@ -146,3 +146,54 @@ def test_cluster_id_never_starts_with_a_dash() -> None:
     cluster_id = new_cluster_id(lambda: next(draws))
     assert cluster_id == "AAAAAAAAAAAAAAAAAAAAAA"
     assert all(not new_cluster_id().startswith("-") for _ in range(2000))
+
+
+def _free_run(length: int) -> int:
+    """The first of ``length`` consecutive free ports (a cluster's nodes take consecutive port pairs)."""
+    from lrustream.broker import port_in_use
+
+    for _ in range(200):
+        base = free_port()
+        if base + length < 65535 and not any(port_in_use("127.0.0.1", base + i) for i in range(length)):
+            return base
+    raise AssertionError(f"no {length} consecutive free ports")
+
+
+def test_cli_runs_a_three_node_cluster_that_outlives_a_node_and_replicates_every_topic(tmp_path: Path) -> None:
+    port = _free_run(6)
+    args = [f"broker.data_dir={tmp_path / 'c'}", f"broker.jars_dir={JARS_DIR}", f"broker.port={port}",
+            "broker.nodes=3", f"topics.interactions=t{port}-in"]
+    bootstrap = ",".join(f"127.0.0.1:{port + 2 * i}" for i in range(3))
+    started = _cli("broker", "start", *args)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert [line.split(":")[0] for line in started.stdout.splitlines()[:3]] == ["node 1", "node 2", "node 3"]
+        assert f"bootstrap: {bootstrap}" in started.stdout
+        created = _cli("topics", "create", *args)
+        assert created.returncode == 0 and f"t{port}-in: created" in created.stdout, created.stderr
+        from confluent_kafka.admin import AdminClient, ConfigResource
+
+        client = AdminClient({"bootstrap.servers": bootstrap})
+        partitions = client.list_topics(f"t{port}-in", timeout=10).topics[f"t{port}-in"].partitions.values()
+        assert {len(p.replicas) for p in partitions} == {3}
+        described = client.describe_configs([ConfigResource("topic", f"t{port}-in")])
+        assert next(iter(described.values())).result()["min.insync.replicas"].value == "2"
+
+        stopped = _cli("broker", "stop", "--node", "2", *args)
+        assert stopped.returncode == 0 and stopped.stdout.strip() == "node 2: stopped"
+        status = _cli("broker", "status", "--json", *args)
+        document = json.loads(status.stdout)
+        assert status.returncode == 3 and [n["running"] for n in document["nodes"]] == [True, False, True]
+        assert metadata_answers(f"127.0.0.1:{port}")  # two of three nodes serve on
+        again = _cli("topics", "create", *args)
+        assert again.returncode == 0 and "under-replicated" in again.stdout, again.stdout
+        logs = _cli("broker", "logs", "--node", "2", "-n", "5", *args)
+        lines = logs.stdout.splitlines()
+        assert logs.returncode == 0 and lines[0].startswith("==> node 2: ") and 1 < len(lines) <= 6, logs.stdout
+        restarted = _cli("broker", "start", "--node", "2", *args)
+        assert restarted.returncode == 0 and "node 2: started" in restarted.stdout, restarted.stderr
+        assert _cli("broker", "status", *args).returncode == 0
+    finally:
+        stop = _cli("broker", "stop", *args)
+    assert stop.returncode == 0 and stop.stdout.splitlines() == ["node 3: stopped", "node 2: stopped",
+                                                                  "node 1: stopped"]

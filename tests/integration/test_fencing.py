@@ -5,12 +5,18 @@ is stopped in the middle of a batch, just before it writes the changelog; the pa
 rebalance), which restores, serves more events and commits; then the first goes on with its batch. Kafka must
 refuse the former owner's records (its transactional producer is fenced), and what any later owner restores
 must equal a run that never moved.
+
+The same through two ``lrustream worker`` processes (slow tier): the first is held inside its commit step by the
+pipeline's test fault-injection point and frozen there, the group hands its partitions to the second, and the
+first, resumed, must have its commit fenced.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +26,21 @@ from confluent_kafka import Producer
 from lrustream.kernel.config import Config
 from lrustream.kernel.kafka import librdkafka_config, producer_config
 from models.store import ModelStore
-from state.store import Changelog, StateError, StateStore
+from state.store import APPLIED_KEY, Changelog, StateError, StateStore
+from stream.pipeline import HOLD_COMMIT_ENV
 from stream.processor import Input, Processor
 from stream.serving import Serving
 from stream.topics import create_topics
-from tests.streamkit import build_processor, publish_model
+from tests.streamkit import (
+    EVENTS_TS0,
+    WorkerProcess,
+    build_processor,
+    produce_events,
+    publish_model,
+    read_topic,
+    recommendations,
+    synthetic_events,
+)
 
 
 def _events(first: int, last: int) -> list[Input]:
@@ -130,4 +146,134 @@ def test_a_former_owner_mid_batch_is_fenced_and_its_retry_restores_first(kafka_c
     assert final.store.applied_offset(0) == 39
     assert _states(final, users) == _states(clean, users), "exactly once per state, as if nothing had moved"
     for processor in (old, new, after_takeover, final, clean):
+        processor.store.close()
+
+
+# ----- a worker frozen inside its commit (slow tier) ------------------------------------------------------------
+PHASE = 100  # events produced per phase
+
+
+def _wait(what: str, done: Any, workers: tuple[WorkerProcess, ...], timeout_s: float = 90.0) -> None:
+    """Wait until ``done()`` is true; fail with ``what`` and the workers' logs after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} after {timeout_s:.0f} s:\n" + "\n".join(w.tail() for w in workers))
+        time.sleep(0.2)
+
+
+def _owns(worker: WorkerProcess, partitions: int) -> bool:
+    """The worker is healthy and owns ``partitions`` input partitions."""
+    try:
+        return len(json.loads(worker.get("/health")).get("partitions", [])) >= partitions
+    except OSError:
+        return False
+
+
+def _committed_all(worker: WorkerProcess, served: float) -> bool:
+    """The worker has served ``served`` events and committed everything it applied (no micro-batch in hand)."""
+    return (worker.get_metric("lrustream_recommendations_total") >= served
+            and "batch_in_progress_s" not in worker.health())
+
+
+def _markers(cfg: Config, partition: int) -> list[int]:
+    """The applied-offset markers of ``partition``'s committed changelog transactions, in the order written."""
+    changelog = _changelog(cfg)
+    try:
+        return [struct.unpack_from("<q", value)[0] for _, key, value in changelog.read(partition, -1)
+                if key == APPLIED_KEY and value is not None]
+    finally:
+        changelog.close()
+
+
+def _inputs(cfg: Config, expect: int) -> list[Input]:
+    """Every record of the input topic, as the workers were given them."""
+    return [Input(m.partition(), m.offset(), m.key(), m.value(), m.timestamp()[1])
+            for m in read_topic(cfg, cfg.topics.interactions, expect=expect)]
+
+
+def _all_states(processor: Processor, inputs: list[Input]) -> dict[tuple[int, str], tuple[bytes, int, list[int]]]:
+    out = {}
+    for p, user in {(i.partition, i.key.decode()) for i in inputs if i.key}:
+        record = processor.store.get(p, user)
+        assert record is not None, (p, user)
+        out[(p, user)] = (record.state, record.offset, [int(i) for i in record.window])
+    return out
+
+
+def _served(cfg: Config, expect: int, workers: tuple[WorkerProcess, ...]) -> list[dict]:
+    """The recommendations, once every one of the ``expect`` input events has one."""
+    deadline = time.monotonic() + 90
+    while True:
+        recs = recommendations(cfg, expect=expect, timeout_s=30)
+        if len({(r["source"]["partition"], r["source"]["offset"]) for r in recs}) >= expect:
+            return recs
+        assert time.monotonic() < deadline, "events without a recommendation:\n" + "\n".join(w.tail() for w in workers)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_worker_frozen_inside_its_commit_is_fenced_when_it_resumes(
+        kafka_cfg: Config, kafka_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deterministic zombie: the first worker applies a batch and is held inside its commit step (the pipeline's
+    test fault-injection point), then frozen there (SIGSTOP: no heartbeats); the group hands both partitions to
+    a second worker, which applies the same events and more and commits them; the first resumes and goes on with
+    its commit. That commit is fenced (``lrustream_fenced_batches_total`` >= 1), the changelog never goes back
+    to an older batch (every partition's applied markers only grow), a duplicated recommendation is the same
+    answer twice (nothing applied on top of itself), and every state is what one clean pass gives."""
+    overrides = [*kafka_overrides, "stream.session_timeout_s=6"]  # a frozen worker leaves the group in 6 s
+    create_topics(kafka_cfg)
+    publish_model(kafka_cfg, num_items=40)
+    events = synthetic_events(4 * PHASE, users=30, seed=5)
+    hold = tmp_path / "hold-commit"
+    monkeypatch.setenv(HOLD_COMMIT_ENV, str(hold))
+    old = WorkerProcess(overrides, tmp_path / "old.log").start()  # the only one that has the seam on
+    monkeypatch.delenv(HOLD_COMMIT_ENV)
+    new = WorkerProcess([*overrides, f"state.dir={tmp_path / 'new-owner'}"], tmp_path / "new.log")
+    workers = (old, new)
+    try:
+        _wait("the first worker never owned both partitions", lambda: _owns(old, 2), workers)
+        produce_events(kafka_cfg, events[:PHASE])
+        _wait("the first worker did not commit the first events", lambda: _committed_all(old, PHASE), workers)
+
+        hold.touch()
+        produce_events(kafka_cfg, events[PHASE:2 * PHASE], ts0=EVENTS_TS0 + PHASE)
+        _wait("the first worker never held a commit",
+              lambda: "the commit waits while" in old.log_path.read_text(errors="replace"), workers)
+        old.pause()
+        hold.unlink()  # it goes on with the commit as soon as it is resumed
+
+        new.start()
+        _wait("the second worker never got both partitions", lambda: _owns(new, 2), workers)
+        produce_events(kafka_cfg, events[2 * PHASE:3 * PHASE], ts0=EVENTS_TS0 + 2 * PHASE)
+        _wait("the second worker did not commit the events", lambda: _committed_all(new, 2 * PHASE), workers)
+
+        old.resume()
+        _wait("the resumed worker's commit was not fenced",
+              lambda: old.get_metric("lrustream_fenced_batches_total") >= 1, workers, timeout_s=60)
+        produce_events(kafka_cfg, events[3 * PHASE:], ts0=EVENTS_TS0 + 3 * PHASE)
+        recs = _served(kafka_cfg, 4 * PHASE, workers)
+        _wait("a worker kept events uncommitted",
+              lambda: all("batch_in_progress_s" not in w.health() for w in workers), workers)
+        fenced = old.get_metric("lrustream_fenced_batches_total")
+    finally:
+        old.stop()
+        new.stop()
+    assert fenced >= 1, "the former owner's commit was fenced"
+    for p in range(kafka_cfg.topics.partitions):
+        markers = _markers(kafka_cfg, p)
+        assert markers and markers == sorted(markers), f"partition {p}: the changelog went back: {markers}"
+    answers: dict[tuple[int, int], list[str]] = {}
+    for rec in recs:
+        source = (rec["source"]["partition"], rec["source"]["offset"])
+        assert answers.setdefault(source, rec["items"]) == rec["items"], f"event {source} answered twice, differently"
+
+    inputs = _inputs(kafka_cfg, 4 * PHASE)
+    clean = _processor(kafka_cfg, StateStore(tmp_path / "clean"))  # one pass, no fault, no changelog
+    clean.process(inputs)
+    restored = _processor(kafka_cfg, StateStore(tmp_path / "restored", _changelog(kafka_cfg)))
+    for p in range(kafka_cfg.topics.partitions):
+        restored.store.ensure_ready(p)
+    assert _all_states(restored, inputs) == _all_states(clean, inputs), "every event applied exactly once"
+    for processor in (clean, restored):
         processor.store.close()

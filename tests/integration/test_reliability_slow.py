@@ -162,9 +162,12 @@ def test_kills_and_a_burst_lose_nothing_and_apply_nothing_twice(kafka_cfg: Confi
                 burst.start()
                 backlog = _busy(worker)
                 frozen_s = _zombie(worker, other, kafka_cfg.topics.partitions, burst)
-                # reported, not asserted: whether the resumed batch reaches its commit (and is fenced) before the
-                # group's rebalance catches up with it varies from run to run; tests/integration/test_fencing.py
-                # pins the fencing itself down, this tier the outcome (every state equal to the clean run's)
+                # reported, not asserted: a SIGSTOP at a random moment may land in `poll` (the resumed worker then
+                # loses its partitions, no commit to fence) or in a batch (its commit is fenced). The fenced commit
+                # is asserted where it is deterministic: test_fencing.py's
+                # test_a_worker_frozen_inside_its_commit_is_fenced_when_it_resumes freezes a worker inside its
+                # commit step (the pipeline's test fault-injection point). This tier asserts the outcome: every
+                # state equal to the clean run's
                 deadline = time.monotonic() + 20
                 while sum(fenced := _fenced(worker, other)) == 0 and time.monotonic() < deadline:
                     time.sleep(0.5)
@@ -208,6 +211,9 @@ def test_kills_and_a_burst_lose_nothing_and_apply_nothing_twice(kafka_cfg: Confi
              "second worker: joined after (s) / served": f"{joined_after:.1f} / {served_by_other:.0f}",
              "first worker: backlog when frozen / frozen (s) / batches fenced (first, second)":
                  f"{backlog:.0f} / {frozen_s:.1f} / {fenced[0]}, {fenced[1]}"}
-    print("\n" + "\n".join(f"| {k} | {v} |" for k, v in table.items()))
-    assert len(sources) == N_EVENTS and differing == 0 and len(dead_sources) == len(bad) and lag == 0
+    summary = "\n".join(f"| {k} | {v} |" for k, v in table.items())
+    print("\n" + summary)
+    assert differing == 0, f"{differing} users' states differ from the clean run's (applied twice or lost):\n{summary}"
+    assert len(sources) == N_EVENTS, f"{N_EVENTS - len(sources)} events lost (no recommendation):\n{summary}"
+    assert len(dead_sources) == len(bad) and lag == 0, summary
     assert served_by_other > 0, "the second worker served events before it was killed: partitions did move"

@@ -43,8 +43,20 @@ def test_broker_status_json_of_a_broker_that_is_not_running(tmp_path: Path) -> N
 
 def test_broker_document_of_a_running_broker() -> None:
     status = BrokerStatus(running=True, pid=4242, bootstrap="127.0.0.1:9092", answering=True)
-    assert json.loads(json.dumps(broker_document(status))) == {
+    assert json.loads(json.dumps(broker_document([status]))) == {
         "running": True, "answering": True, "pid": 4242, "bootstrap": "127.0.0.1:9092"}
+
+
+def test_broker_document_of_a_cluster_with_a_node_down_lists_every_node() -> None:
+    statuses = [BrokerStatus(True, 11, "127.0.0.1:9092", True, 1),
+                BrokerStatus(False, None, "127.0.0.1:9094", False, 2),
+                BrokerStatus(True, 13, "127.0.0.1:9096", True, 3)]
+    document = json.loads(json.dumps(broker_document(statuses)))
+    assert document["running"] is False and document["answering"] is False and document["pid"] is None
+    assert document["bootstrap"] == "127.0.0.1:9092,127.0.0.1:9094,127.0.0.1:9096"
+    assert [n["node"] for n in document["nodes"]] == [1, 2, 3]
+    assert document["nodes"][1] == {"node": 2, "running": False, "answering": False, "pid": None,
+                                    "bootstrap": "127.0.0.1:9094"}
 
 
 def test_items_list_json_names_the_topic_and_sorts_the_blocked_items(monkeypatch: pytest.MonkeyPatch) -> None:

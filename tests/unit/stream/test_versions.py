@@ -16,7 +16,17 @@ import torch
 from models import LRURecConfig, build_model
 from models.store import META, VOCAB, WEIGHTS, ModelStore, ModelStoreError
 from models.vocab import Vocabulary
-from stream.versions import SCRATCH, WHOLE, Digests, Done, _check_files, _remove_dead_scratch
+from stream.versions import (
+    MAX_OFFSET,
+    SCRATCH,
+    WHOLE,
+    Digests,
+    Done,
+    MalformedKey,
+    _check_files,
+    _remove_dead_scratch,
+    parse_key,
+)
 
 
 def _prepared(tmp_path: Path, version: str = "v000003") -> tuple[ModelStore, Path]:
@@ -166,3 +176,48 @@ def test_scratch_folders_of_dead_readers_are_removed_and_live_ones_kept(tmp_path
         (folder / "v000001-u1").mkdir(parents=True)
     _remove_dead_scratch(tmp_path)
     assert not gone.exists() and alive.exists()
+
+
+@pytest.mark.parametrize(("key", "parsed"), [
+    ("v000007/0a1b2c3d4e5f/weights.safetensors/524288", ("v000007", "0a1b2c3d4e5f", [WEIGHTS, "524288"])),
+    ("v000007/0a1b2c3d4e5f/meta.json/0", ("v000007", "0a1b2c3d4e5f", [META, "0"])),
+    ("v000007/0a1b2c3d4e5f/done", ("v000007", "0a1b2c3d4e5f", ["done"])),
+    ("v000007/up_load-1/collected", ("v000007", "up_load-1", ["collected"])),
+])
+def test_parse_key_accepts_every_key_a_publisher_or_gc_writes(key: str, parsed: tuple[str, str, list[str]]) -> None:
+    assert parse_key(key) == parsed
+
+
+@pytest.mark.parametrize(("key", "why"), [
+    ("v000007/u1/weights.safetensors/-1", "offset"),  # a seek before the file: OSError in a reader
+    (f"v000007/u1/weights.safetensors/{1 << 62}", "offset"),  # past any file system's file size: OSError
+    (f"v000007/u1/weights.safetensors/{MAX_OFFSET}", "offset"),  # a 1 TiB sparse file
+    ("v000007/u1/weights.safetensors/007", "offset"),
+    ("v000007/u1/weights.safetensors/+7", "offset"),
+    ("v000007/u1/weights.safetensors/", "offset"),
+    ("v000007/" + "x" * 300 + "/meta.json/0", "upload"),  # a scratch folder name too long: OSError
+    ("v000007/../meta.json/0", "upload"),
+    ("v000007//meta.json/0", "upload"),
+    ("v000007/u\x00/meta.json/0", "upload"),
+    ("v000007/u1/../../etc/0", "not a model-versions key"),
+    ("v000007/u1/other.bin/0", "not a model-versions key"),
+    ("v000007/u1", "not a model-versions key"),
+    ("", "not a model-versions key"),
+    ("v7/u1/done", "invalid model version name"),
+])
+def test_parse_key_refuses_keys_that_could_hurt_a_reader(key: str, why: str) -> None:
+    """Every part of a key a reader turns into a path or a file position is checked before it is used."""
+    with pytest.raises(MalformedKey, match=why):
+        parse_key(key)
+
+
+@pytest.mark.parametrize("bad", [{"chunk_bytes": 0}, {"size": -1}, {"size": MAX_OFFSET}])
+def test_a_done_record_with_a_chunk_size_or_file_size_out_of_range_is_refused(tmp_path: Path, bad: dict) -> None:
+    """A chunk size of 0 would make gc's ``range`` raise; a negative or huge size names no file a chunk wrote."""
+    _, folder = _prepared(tmp_path)
+    done = _done_for(folder)
+    files = [{**done.files[0], "size": bad.get("size", done.files[0]["size"])}, *done.files[1:]]
+    body = {"version": "v000003", "upload": "u1", "chunk_bytes": bad.get("chunk_bytes", 1024), "files": files,
+            "sha256": done.sha256}
+    with pytest.raises(ValueError, match="out of range"):
+        Done.parse("v000003", "u1", json.dumps(body).encode())

@@ -71,6 +71,10 @@ class WorkerMetrics:
                                   "absent while ranking is exact", ["version"], registry=r)
         self.index_clusters = Gauge("lrustream_worker_index_scanned_clusters", "Item clusters the approximate index "
                                     "scans per query, of all it has", ["version", "of"], registry=r)
+        self.version_records_ignored = Gauge("lrustream_model_version_records_ignored", "Records of the "
+                                             "model-versions topic this worker ignored since it started because "
+                                             "they break the topic's layout (each logged; stream/versions.py)",
+                                             registry=r)
         self.requests = Counter("lrustream_requests", "GET /recommendations requests, by answer: model, popular "
                                 "(fallback), redirect (another worker owns the user), unavailable, bad (request), "
                                 "failed (the stored record)", ["answer"], registry=r)

@@ -120,6 +120,7 @@ class Worker:
         self.serving = serving or self._first_serving()
         self.model_ready = asyncio.Event()  # set once a version is served: the input loop waits for it
         self.metrics = WorkerMetrics()
+        self.metrics.version_records_ignored.set_function(lambda: self.versions.bad_records)
         changelog = Changelog(librdkafka_config(cfg, logger=quiet_logger("lrustream.changelog")),
                               cfg.topics.state_changelog)
         self.store = StateStore(state_dir(cfg), changelog,

@@ -133,6 +133,7 @@ def test_poisoned_records_never_cost_a_running_or_a_late_worker_the_version_afte
         for worker in workers:
             assert worker.proc is not None and worker.proc.poll() is None, worker.tail()
             assert worker.log_path.read_text().count("ignoring record") >= len(POISONS), worker.tail()
+            assert worker.get_metric("lrustream_model_version_records_ignored") >= len(POISONS)
     finally:
         for worker in workers:
             worker.stop()

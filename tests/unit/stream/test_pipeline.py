@@ -177,6 +177,17 @@ def _assert_backoff(waits: list[tuple[float, str]], failures: int) -> None:
         assert status == "degraded", (k, status)
 
 
+def _assert_recovered_from_two_failures(loop: Loop, tmp_path: Path) -> None:
+    """After two failed tries of events 12..41 (events 0..11 committed before): two back-off waits, two retries
+    counted, /health ok again, every event committed, nothing pending, states equal to a clean run's."""
+    _assert_backoff(loop.waits, 2)
+    assert loop.retries() == 2
+    assert loop.liveness.report(None) == ("ok", None) and loop.liveness.busy_since is None
+    assert loop.consumer.committed == {0: 21, 1: 21} and loop.pipeline._uncommitted == []
+    assert not loop.processor.pending
+    assert _states(loop.processor) == _clean(tmp_path, _events(0, 42))
+
+
 def test_a_commit_that_fails_twice_is_retried_with_backoff_and_applies_every_uncommitted_event_once(
         tmp_path: Path) -> None:
     """Three batches applied since the last commit, whose commit fails twice (outputs not acknowledged): two
@@ -188,12 +199,7 @@ def test_a_commit_that_fails_twice_is_retried_with_backoff_and_applies_every_unc
     assert loop.consumer.committed == {0: 6, 1: 6} and loop.waits == []
     loop.producer.fail_flushes = 2
     loop.run(_events(12, 20), _events(20, 30), _events(30, 42))
-    _assert_backoff(loop.waits, 2)
-    assert loop.retries() == 2
-    assert loop.liveness.report(None) == ("ok", None) and loop.liveness.busy_since is None
-    assert loop.consumer.committed == {0: 21, 1: 21} and loop.pipeline._uncommitted == []
-    assert not loop.processor.pending
-    assert _states(loop.processor) == _clean(tmp_path, _events(0, 42))
+    _assert_recovered_from_two_failures(loop, tmp_path)
     served = loop.served()  # each uncommitted event served by the first try and by each of the two retries
     assert served == {**{(i.partition, i.offset): 1 for i in _events(0, 12)},
                       **{(i.partition, i.offset): 3 for i in _events(12, 42)}}
@@ -234,12 +240,7 @@ def test_a_state_store_read_that_fails_twice_dead_letters_nothing_and_is_retried
     monkeypatch.setattr(part, "db", FailingRocksDB(part.db, reads=2))
     loop.run(_events(12, 20), _events(20, 30), _events(30, 42))
     assert loop.dead_letters() == []
-    _assert_backoff(loop.waits, 2)
-    assert loop.retries() == 2
-    assert loop.liveness.report(None) == ("ok", None) and loop.liveness.busy_since is None
-    assert loop.consumer.committed == {0: 21, 1: 21} and loop.pipeline._uncommitted == []
-    assert not loop.processor.pending
-    assert _states(loop.processor) == _clean(tmp_path, _events(0, 42))
+    _assert_recovered_from_two_failures(loop, tmp_path)
     assert loop.served() == {(i.partition, i.offset): 1 for i in _events(0, 42)}
 
 

@@ -45,7 +45,8 @@ def test_broker_restart_mid_stream_loses_nothing_and_applies_nothing_twice(kafka
     # as serving does, so the gate publishes it (what this test needs is the announcement after the outage; with
     # real steps the bootstrap interval sometimes fell below zero, by -0.002 NDCG@10)
     overrides += ["online.min_holdout=1", "online.tolerance=1.0", "online.min_steps=5", "online.max_steps=5",
-                  "online.lr=1e-9", "online.every_seconds=1000000", "online.every_events=1000000000"]
+                  "online.lr=1e-9", "online.every_seconds=1000000", "online.every_events=1000000000",
+                  "online.http_port=0"]
     cfg = load_config(overrides=overrides)
     worker = WorkerProcess([*overrides, "stream.batch_size=32", "stream.stall_after_s=2"], tmp_path / "worker.log")
     trainer: TrainerLoop | None = None

@@ -27,9 +27,9 @@ import torch
 from confluent_kafka import Consumer, Producer
 
 from lrustream.broker import free_port
-from lrustream.kernel.config import Config, StateConfig, StreamConfig
+from lrustream.kernel.config import Config, StateConfig, StreamConfig, load_config
 from lrustream.kernel.kafka import high_watermarks, librdkafka_config, produce_all, producer_config, topic_partitions
-from models import SeqRecModel, build_model, config_class
+from models import LRURecConfig, SeqRecModel, build_model, config_class
 from models.store import META, VOCAB, WEIGHTS, ModelStore
 from models.vocab import Vocabulary
 from state.store import StateStore, find_user
@@ -222,6 +222,20 @@ def build_processor(cfg: Config, serving: Serving, store: StateStore, producer: 
     ``collaborators`` (fetch, metrics, vocab_of) as the Worker would pass them."""
     return Processor(serving, store, producer, stream=stream or StreamConfig(emit_training_examples=False),
                      topics=cfg.topics, state_dtype=StateConfig().dtype, **collaborators)
+
+
+def local_processor(tmp_path: Path, producer: Any, name: str = "state", stream: StreamConfig | None = None
+                    ) -> tuple[Processor, Config]:
+    """A Processor (as :func:`build_processor` builds it) serving a small LRURec of 40 items, published once into
+    ``tmp_path``'s model store, with a state store of its own under ``tmp_path / name``: the unit tier's processor,
+    no broker. Returns it with its configuration."""
+    cfg = load_config(overrides=[f"model_store.dir={tmp_path / 'models'}"])
+    store = ModelStore(cfg.model_store.dir)
+    if store.current() is None:
+        torch.manual_seed(0)
+        store.publish(build_model(LRURecConfig(d_model=16, num_layers=1, max_len=20), 40),
+                      Vocabulary(f"i{k}" for k in range(1, 41)))
+    return build_processor(cfg, Serving.load(store), StateStore(tmp_path / name), producer, stream), cfg
 
 
 def reference(cfg: Config, events: list[tuple[str, str]], top_k: int = 10, version: str | None = None

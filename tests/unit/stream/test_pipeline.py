@@ -18,15 +18,11 @@ import pytest
 import torch
 
 from lrustream.kernel.config import load_config
-from models import LRURecConfig, build_model
-from models.store import ModelStore
-from models.vocab import Vocabulary
-from state.store import USER_PREFIX, Fenced, StateError, StateStore
+from state.store import USER_PREFIX, Fenced, StateError
 from stream.health import Liveness
 from stream.pipeline import MAX_BACKOFF_S, Pipeline
 from stream.processor import Input, Processor
-from stream.serving import Serving
-from tests.streamkit import build_processor
+from tests.streamkit import local_processor
 
 USERS = 6  # user u<k> lives in partition k % 2
 
@@ -106,13 +102,7 @@ def _events(first: int, last: int) -> list[Input]:
 
 
 def _processor(tmp_path: Path, name: str, producer: FakeProducer) -> Processor:
-    cfg = load_config(overrides=[f"model_store.dir={tmp_path / 'models'}"])
-    models = ModelStore(cfg.model_store.dir)
-    if models.current() is None:
-        torch.manual_seed(0)
-        models.publish(build_model(LRURecConfig(d_model=16, num_layers=1, max_len=20), 40),
-                       Vocabulary(f"i{k}" for k in range(1, 41)))
-    return build_processor(cfg, Serving.load(models), StateStore(tmp_path / name), producer)
+    return local_processor(tmp_path, producer, name)[0]
 
 
 class Loop:

@@ -22,7 +22,7 @@ from state.store import StateStore
 from stream.examples import decode_example
 from stream.processor import DLQ_TRUNCATED_VALUE_BYTES, Input, OutputError, Processor, Stopping
 from stream.serving import Serving
-from tests.streamkit import build_processor
+from tests.streamkit import build_processor, local_processor
 
 
 class RecordingProducer:
@@ -88,13 +88,8 @@ def test_rollback_to_a_smaller_vocabulary_rederives_states_holding_newer_items(t
 
 def _processor(tmp_path: Path, producer: RecordingProducer, name: str = "state",
                stream: StreamConfig | None = None) -> tuple[Processor, object]:
-    cfg = load_config(overrides=[f"model_store.dir={tmp_path / 'models'}"])
-    store = ModelStore(cfg.model_store.dir)
-    if store.current() is None:
-        torch.manual_seed(0)
-        store.publish(build_model(LRURecConfig(d_model=16, num_layers=1, max_len=20), 40),
-                      Vocabulary(f"i{k}" for k in range(1, 41)))
-    return build_processor(cfg, Serving.load(store), StateStore(tmp_path / name), producer, stream), cfg.topics
+    processor, cfg = local_processor(tmp_path, producer, name, stream)
+    return processor, cfg.topics
 
 
 def _sent(producer: RecordingProducer, topic: str) -> list[dict]:

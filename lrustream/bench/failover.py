@@ -173,11 +173,11 @@ def steady_figures(events: list[tuple[int, int, int | None]], start_ms: int, end
     return {"p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99), "events": len(latencies)}
 
 
-def snapshot(served: Served, sent: dict[tuple[int, int], tuple[int, int]]) -> list[tuple[int, int, int | None]]:
+def snapshot(served: Served, sent: dict[tuple[int, int], int]) -> list[tuple[int, int, int | None]]:
     """(partition, produced ms, first emitted ms or None) of every event delivered to the input topic."""
     with served.lock:
         first = dict(served.first)
-    return [(key[0], produced, first[key][1] if key in first else None) for key, (produced, _) in sent.items()]
+    return [(key[0], produced, first[key][1] if key in first else None) for key, produced in sent.items()]
 
 
 class Replay(threading.Thread):
@@ -187,7 +187,7 @@ class Replay(threading.Thread):
     def __init__(self, cfg: Config, data: str, rate: float) -> None:
         super().__init__(daemon=True)
         self.cfg, self.data, self.rate = cfg, data, rate
-        self.sent: dict[tuple[int, int], tuple[int, int]] = {}
+        self.sent: dict[tuple[int, int], int] = {}  # (partition, offset) -> produce time, ms
         self.done = threading.Event()
         self.error: Exception | None = None
 
@@ -218,7 +218,7 @@ class Replay(threading.Thread):
 
     def _delivered(self, err: Any, msg: Any) -> None:
         if err is None:
-            self.sent[(msg.partition(), msg.offset())] = (msg.timestamp()[1], 0)
+            self.sent[(msg.partition(), msg.offset())] = msg.timestamp()[1]
 
 
 def run(base: list[str], data: str, rate: float, rounds: int, down_s: float, settle_s: float, workdir: Path,

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from lrustream.bench.failover import leader_of, wait_in_sync
 from lrustream.broker import LocalCluster
 from lrustream.kernel.config import Config, load_config
-from lrustream.kernel.kafka import admin
 from stream.pipeline import HOLD_COMMIT_ENV
 from stream.topics import create_topics
 from tests.conftest import JARS_DIR
@@ -72,22 +72,10 @@ def overrides_for(cluster: LocalCluster, name: str, tmp_path: Path) -> list[str]
     ]
 
 
-def wait_whole(cluster: LocalCluster, cfg: Config, timeout_s: float = 120.0) -> None:
+def wait_whole(cluster: LocalCluster, cfg: Config) -> None:
     """Every node answers and every partition of the cluster has all its replicas in sync."""
     cluster.start()
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        topics = admin(cfg).list_topics(timeout=10).topics
-        lagging = [f"{name}-{p.id}" for name, t in topics.items() for p in t.partitions.values()
-                   if len(p.isrs) < len(p.replicas)]
-        if not lagging:
-            return
-        time.sleep(1.0)
-    raise AssertionError(f"replicas still out of sync after {timeout_s} s: {lagging[:5]}")
-
-
-def leader_of(cfg: Config, topic: str, partition: int = 0) -> int:
-    return admin(cfg).list_topics(topic, timeout=10).topics[topic].partitions[partition].leader
+    wait_in_sync(cfg)
 
 
 def bounce(cluster: LocalCluster, node: int, while_down: Callable[[], None] = lambda: None) -> None:
